@@ -1,0 +1,1 @@
+"""Evaluation harness: perplexity, passkey retrieval, memory accounting."""

@@ -1,0 +1,41 @@
+"""Real English text that every Debian machine has: the license texts in /usr/share/common-licenses.
+
+The split is by whole license family, fixed here and nowhere else, so calibration text and
+evaluation text never overlap: the FSF texts (GPL-3, GFDL-1.3) and Apache-2.0 are evaluation; the
+others are calibration; texts that share whole paragraphs with an evaluation text (GPL-1/2, LGPL-*,
+GFDL-1.2) are in neither. Measured: 0.23% of the evaluation text's 13-word spans (25 spans of
+generic legal phrasing) also occur in the calibration text; tests/test_corpus.py keeps it < 0.5%.
+About 15.1k evaluation tokens and 12.6k calibration tokens with the SmolLM2 tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from shrinkrt.errors import ShrinkError
+
+LICENSE_DIR = Path("/usr/share/common-licenses")
+EVAL_FILES = ("GPL-3", "GFDL-1.3", "Apache-2.0")
+CALIB_FILES = ("Artistic", "MPL-1.1", "MPL-2.0", "CC0-1.0", "BSD")
+
+
+def read_texts(names: tuple[str, ...], root: Path = LICENSE_DIR) -> str:
+    parts = []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise ShrinkError(f"evaluation text {path} is missing (Debian's base-files package ships it)")
+        parts.append(path.read_text(encoding="utf-8"))
+    return "\n\n".join(parts)
+
+
+def eval_text() -> str:
+    return read_texts(EVAL_FILES)
+
+
+def calib_text() -> str:
+    return read_texts(CALIB_FILES)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,1 @@
+"""Reference PyTorch runtime: Llama-family forward, KV cache, generation, model loading."""

