@@ -70,16 +70,26 @@ def table(r: dict) -> str:
     return "\n".join([*lines, *(f"| {k.ljust(w)} | {v}" for k, v in rows)])
 
 
-def write_json(obj: dict, path: Path) -> None:
-    """Atomic: a temp file in the same folder, then rename."""
+def write_atomic(text: str, path: Path) -> None:
+    """A temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_results(r: dict, path: Path, command: str) -> None:
+    """JSON with every figure and trial, and a markdown table beside it (same stem)."""
+    write_atomic(json.dumps(r, indent=2) + "\n", path)
+    md = (f"# Evaluation: {r['model']}\n\n{table(r)}\n\nReproduce: `{command}`\n\n"
+          f"Perplexity: non-overlapping segments of {r['perplexity']['context']} tokens of "
+          f"{', '.join(r['eval_text']['files'])} ({r['eval_text']['source']}), every token but the first of "
+          f"each segment scored. Passkey: a 5-digit key at depths 10/50/90% of filler text, greedy, "
+          f"{len(r['passkey']['trials'])} trials (seed {r['passkey']['seed']}); trials in the JSON.\n")
+    write_atomic(md, Path(path).with_suffix(".md"))

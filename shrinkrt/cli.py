@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--passkey-per-cell", type=int, default=1, help="trials per (length, depth) cell (default 1)")
     e.add_argument("--seed", type=int, default=0, help="seed of the passkey keys (default 0)")
     e.add_argument("--memory-context", type=int, default=8192, help="context for the KV-bytes figure (default 8192)")
-    e.add_argument("--out", default="shrinkrt-eval.json", help="JSON output path (default ./shrinkrt-eval.json)")
+    e.add_argument("--out", default="shrinkrt-eval.json",
+                   help="JSON output path (default ./shrinkrt-eval.json); a markdown table is written beside it")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -101,7 +102,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from shrinkrt.evaluate.harness import evaluate, table, write_json
+    from shrinkrt.evaluate.harness import evaluate, table, write_results
     from shrinkrt.runtime.loader import load
 
     lengths = parse_lengths(a.passkey_lengths)
@@ -122,8 +123,8 @@ def cmd_eval(a) -> int:
                  passkey_per_cell=a.passkey_per_cell, seed=a.seed, memory_context=a.memory_context,
                  progress=not a.quiet)
     print(table(r))
-    write_json(r, out)
-    print(f"[shrinkrt] wrote {out}")
+    write_results(r, out, "shrinkrt " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "shrinkrt eval")
+    print(f"[shrinkrt] wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

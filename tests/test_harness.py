@@ -1,0 +1,53 @@
+"""The evaluation harness end to end on a tiny model: figures, memory accounting, output files."""
+import json
+
+import pytest
+
+from shrinkrt.cli import main
+from shrinkrt.evaluate.harness import evaluate, write_results
+from shrinkrt.evaluate.memory import fp16_full_kv_bytes
+from shrinkrt.evaluate.passkey import score, trials
+from shrinkrt.runtime.loader import load
+
+
+def test_evaluate_reports_consistent_figures(tiny_dir, tmp_path):
+    lm = load(str(tiny_dir), progress=False)
+    r = evaluate(lm, context=32, max_segments=3, passkey_lengths=(80, 112), passkey_depths=(0.5,),
+                 memory_context=100, progress=False)
+    assert r["perplexity"]["segments"] == 3 and r["perplexity"]["scored_tokens"] == 3 * 31
+    assert r["perplexity"]["perplexity"] > 1.0
+    assert len(r["passkey"]["trials"]) == 2 and 0.0 <= r["passkey"]["accuracy"] <= 1.0
+    mem = r["memory"]
+    # tiny model: 2 layers x (K+V) x 2 kv heads x 16 dims x fp32
+    assert mem["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert mem["kv_bytes_at_context"] == 100 * 2 * 2 * 2 * 16 * 4
+    assert mem["kv_bytes_fp16_at_context"] == fp16_full_kv_bytes(lm.model.args, 100) == 100 * 2 * 2 * 2 * 16 * 2
+    for t in r["passkey"]["trials"]:
+        assert t["cache_bytes"] == t["stored_tokens"] * mem["kv_bytes_per_token"]
+        assert t["prompt_tokens"] <= t["length"]
+
+    out = tmp_path / "res" / "eval.json"
+    write_results(r, out, "shrinkrt eval")
+    assert json.loads(out.read_text())["memory"] == mem
+    assert "| perplexity" in out.with_suffix(".md").read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json", "eval.md"]  # no temp files left
+
+
+def test_passkey_trials_are_seeded():
+    assert [t.key for t in trials(seed=3)] == [t.key for t in trials(seed=3)]
+    assert [t.key for t in trials(seed=3)] != [t.key for t in trials(seed=4)]
+    assert all(len(t.key) == 5 for t in trials(per_cell=5))
+    assert len(trials()) == 9 and {t.length for t in trials()} == {1024, 2048, 3072}
+
+
+@pytest.mark.parametrize("text, ok", [(" 12345.", True), (" 12,345", True), (" 54321", False),
+                                      (" the pass key", False), (" 123456", True)])
+def test_passkey_scoring(text, ok):
+    assert score(text, "12345") is ok
+
+
+def test_eval_cli_refuses_lengths_beyond_context(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(tiny_dir), "--passkey-lengths", "512", "--out", str(out)]) == 2
+    assert "exceed the model's context of 128 tokens" in capsys.readouterr().err
+    assert not out.exists()
