@@ -21,6 +21,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
 
 
+def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="compressed checkpoint written by `shrinkrt calibrate` for this --model")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shrinkrt", description="Compressed Llama-family LLMs for small NVIDIA GPUs.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -30,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Generate text with the reference PyTorch runtime, streamed to stdout.")
     g.add_argument("prompt", help="the user message (wrapped in the model's chat template unless --raw)")
     add_model_args(g)
+    add_checkpoint_arg(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
@@ -46,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
                                    "retrieval at ~1k/2k/3k tokens, and memory accounting. Prints a table and "
                                    "writes JSON.")
     add_model_args(e)
+    add_checkpoint_arg(e)
     e.add_argument("--context", type=int, default=1024, help="perplexity segment length in tokens (default 1024)")
     e.add_argument("--max-segments", type=int, default=0, help="score at most this many segments (0 = all)")
     e.add_argument("--passkey-lengths", default="1024,2048,3072", help="passkey prompt lengths in tokens")
@@ -55,6 +62,37 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="shrinkrt-eval.json",
                    help="JSON output path (default ./shrinkrt-eval.json); a markdown table is written beside it")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("calibrate", help="compress a model into a checkpoint (CSKV KV cache, mixed-precision weights)",
+                       description="Fit compression on the calibration text (license texts disjoint from the "
+                                   "evaluation text) and write a compressed checkpoint directory.")
+    add_model_args(c)
+    c.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write (replaced atomically)")
+    c.add_argument("--seed", type=int, default=0, help="seed of every random choice (same inputs, same checkpoint)")
+    c.add_argument("--calib-tokens", type=int, default=8192,
+                   help="calibration tokens taken from the calibration text (default 8192)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    kv = c.add_argument_group("CSKV: low-rank bi-branch KV cache")
+    kv.add_argument("--kv-ratio", type=float, default=None,
+                    help="kept fraction of the FP16 KV-cache bytes at 3k tokens, in (0, 1] (e.g. 0.2)")
+    kv.add_argument("--window", type=int, default=64, help="recent tokens kept at full precision (default 64)")
+    kv.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4],
+                    help="bits of the compressed (low-rank feature) branch (default 16)")
+    kv.add_argument("--key-mode", default="pre-rope", choices=["pre-rope", "post-rope"],
+                    help="pre-rope: keys rebuilt then rotated at attention time; post-rope: features of the "
+                         "rotated keys, the up-projection folded into the query")
+    kv.add_argument("--kv-init", default="activation", choices=["activation", "weight"],
+                    help="factor initialisation: SVD of the calibration K/V outputs, or plain SVD of W")
+    kv.add_argument("--kv-fit-steps", type=int, default=200,
+                    help="layer-wise fitting steps after the initialisation (0 = initialisation only)")
+    w = c.add_argument_group("LLM-MQ: mixed-precision weights")
+    w.add_argument("--weight-budget", default=None, metavar="BUDGET",
+                   help="weight memory budget of the quantized linears: '3.0bpw' (bits per weight) or '40MiB'")
+    w.add_argument("--weight-bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
+    w.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="quantization group size")
+    w.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"], help="rounding: RTN or GPTQ")
+    w.add_argument("--outlier-fraction", type=float, default=0.005,
+                   help="fraction of each layer's weights kept in FP16 as sparse outliers (default 0.005)")
     return ap
 
 
@@ -77,16 +115,75 @@ def setup_torch(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def load_with_checkpoint(a):
+    from shrinkrt.runtime.loader import load
+
+    if a.checkpoint is not None and not Path(a.checkpoint).is_dir():
+        raise ShrinkError(f"checkpoint '{a.checkpoint}' is not a directory")
+    lm = load(a.model, a.device, a.dtype)
+    if a.checkpoint is not None:
+        from shrinkrt.calib.apply import apply_checkpoint
+
+        apply_checkpoint(lm, Path(a.checkpoint))
+        lm.name = f"{lm.name}+{Path(a.checkpoint).name}"
+    return lm
+
+
+def cmd_calibrate(a) -> int:
+    from shrinkrt.calib import checkpoint
+    from shrinkrt.evaluate import corpus
+    from shrinkrt.runtime.loader import load
+
+    if a.kv_ratio is None and a.weight_budget is None:
+        raise ShrinkError("nothing to calibrate: give --kv-ratio and/or --weight-budget")
+    if a.kv_ratio is not None and not (0.0 < a.kv_ratio <= 1.0):
+        raise ShrinkError(f"--kv-ratio must be in (0, 1] (got {a.kv_ratio})")
+    if a.window < 0:
+        raise ShrinkError(f"--window must be >= 0 (got {a.window})")
+    if a.calib_tokens < 256:
+        raise ShrinkError(f"--calib-tokens must be >= 256 (got {a.calib_tokens})")
+    if Path(a.out).exists() and not (Path(a.out) / checkpoint.MANIFEST).is_file():
+        raise ShrinkError(f"--out {a.out} exists and is not a checkpoint; refusing to replace it")
+    setup_torch(a.threads)
+    lm = load(a.model, a.device, a.dtype)
+    text = corpus.calib_text()
+    tokens = lm.tokenizer.encode(text, add_special_tokens=False)[:a.calib_tokens]
+    manifest = {"base_model": checkpoint.base_identity(lm),
+                "calibration": {"files": list(corpus.CALIB_FILES), "text_sha256": corpus.digest(text),
+                                "tokens": len(tokens), "seed": a.seed}}
+    tensors = {}
+    if a.kv_ratio is not None:
+        from shrinkrt.calib.cskv import calibrate_kv
+
+        section, t = calibrate_kv(lm, tokens, kv_ratio=a.kv_ratio, window=a.window, kv_bits=a.kv_bits,
+                                  key_mode=a.key_mode, init=a.kv_init, fit_steps=a.kv_fit_steps, seed=a.seed,
+                                  progress=not a.quiet)
+        manifest["kv"], tensors = section, {**tensors, **t}
+    if a.weight_budget is not None:
+        from shrinkrt.calib.mq import calibrate_weights
+
+        try:
+            bits = tuple(int(b) for b in a.weight_bits.split(","))
+        except ValueError:
+            raise ShrinkError(f"--weight-bits must be comma-separated integers (got '{a.weight_bits}')") from None
+        section, t = calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_size=a.group_size,
+                                       quantizer=a.quantizer, outlier_fraction=a.outlier_fraction, seed=a.seed,
+                                       progress=not a.quiet)
+        manifest["weights"], tensors = section, {**tensors, **t}
+    checkpoint.save(Path(a.out), manifest, tensors)
+    print(f"[shrinkrt] wrote checkpoint {a.out}")
+    return 0
+
+
 def cmd_generate(a) -> int:
     from shrinkrt.runtime.generate import Sampling, chat_prompt, generate
-    from shrinkrt.runtime.loader import load
 
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
     sampling.validate()  # before the model loads: bad values fail fast
     if a.max_new_tokens < 1:
         raise ShrinkError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     setup_torch(a.threads)
-    lm = load(a.model, a.device, a.dtype)
+    lm = load_with_checkpoint(a)
     ids = (lm.tokenizer.encode(a.prompt, add_special_tokens=True) if a.raw
            else chat_prompt(lm.tokenizer, a.prompt, a.system))
     g = generate(lm.model, lm.tokenizer, ids, a.max_new_tokens, sampling, a.stop,
@@ -103,7 +200,6 @@ def cmd_generate(a) -> int:
 
 def cmd_eval(a) -> int:
     from shrinkrt.evaluate.harness import evaluate, table, write_results
-    from shrinkrt.runtime.loader import load
 
     lengths = parse_lengths(a.passkey_lengths)
     for name in ("context", "memory_context", "passkey_per_cell"):
@@ -115,7 +211,7 @@ def cmd_eval(a) -> int:
     if out.is_dir():
         raise ShrinkError(f"--out {out} is a directory; give a file path")
     setup_torch(a.threads)
-    lm = load(a.model, a.device, a.dtype)
+    lm = load_with_checkpoint(a)
     ctx = lm.model.args.max_seq_len
     if max(lengths) + 16 > ctx or a.context > ctx:
         raise ShrinkError(f"requested lengths exceed the model's context of {ctx} tokens")
@@ -131,7 +227,7 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval}[a.command](a)
+        return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate}[a.command](a)
     except ShrinkError as e:
         if a.debug:
             raise
