@@ -1,0 +1,427 @@
+"""LLM-MQ: sensitivity-allocated mixed-precision weights with sparse FP16 outliers under a byte budget.
+
+Fit (offline), in four steps:
+  1. statistics: one forward + backward pass over the calibration tokens gives, per linear, the
+     input second moment H = E[x x^T] (GPTQ's Hessian; its diagonal is the input energy) and the
+     gradient G of the mean next-token loss with respect to the weight;
+  2. candidates: every linear quantized at every candidate bit width, with and without outliers;
+  3. sensitivity of a candidate = sum |G * (W' - W)| (first-order loss change, taken per weight so
+     that signs cannot cancel, as LLM-MQ does), W' the weight the model will compute with;
+  4. allocation: one candidate per linear minimising the summed sensitivity with total bytes
+     <= budget, solved exactly (multiple-choice knapsack, dynamic programming over bytes).
+
+Policy for the embeddings and the LM head (tied in SmolLM2): kept as they are, never quantized and
+not counted in the budget. The budget covers the linears of the decoder layers only, which is what
+a decode step streams per layer; the embedding is a gather of one row per token.
+
+Outliers: in a layer with outliers, the k = round(fraction * rows * cols) weights with the largest
+|W_ij| * rms(x_j) are kept in FP16 (CSR: int32 row pointers, int16 columns, fp16 values). Why this
+rule: a weight's contribution to the output error scales with its input's rms, and the largest
+weights of a group set its range, so removing them shrinks the step for every other weight of the
+group; it needs only H's diagonal (no second pass). Outlier bytes count against the budget, so
+the knapsack decides per layer whether they are worth it (they are only offered below 8 bits).
+
+Bytes: each stored tensor is counted as allocated on the GPU, rounded up to ALIGN = 256 bytes
+(cudaMalloc's alignment). This makes every candidate's size a multiple of 256, so the knapsack is
+exact over 256-byte units with a small table, and the reported bytes are never below the real ones.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from shrinkrt.errors import ShrinkError
+
+from . import quantize as qz
+
+ALIGN = 256
+FORMAT = "llm-mq"
+FORMAT_VERSION = 1
+QUANTIZERS = ("rtn", "gptq")
+MAX_OUTLIER_FRACTION = 0.1
+CALIB_SEQ = 1024  # calibration segment length (the evaluation context)
+OUTLIER_RULE = "top |W_ij| * rms(x_j) per layer"
+TENSOR_SUFFIXES = ("codes", "scales", "zeros")
+OUTLIER_SUFFIXES = ("outlier_rowptr", "outlier_cols", "outlier_vals")
+
+
+def alloc(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def outlier_count(rows: int, cols: int, fraction: float) -> int:
+    return int(round(fraction * rows * cols))
+
+
+def col_dtype(cols: int) -> torch.dtype:
+    # int16 columns halve the index bytes; the bit pattern is read as unsigned, so up to 65535.
+    return torch.int16 if cols <= 65535 else torch.int32
+
+
+def layer_bytes(rows: int, cols: int, bits: int, group_size: int, n_outliers: int) -> int:
+    """Allocated bytes of one quantized linear: codes + scales + zeros (+ outlier CSR arrays)."""
+    total = (alloc(rows * qz.code_words(cols, bits) * 4) + alloc(rows * qz.n_groups(cols, group_size) * 2)
+             + alloc(rows * qz.zero_words(cols, bits, group_size) * 4))
+    if n_outliers:
+        total += (alloc((rows + 1) * 4) + alloc(n_outliers * torch.empty(0, dtype=col_dtype(cols)).element_size())
+                  + alloc(n_outliers * 2))
+    return total
+
+
+# ---------------------------------------------------------------- inputs
+def target_linears(model) -> list[tuple[str, nn.Linear]]:
+    """The linears of the decoder layers (embeddings and LM head excluded: see the module doc)."""
+    return [(f"layers.{name}", m) for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)]
+
+
+def parse_budget(budget: str, n_weights: int) -> int:
+    """'3.0bpw' (bits per quantized weight, all bytes counted) or '40MiB' / '512KiB' / '1GiB' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(bpw|KiB|MiB|GiB)\s*", str(budget))
+    if not m:
+        raise ShrinkError(f"weight budget '{budget}' is not understood: give bits per weight ('3.0bpw') "
+                          f"or a size ('40MiB', '512KiB', '1GiB')")
+    value, unit = float(m.group(1)), m.group(2)
+    if value <= 0:
+        raise ShrinkError(f"weight budget '{budget}' must be positive")
+    if unit == "bpw":
+        return int(value * n_weights // 8)
+    return int(value * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit])
+
+
+def check_options(bits, group_size: int, quantizer: str, outlier_fraction: float) -> tuple[int, ...]:
+    bits = tuple(sorted(set(int(b) for b in bits)))
+    bad = [b for b in bits if b not in qz.SUPPORTED_BITS]
+    if not bits or bad:
+        raise ShrinkError(f"unknown bit width{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad)) or '(none)'} "
+                          f"(supported: {', '.join(map(str, qz.SUPPORTED_BITS))})")
+    if group_size not in qz.GROUP_SIZES:
+        raise ShrinkError(f"group size {group_size} is not supported (supported: "
+                          f"{', '.join(map(str, qz.GROUP_SIZES))})")
+    if quantizer not in QUANTIZERS:
+        raise ShrinkError(f"unknown quantizer '{quantizer}' (supported: {', '.join(QUANTIZERS)})")
+    if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
+        raise ShrinkError(f"outlier fraction must be in [0, {MAX_OUTLIER_FRACTION}] (got {outlier_fraction})")
+    return bits
+
+
+# ---------------------------------------------------------------- statistics
+@dataclass
+class LayerStats:
+    H: torch.Tensor          # E[x x^T] of the input: one object shared by the linears fed the same input
+    grad: torch.Tensor       # dL/dW, L the mean next-token loss over the calibration tokens
+    input_of: str            # the first linear fed this input (the key linears are batched by)
+
+
+def collect_stats(model, tokens: list[int], progress: bool = True) -> dict[str, LayerStats]:
+    """One forward + backward pass per calibration segment; hooks accumulate X^T X per input."""
+    targets = target_linears(model)
+    seq = min(CALIB_SEQ, model.args.max_seq_len)
+    segments = [tokens[i:i + seq] for i in range(0, len(tokens), seq)]
+    segments = [s for s in segments if len(s) >= 2]
+    n_pred = sum(len(s) - 1 for s in segments)
+    sums: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}  # linear -> the linear whose input (and H) it shares
+    count = {"n": 0}
+    last = {"x": None, "name": None}
+
+    def hook_for(name):
+        def hook(_mod, args):
+            x = args[0]
+            if x is last["x"]:
+                owner[name] = last["name"]
+                return
+            last["x"], last["name"] = x, name
+            owner[name] = name
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x2.T @ x2
+        return hook
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, m in targets:
+            m.weight.requires_grad_(True)
+            m.weight.grad = None
+        model.clear_caches()
+        with torch.enable_grad():
+            for s in tqdm(segments, desc="LLM-MQ statistics", disable=not progress, leave=False):
+                ids = torch.tensor([s], device=model.embed_tokens.weight.device)
+                logits = model(ids)
+                # Sum over tokens / all predicted tokens: the gradient of the mean loss of the whole set.
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum") / n_pred
+                loss.backward()
+                count["n"] += ids.shape[1]
+                last["x"] = None
+    finally:
+        for h in handles:
+            h.remove()
+        last["x"] = None
+    H = {n: s / count["n"] for n, s in sums.items()}
+    stats = {}
+    for n, m in targets:
+        stats[n] = LayerStats(H=H[owner[n]], grad=m.weight.grad.detach().float().clone(), input_of=owner[n])
+        m.weight.grad = None
+    for p, f in flags.items():
+        p.requires_grad_(f)
+    return stats
+
+
+# ---------------------------------------------------------------- candidates
+@dataclass
+class Candidate:
+    bits: int
+    n_outliers: int
+    nbytes: int              # allocated bytes (ALIGN-rounded), what the budget counts
+    sensitivity: float
+    tensors: dict[str, torch.Tensor] = field(repr=False)  # suffix -> stored tensor
+
+
+def select_outliers(w: torch.Tensor, act_rms: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |W_ij| * rms(x_j) (ties broken by position: deterministic)."""
+    score = (w.abs() * act_rms[None, :]).flatten()
+    idx = torch.topk(score, k, sorted=False).indices
+    keep = torch.zeros(w.numel(), dtype=torch.bool)
+    keep[idx] = True
+    return keep.view_as(w)
+
+
+def to_csr(keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, cols = keep.shape
+    rowptr = torch.zeros(rows + 1, dtype=torch.int32)
+    rowptr[1:] = torch.cumsum(keep.sum(dim=1), 0).to(torch.int32)
+    nz = keep.nonzero()  # row-major order: the CSR order
+    c = nz[:, 1]
+    c = torch.where(c >= 32768, c - 65536, c) if col_dtype(cols) == torch.int16 else c
+    return rowptr, c.to(col_dtype(cols)), values[keep].to(torch.float16)
+
+
+def layer_options(rows: int, cols: int, bits: tuple[int, ...], outlier_fraction: float) -> list[tuple[int, int]]:
+    """(bits, outliers) candidates of one linear: every width; below 8 bits also with outliers."""
+    k = outlier_count(rows, cols, outlier_fraction)
+    return [(b, 0) for b in bits] + [(b, k) for b in bits if k and b < 8]
+
+
+def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...], group_size: int, quantizer: str,
+                     outlier_fraction: float, progress: bool = True) -> dict[str, list[Candidate]]:
+    """Quantize every target linear at every option. The linears fed the same input (q/k/v,
+    gate/up) and all their options are stacked row-wise into one quantizer call."""
+    targets = target_linears(model)
+    by_input: dict[str, list[tuple[str, nn.Linear]]] = {}
+    for name, m in targets:
+        by_input.setdefault(stats[name].input_of, []).append((name, m))
+    out: dict[str, list[Candidate]] = {}
+    for key, members in tqdm(by_input.items(), desc=f"LLM-MQ candidates ({quantizer})", disable=not progress,
+                             leave=False):
+        H = stats[key].H
+        act_rms = torch.diag(H).clamp(min=0).sqrt()
+        Ws, Bs, Ks, spans = [], [], [], []
+        for name, m in members:
+            w = m.weight.detach().float()
+            rows, cols = w.shape
+            for b, k in layer_options(rows, cols, bits, outlier_fraction):
+                Ws.append(w)
+                Bs.append(torch.full((rows,), b, dtype=torch.int64))
+                Ks.append(select_outliers(w, act_rms, k) if k else torch.zeros_like(w, dtype=torch.bool))
+                spans.append((name, b, k, rows))
+        W, B, K = torch.cat(Ws), torch.cat(Bs), torch.cat(Ks)
+        keep = K if bool(K.any()) else None
+        if quantizer == "gptq":
+            q, s, z, deq = qz.quantize_gptq(W, H, B, group_size, keep)
+        else:
+            q, s, z, deq = qz.quantize_rtn(W, B, group_size, keep, torch.diag(H))
+        r0 = 0
+        for name, b, k, rows in spans:
+            sl = slice(r0, r0 + rows)
+            r0 += rows
+            out.setdefault(name, []).append(
+                _candidate(W[sl], stats[name].grad, b, k, group_size, q[sl], s[sl], z[sl], deq[sl], K[sl]))
+    return {name: out[name] for name, _ in targets}
+
+
+def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep) -> Candidate:
+    rows, cols = w.shape
+    p = qz.pack(q, s, z, bits, group_size)
+    tensors = {"codes": p.codes, "scales": p.scales, "zeros": p.zeros}
+    if k:
+        tensors.update(zip(OUTLIER_SUFFIXES, to_csr(keep, deq)))
+        deq = torch.where(keep, deq.half().float(), deq)  # the model computes with the fp16 value
+    sens = float((grad * (deq - w)).abs().sum())
+    return Candidate(bits, k, layer_bytes(rows, cols, bits, group_size, k), sens, tensors)
+
+
+# ---------------------------------------------------------------- allocation
+def knapsack(weights: list[list[int]], costs: list[list[float]], capacity: int) -> list[int] | None:
+    """Exact multiple-choice knapsack: pick one option per item, sum of weights <= capacity, least
+    total cost. Integer weights; DP over capacity after shifting each item by its lightest option.
+    Returns the chosen option index per item, or None if even the lightest choice does not fit.
+    Ties go to the earlier option (deterministic)."""
+    base = [min(w) for w in weights]
+    cap = capacity - sum(base)
+    if cap < 0:
+        return None
+    cap = min(cap, sum(max(w) - b for w, b in zip(weights, base)))
+    best = np.zeros(cap + 1)  # best[c]: least cost of the items so far with extra weight <= c
+    picks = np.zeros((len(weights), cap + 1), dtype=np.int16)
+    for i, (ws, cs) in enumerate(zip(weights, costs)):
+        new = np.full(cap + 1, np.inf)
+        for j, (w, c) in enumerate(zip(ws, cs)):
+            d = w - base[i]
+            if d > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[d:] = best[:cap + 1 - d] + c
+            better = cand < new
+            new[better], picks[i, better] = cand[better], j
+        best = new
+    choice, c = [], cap
+    for i in range(len(weights) - 1, -1, -1):
+        j = int(picks[i, c])
+        choice.append(j)
+        c -= weights[i][j] - base[i]
+    return choice[::-1]
+
+
+def allocate(cands: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, Candidate] | None:
+    names = list(cands)
+    choice = knapsack([[c.nbytes // ALIGN for c in cands[n]] for n in names],
+                      [[c.sensitivity for c in cands[n]] for n in names], budget_bytes // ALIGN)
+    return None if choice is None else {n: cands[n][j] for n, j in zip(names, choice)}
+
+
+def floor_bytes(model, bits: tuple[int, ...], group_size: int) -> int:
+    """Least bytes any plan can take: every linear at its cheapest option (no outliers)."""
+    return sum(min(layer_bytes(*m.weight.shape, b, group_size, 0) for b in bits) for _, m in target_linears(model))
+
+
+# ---------------------------------------------------------------- section + tensors
+def assemble(model, plan: dict[str, Candidate], *, group_size: int, quantizer: str, outlier_fraction: float,
+             budget: str | None, budget_bytes: int | None, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    shapes = {n: tuple(m.weight.shape) for n, m in target_linears(model)}
+    n_weights = sum(r * c for r, c in shapes.values())
+    total = sum(c.nbytes for c in plan.values())
+    layers, tensors = [], {}
+    for name, c in plan.items():
+        rows, cols = shapes[name]
+        layers.append({"name": name, "bits": c.bits, "group_size": group_size, "in_features": cols,
+                       "out_features": rows, "outliers": c.n_outliers, "bytes": c.nbytes,
+                       "sensitivity": c.sensitivity})
+        for suffix, t in c.tensors.items():
+            tensors[f"weights.{name}.{suffix}"] = t
+    raw = sum(t.numel() * t.element_size() for t in tensors.values())
+    section = {
+        "method": FORMAT, "format_version": FORMAT_VERSION, "quantizer": quantizer, "group_size": group_size,
+        "outlier_fraction": outlier_fraction, "outlier_rule": OUTLIER_RULE,
+        "sensitivity": "sum |dL/dW * (W_quantized - W)| over the calibration tokens",
+        "embeddings_policy": "embeddings and LM head kept unquantized in the model dtype; not in the budget",
+        "budget": None if budget is None else {"spec": str(budget), "bytes": budget_bytes,
+                                               "bits_per_weight": 8 * budget_bytes / n_weights},
+        "bytes": total, "bytes_unaligned": raw, "n_weights": n_weights, "alignment": ALIGN,
+        "bits_per_weight": 8 * total / n_weights, "seed": seed, "layers": layers,
+    }
+    return section, tensors
+
+
+def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4, 8), group_size: int = 128,
+                      quantizer: str = "gptq", outlier_fraction: float = 0.005, seed: int = 0,
+                      progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Calibrate mixed-precision weights for `lm` under `budget`; returns (manifest section, tensors).
+    Nothing is random here (the seed is recorded and seeds torch for any future random choice);
+    the same inputs give the same plan and tensors."""
+    bits = check_options(bits, group_size, quantizer, outlier_fraction)
+    model = lm.model
+    n_weights = sum(m.weight.numel() for _, m in target_linears(model))
+    budget_bytes = parse_budget(budget, n_weights)
+    floor = floor_bytes(model, bits, group_size)
+    if budget_bytes < floor:
+        raise ShrinkError(f"weight budget '{budget}' ({budget_bytes} bytes, {8 * budget_bytes / n_weights:.3f} bpw) is "
+                          f"below the floor of {floor} bytes ({8 * floor / n_weights:.3f} bpw: every linear at "
+                          f"{min(bits)} bits, scales and zeros included)")
+    if len(calib_tokens) < 2:
+        raise ShrinkError("LLM-MQ calibration needs at least 2 calibration tokens")
+    torch.manual_seed(seed)
+    stats = collect_stats(model, calib_tokens, progress)
+    cands = build_candidates(model, stats, bits, group_size, quantizer, outlier_fraction, progress)
+    plan = allocate(cands, budget_bytes)
+    return assemble(model, plan, group_size=group_size, quantizer=quantizer, outlier_fraction=outlier_fraction,
+                    budget=budget, budget_bytes=budget_bytes, seed=seed)
+
+
+# ---------------------------------------------------------------- runtime
+def _expect(section: dict, tensors: dict[str, torch.Tensor], model) -> list[tuple[str, dict, nn.Module]]:
+    """Check the whole plan against the tensors and the model; any disagreement raises ShrinkError."""
+    if section.get("method") != FORMAT or section.get("format_version") != FORMAT_VERSION:
+        raise ShrinkError(f"weights section is not {FORMAT} version {FORMAT_VERSION} "
+                          f"(got {section.get('method')} version {section.get('format_version')})")
+    layers = section.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ShrinkError("weights section has no per-layer plan")
+    modules = dict(model.named_modules())
+    expected, todo = set(), []
+    for L in layers:
+        try:
+            name, bits, g, cols, rows, k = (L["name"], int(L["bits"]), int(L["group_size"]), int(L["in_features"]),
+                                            int(L["out_features"]), int(L["outliers"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShrinkError(f"weights plan entry {L!r} is malformed ({e})") from None
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise ShrinkError(f"weights plan names '{name}', which is not a linear layer of this model")
+        if tuple(m.weight.shape) != (rows, cols):
+            raise ShrinkError(f"weights plan: '{name}' is {rows}x{cols}, the model's is "
+                              f"{m.weight.shape[0]}x{m.weight.shape[1]}")
+        if bits not in qz.SUPPORTED_BITS or g not in qz.GROUP_SIZES:
+            raise ShrinkError(f"weights plan: '{name}' has unsupported bits {bits} / group size {g}")
+        specs = {"codes": (torch.int32, (rows, qz.code_words(cols, bits))),
+                 "scales": (torch.float16, (rows, qz.n_groups(cols, g))),
+                 "zeros": (torch.int32, (rows, qz.zero_words(cols, bits, g)))}
+        if k:
+            specs.update({"outlier_rowptr": (torch.int32, (rows + 1,)), "outlier_cols": (col_dtype(cols), (k,)),
+                          "outlier_vals": (torch.float16, (k,))})
+        for suffix, (dtype, shape) in specs.items():
+            key = f"weights.{name}.{suffix}"
+            t = tensors.get(key)
+            if t is None:
+                raise ShrinkError(f"checkpoint plan and tensors disagree: '{key}' is missing")
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ShrinkError(f"checkpoint plan and tensors disagree: '{key}' is "
+                                  f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}, the plan implies "
+                                  f"{str(dtype).removeprefix('torch.')}{list(shape)}")
+            expected.add(key)
+        if k:
+            rp = tensors[f"weights.{name}.outlier_rowptr"].long()
+            c = tensors[f"weights.{name}.outlier_cols"].long()
+            c = c & 0xFFFF if col_dtype(cols) == torch.int16 else c
+            if rp[0] != 0 or rp[-1] != k or bool((rp[1:] < rp[:-1]).any()) or bool((c >= cols).any()):
+                raise ShrinkError(f"checkpoint plan and tensors disagree: the outliers of '{name}' are not a "
+                                  f"valid CSR of {k} entries in {rows}x{cols}")
+        todo.append((name, {"bits": bits, "group_size": g, "outliers": k}, m))
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ShrinkError(f"checkpoint plan and tensors disagree: '{extra[0]}' is not in the plan")
+    if len({n for n, _, _ in todo}) != len(todo):
+        raise ShrinkError("weights plan names a layer twice")
+    return todo
+
+
+def apply_weights(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Swap each planned nn.Linear for a QuantLinear holding the stored tensors (validated first:
+    on any disagreement nothing is modified)."""
+    from shrinkrt.runtime.quant_linear import QuantLinear
+
+    todo = _expect(section, tensors, model)
+    for name, spec, m in todo:
+        dev = m.weight.device
+        t = lambda s: tensors[f"weights.{name}.{s}"].to(dev)  # noqa: E731
+        outliers = tuple(t(s) for s in OUTLIER_SUFFIXES) if spec["outliers"] else None
+        bias = m.bias.detach().clone() if m.bias is not None else None
+        q = QuantLinear(m.in_features, m.out_features, spec["bits"], spec["group_size"],
+                        t("codes"), t("scales"), t("zeros"), outliers, bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, q)

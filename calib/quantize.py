@@ -1,0 +1,250 @@
+"""Group-wise asymmetric integer quantization (RTN and GPTQ) and the packed layout the kernels read.
+
+A weight W (out_features x in_features, as nn.Linear holds it) is split along the input dimension
+into groups of `group_size` columns (the last group of a row may be shorter). Each (row, group) has
+an fp16 scale and an integer zero point z in [0, 2^b - 1]; a code q in [0, 2^b - 1] dequantizes to
+(q - z) * scale. Codes and zero points are stored as little-endian bit streams in int32 words
+(layout: docs/formats.md, "Packed weights (LLM-MQ)"). Outliers (sparse fp16, calib/mq.py) are
+excluded from the range of their group and stored with code = z, so the dense part is exactly 0
+there and the kernel adds the sparse part on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shrinkrt.errors import ShrinkError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (64, 128)
+TILE = 32  # codes per tile: a tile of b-bit codes is exactly b int32 words, for every b
+# Shrinking the group range trades clipping error on the extremes for a finer step; searched per
+# group because the best factor differs a lot between 2 and 8 bits.
+RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+LAZY = 32  # GPTQ columns updated one by one before the rest of the matrix gets one matmul update
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ShrinkError(f"unsupported bit width {bits} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+
+
+def n_groups(cols: int, group_size: int) -> int:
+    return -(-cols // group_size)
+
+
+def code_words(cols: int, bits: int) -> int:
+    """int32 words per row of codes: whole 32-code tiles of `bits` words each."""
+    return -(-cols // TILE) * bits
+
+
+def zero_words(cols: int, bits: int, group_size: int) -> int:
+    return -(-n_groups(cols, group_size) * bits // 32)
+
+
+# ---------------------------------------------------------------- bit streams
+def pack_bits(values: torch.Tensor, bits: int, words: int) -> torch.Tensor:
+    """(rows, n) integers in [0, 2^bits) -> (rows, words) int32; value j sits at bit j*bits of the
+    row's little-endian stream (word 0 holds bits 0..31). A value may straddle two words (3 bits)."""
+    rows, n = values.shape
+    if n * bits > words * 32:
+        raise ValueError(f"{n} values of {bits} bits do not fit in {words} words")
+    v = values.to(torch.int64)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    w, off = pos // 32, pos % 32
+    # Scatter each value's low part into its word and the spill-over into the next (one extra
+    # scratch word); values never overlap, so a sum is an OR.
+    acc = torch.zeros(rows, words + 1, dtype=torch.int64)
+    acc.index_add_(1, w, (v << off) & 0xFFFFFFFF)
+    acc.index_add_(1, w + 1, v >> (32 - off))  # off == 0 shifts by 32: the value is < 2^8, so 0
+    acc = acc[:, :words]
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: (rows, words) int32 -> (rows, n) int64."""
+    rows = words.shape[0]
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    u = torch.cat([u, torch.zeros(rows, 1, dtype=torch.int64, device=u.device)], dim=1)
+    pos = torch.arange(n, dtype=torch.int64, device=u.device) * bits
+    w, off = pos // 32, pos % 32
+    both = u[:, w] | (u[:, w + 1] << 32)
+    return (both >> off) & ((1 << bits) - 1)
+
+
+# ---------------------------------------------------------------- packed weight
+@dataclass
+class Packed:
+    """One quantized weight in the stored layout (outliers, when any, are held by calib/mq.py)."""
+    bits: int
+    group_size: int
+    rows: int
+    cols: int
+    codes: torch.Tensor   # int32 (rows, code_words)
+    scales: torch.Tensor  # float16 (rows, n_groups)
+    zeros: torch.Tensor   # int32 (rows, zero_words)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> Packed:
+    """Codes (rows, cols) and per-group zero points (rows, n_groups) -> Packed. The tail of the last
+    tile is filled with the last group's zero point, so padded positions dequantize to exactly 0."""
+    rows, cols = q.shape
+    tail = -(-cols // TILE) * TILE - cols
+    full = torch.cat([q.to(torch.int64), zeros[:, -1:].to(torch.int64).expand(rows, tail)], dim=1)
+    return Packed(bits, group_size, rows, cols,
+                  pack_bits(full, bits, code_words(cols, bits)),
+                  scales.to(torch.float16).contiguous(),
+                  pack_bits(zeros, bits, zero_words(cols, bits, group_size)))
+
+
+def unpack(p: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed -> (codes (rows, cols), zero points (rows, n_groups)), both int64."""
+    return (unpack_bits(p.codes, p.bits, p.cols),
+            unpack_bits(p.zeros, p.bits, n_groups(p.cols, p.group_size)))
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+               cols: int) -> torch.Tensor:
+    """The reference dequantization of the stored tensors -> float32 (rows, cols), outliers not added."""
+    q = unpack_bits(codes, bits, cols)
+    z = unpack_bits(zeros, bits, scales.shape[1])
+    return (q - _expand(z, group_size, cols)).to(torch.float32) * _expand(scales.to(torch.float32), group_size, cols)
+
+
+# ---------------------------------------------------------------- quantizers
+# Both quantizers take the bit width per row (an int, or a tensor of one width per row): calib/mq.py
+# stacks every candidate width of every linear sharing an input into one call, so GPTQ's column
+# loop and its inverse Hessian are paid once per input, not once per candidate.
+def _maxq(bits, rows: int) -> torch.Tensor:
+    b = torch.as_tensor(bits, dtype=torch.int64).expand(rows) if not torch.is_tensor(bits) or bits.dim() == 0 \
+        else bits.to(torch.int64)
+    for v in torch.unique(b).tolist():
+        check_bits(int(v))
+    return (2**b - 1).to(torch.float32)
+
+
+def group_params(w: torch.Tensor, maxq: torch.Tensor, keep: torch.Tensor | None = None,
+                 col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable, float32) and zero point (float) of one group w (rows, g), per row.
+
+    Positions in `keep` (outliers) neither set the range nor count in the error. The range is the
+    min/max shrunk by the factor in RANGE_SHRINK with the least squared error (weighted per column
+    by `col_weight`, the input energy, when given)."""
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(keep, big, w) if keep is not None else w
+    hi = torch.where(keep, -big, w) if keep is not None else w
+    xmin, xmax = lo.min(dim=1).values, hi.max(dim=1).values
+    empty = xmin > xmax  # every weight of the group is an outlier
+    xmin, xmax = torch.where(empty, 0.0, xmin), torch.where(empty, 0.0, xmax)
+    cw = col_weight if col_weight is not None else torch.ones(w.shape[1])
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best_s, best_z = torch.ones(w.shape[0]), torch.zeros(w.shape[0])
+    for f in RANGE_SHRINK:
+        s, z = _scale_zero(xmin * f, xmax * f, maxq)
+        d = (_round(w, s[:, None], z[:, None], maxq[:, None]) - z[:, None]) * s[:, None] - w
+        if keep is not None:
+            d = torch.where(keep, 0.0, d)
+        err = (d * d * cw).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _scale_zero(xmin, xmax, maxq):
+    # Smallest fp16 normal as the floor: a constant group still gets a valid step.
+    s = ((xmax - xmin) / maxq).clamp(min=2.0**-14).to(torch.float16).to(torch.float32)
+    z = torch.minimum(torch.round(-xmin / s).clamp(min=0), maxq)
+    return s, z
+
+
+def _round(w, s, z, maxq):
+    return torch.minimum((torch.round(w / s) + z).clamp(min=0), maxq)
+
+
+def _expand(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    return t.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+def quantize_rtn(w: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
+                 col_weight: torch.Tensor | None = None):
+    """Round to nearest. Returns (codes (rows, cols) int64, scales (rows, G), zeros (rows, G) int64,
+    W' float32): W' is what the model computes with (outliers keep their exact value, their code
+    is the zero point so the dense part is 0 there)."""
+    rows, cols = w.shape
+    maxq = _maxq(bits, rows)
+    w = w.float()
+    G = n_groups(cols, group_size)
+    q = torch.empty(rows, cols, dtype=torch.int64)
+    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.int64)
+    for g in range(G):
+        c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
+        kg = keep[:, c0:c1] if keep is not None else None
+        cw = col_weight[c0:c1] if col_weight is not None else None
+        s, z = group_params(w[:, c0:c1], maxq, kg, cw)
+        q[:, c0:c1] = _round(w[:, c0:c1], s[:, None], z[:, None], maxq[:, None]).long()
+        scales[:, g], zeros[:, g] = s, z.long()
+    deq = (q - _expand(zeros, group_size, cols)).float() * _expand(scales, group_size, cols)
+    if keep is not None:
+        q = torch.where(keep, _expand(zeros, group_size, cols), q)
+        deq = torch.where(keep, w, deq)
+    return q, scales, zeros, deq
+
+
+def inverse_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of (H + damp * mean diag * I)^-1, the damped diagonal) in float32.
+    Row i of the factor is the direction along which column i's error is spread over columns > i."""
+    H = H.double().clone()
+    dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float(), torch.diag(H).float()
+
+
+def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
+                  damp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """GPTQ (Frantar et al. 2022): quantize columns left to right, spreading each column's error
+    over the columns not yet quantized through the inverse Hessian H = E[x x^T] of the layer input.
+    Blocks equal groups, so each group's range is taken from fully updated weights. Outliers in
+    `keep` are never rounded (zero error) but still receive compensation; the stored outlier value
+    is the compensated weight. `hinv`: inverse_hessian(H) when already computed. Same returns as RTN."""
+    rows, cols = w.shape
+    maxq = _maxq(bits, rows)
+    Hinv, energy = hinv if hinv is not None else inverse_hessian(H, damp)
+    # Work on W^T: a column of W is then a contiguous row, and both updates are in-place BLAS calls.
+    Wt = w.float().t().contiguous()
+    Wt[energy == 0] = 0.0
+    keep_t = keep.t() if keep is not None else None
+    G = n_groups(cols, group_size)
+    q = torch.empty(cols, rows, dtype=torch.int64)
+    out = torch.empty(cols, rows)
+    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.int64)
+    err = torch.empty(LAZY, rows)
+    for g in range(G):
+        c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
+        kg = keep[:, c0:c1] if keep is not None else None
+        s, z = group_params(Wt[c0:c1].t(), maxq, kg, energy[c0:c1])
+        scales[:, g], zeros[:, g] = s, z.long()
+        for b0 in range(c0, c1, LAZY):
+            b1 = min(b0 + LAZY, c1)
+            for i in range(b0, b1):
+                col = Wt[i]
+                qi = _round(col, s, z, maxq)
+                di = (qi - z) * s
+                if keep_t is not None:
+                    di = torch.where(keep_t[i], col, di)
+                q[i], out[i] = qi.long(), di
+                e = err[i - b0]
+                torch.div(col - di, Hinv[i, i], out=e)
+                Wt[i + 1:b1].addr_(Hinv[i, i + 1:b1], e, alpha=-1)
+            if b1 < cols:
+                Wt[b1:].addmm_(Hinv[b0:b1, b1:].t(), err[:b1 - b0], alpha=-1)
+    q, out = q.t(), out.t()
+    if keep is not None:
+        q = torch.where(keep, _expand(zeros, group_size, cols), q)
+    return q.contiguous(), scales, zeros, out.contiguous()

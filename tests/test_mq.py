@@ -1,0 +1,241 @@
+"""LLM-MQ: knapsack optimality, budgets, outlier CSR, calibrate/apply on a tiny model, the CLI
+round trip, every bad-input error, and one fast check on the embedded model."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from shrinkrt.calib import mq
+from shrinkrt.calib import quantize as qz
+from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime.quant_linear import QuantLinear
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many small ops: on the shared 2-core machine a second torch thread only spins."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- knapsack
+def brute_force(weights, costs, cap):
+    best, pick = None, None
+    for choice in itertools.product(*[range(len(w)) for w in weights]):
+        w = sum(weights[i][j] for i, j in enumerate(choice))
+        c = sum(costs[i][j] for i, j in enumerate(choice))
+        if w <= cap and (best is None or c < best - 1e-12):
+            best, pick = c, choice
+    return best, pick
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_is_optimal(seed):
+    g = torch.Generator().manual_seed(seed)
+    items = 2 + seed % 4
+    weights = [torch.randint(1, 9, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(items)]
+    costs = [torch.rand(len(w), generator=g).tolist() for w in weights]
+    cap = sum(min(w) for w in weights) + int(torch.randint(0, 10, (1,), generator=g))
+    best, _ = brute_force(weights, costs, cap)
+    choice = mq.knapsack(weights, costs, cap)
+    assert sum(weights[i][j] for i, j in enumerate(choice)) <= cap
+    assert sum(costs[i][j] for i, j in enumerate(choice)) == pytest.approx(best, abs=1e-12)
+
+
+def test_knapsack_infeasible_and_exact_fit():
+    assert mq.knapsack([[3, 5], [4]], [[1.0, 0.0], [0.0]], 6) is None
+    assert mq.knapsack([[3, 5], [4]], [[1.0, 0.0], [0.0]], 9) == [1, 0]
+    assert mq.knapsack([[3, 5], [4]], [[1.0, 0.0], [0.0]], 8) == [0, 0]
+
+
+# ---------------------------------------------------------------- options and budgets
+def test_parse_budget():
+    assert mq.parse_budget("3.0bpw", 8000) == 3000
+    assert mq.parse_budget(" 4bpw ", 8000) == 4000
+    assert mq.parse_budget("40MiB", 1) == 40 * 2**20
+    assert mq.parse_budget("512KiB", 1) == 512 * 1024
+
+
+@pytest.mark.parametrize("budget", ["3", "three bpw", "3.0 bits", "-1bpw", "0bpw", "1e3MiB"])
+def test_bad_budget_is_a_clear_error(budget):
+    with pytest.raises(ShrinkError, match="weight budget"):
+        mq.parse_budget(budget, 1000)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"bits": (3, 5)}, "unknown bit width 5"),
+    ({"bits": (1, 9)}, "unknown bit widths 1, 9"),
+    ({"group_size": 32}, "group size 32"),
+    ({"quantizer": "awq"}, "unknown quantizer 'awq'"),
+    ({"outlier_fraction": 0.5}, "outlier fraction"),
+])
+def test_bad_options_are_clear_errors(kw, msg):
+    args = {"bits": (2, 3, 4, 8), "group_size": 128, "quantizer": "gptq", "outlier_fraction": 0.005, **kw}
+    with pytest.raises(ShrinkError, match=msg):
+        mq.check_options(**args)
+
+
+def test_layer_bytes_count_every_tensor():
+    # 576x576 at 3 bits, group 128: codes 576 rows x 54 words, 5 fp16 scales and 1 zero word per row.
+    b = mq.layer_bytes(576, 576, 3, 128, 0)
+    assert b == mq.alloc(576 * 54 * 4) + mq.alloc(576 * 5 * 2) + mq.alloc(576 * 4)
+    assert mq.layer_bytes(576, 576, 3, 128, 100) == b + mq.alloc(577 * 4) + mq.alloc(200) + mq.alloc(200)
+    assert all(x % mq.ALIGN == 0 for x in (b, mq.layer_bytes(7, 33, 2, 64, 3)))
+
+
+def test_outliers_csr_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(5, 70)
+    keep = mq.select_outliers(w, torch.ones(70), 9)
+    assert int(keep.sum()) == 9
+    assert float(w.abs()[keep].min()) >= float(w.abs()[~keep].max())  # the largest |W| (equal rms)
+    rowptr, cols, vals = mq.to_csr(keep, w)
+    assert rowptr.dtype == torch.int32 and cols.dtype == torch.int16 and vals.dtype == torch.float16
+    dense = torch.zeros_like(w)
+    for r in range(5):
+        for i in range(int(rowptr[r]), int(rowptr[r + 1])):
+            dense[r, int(cols[i])] = float(vals[i])
+    assert torch.equal(dense, torch.where(keep, w.half().float(), 0.0))
+
+
+def test_activation_scale_steers_outlier_choice():
+    w = torch.ones(2, 4)
+    keep = mq.select_outliers(w, torch.tensor([1.0, 1.0, 9.0, 1.0]), 2)
+    assert keep[:, 2].all() and int(keep.sum()) == 2
+
+
+def test_quant_linear_adds_outliers():
+    torch.manual_seed(1)
+    w = torch.randn(6, 100)
+    keep = mq.select_outliers(w, torch.ones(100), 5)
+    q, s, z, deq = qz.quantize_rtn(w, 2, 64, keep)
+    p = qz.pack(q, s, z, 2, 64)
+    lin = QuantLinear(100, 6, 2, 64, p.codes, p.scales, p.zeros, mq.to_csr(keep, deq), torch.zeros(6))
+    assert torch.equal(lin.weight(), torch.where(keep, deq.half().float(), deq))
+    x = torch.randn(3, 100)
+    assert torch.allclose(lin(x), x @ lin.weight().T, atol=1e-5)
+    assert dict(lin.named_parameters()) == {}  # buffer-only
+
+
+# ---------------------------------------------------------------- calibrate / apply on a tiny model
+@pytest.fixture
+def tiny(tiny_dir):
+    from shrinkrt.runtime.loader import load
+
+    return load(str(tiny_dir), progress=False)
+
+
+def calib_tokens(n=384, seed=0):
+    return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_calibrate_respects_budget_and_names(tiny):
+    n_weights = sum(m.weight.numel() for _, m in mq.target_linears(tiny.model))
+    for budget in ("4.5bpw", "6bpw"):
+        section, tensors = mq.calibrate_weights(tiny, calib_tokens(), budget, progress=False)
+        json.dumps(section)
+        assert section["bytes"] <= mq.parse_budget(budget, n_weights)
+        assert section["bits_per_weight"] <= float(budget[:-3])
+        assert section["bytes"] == sum(L["bytes"] for L in section["layers"])
+        raw = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert raw == section["bytes_unaligned"] <= section["bytes"]
+        assert all(k.startswith("weights.layers.") for k in tensors)
+        assert {L["name"] for L in section["layers"]} == {n for n, _ in mq.target_linears(tiny.model)}
+    assert "lm_head" not in json.dumps(section["layers"]) and "embed" not in json.dumps(section["layers"])
+
+
+def test_more_budget_buys_more_bits(tiny):
+    toks = calib_tokens()
+    low, _ = mq.calibrate_weights(tiny, toks, "4bpw", bits=(2, 4), outlier_fraction=0.0, progress=False)
+    high, _ = mq.calibrate_weights(tiny, toks, "100bpw", bits=(2, 4), outlier_fraction=0.0, progress=False)
+    assert all(L["bits"] == 4 for L in high["layers"])
+    assert sum(L["sensitivity"] for L in low["layers"]) > sum(L["sensitivity"] for L in high["layers"])
+
+
+def test_calibrate_is_deterministic(tiny):
+    a = mq.calibrate_weights(tiny, calib_tokens(), "5bpw", seed=3, progress=False)
+    b = mq.calibrate_weights(tiny, calib_tokens(), "5bpw", seed=3, progress=False)
+    assert a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_unreachable_budget_is_refused_before_work(tiny, monkeypatch):
+    monkeypatch.setattr(mq, "collect_stats", lambda *a, **k: pytest.fail("calibrated anyway"))
+    with pytest.raises(ShrinkError, match="below the floor .* every linear at 2 bits"):
+        mq.calibrate_weights(tiny, calib_tokens(), "1.5bpw", progress=False)
+    with pytest.raises(ShrinkError, match="unknown bit width 6"):
+        mq.calibrate_weights(tiny, calib_tokens(), "3bpw", bits=(2, 6), progress=False)
+
+
+def test_apply_tracks_fp_at_8_bits(tiny):
+    toks = calib_tokens()
+    x = torch.tensor([toks[:64]])
+    ref = tiny.model(x)
+    section, tensors = mq.calibrate_weights(tiny, toks, "100bpw", bits=(8,), outlier_fraction=0.0, progress=False)
+    mq.apply_weights(tiny.model, section, tensors)
+    assert isinstance(tiny.model.layers[1].mlp.down_proj, QuantLinear)
+    assert not any("proj" in n for n, _ in tiny.model.named_parameters())
+    out = tiny.model(x)
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("breakage,msg", [
+    (lambda s, t: t.pop("weights.layers.0.mlp.up_proj.codes"), "'weights.layers.0.mlp.up_proj.codes' is missing"),
+    (lambda s, t: t.__setitem__("weights.layers.0.mlp.up_proj.scales", torch.zeros(3, dtype=torch.float16)),
+     "up_proj.scales' is float16\\[3\\]"),
+    (lambda s, t: t.__setitem__("weights.layers.9.x", torch.zeros(1)), "'weights.layers.9.x' is not in the plan"),
+    (lambda s, t: s["layers"][0].__setitem__("bits", 4), "disagree"),
+    (lambda s, t: s["layers"][0].__setitem__("name", "layers.0.input_layernorm"), "not a linear layer"),
+    (lambda s, t: s["layers"][0].__setitem__("in_features", 7), "the model's is"),
+    (lambda s, t: s.__setitem__("format_version", 99), "version"),
+])
+def test_disagreeing_checkpoint_modifies_nothing(tiny, breakage, msg):
+    section, tensors = mq.calibrate_weights(tiny, calib_tokens(), "4bpw", bits=(2, 3), outlier_fraction=0.0,
+                                            progress=False)
+    breakage(section, tensors)
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    with pytest.raises(ShrinkError, match=msg):
+        mq.apply_weights(tiny.model, section, tensors)
+    after = tiny.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_calibrate_eval_generate(tiny_dir, tmp_path, capsys):
+    from shrinkrt.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--calib-tokens", "256",
+                 "--out", str(ck), "--quiet"]) == 0
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert manifest["weights"]["method"] == "llm-mq" and manifest["weights"]["bits_per_weight"] <= 4.0
+    assert main(["generate", "w1 w2", "--raw", "--model", str(tiny_dir), "--checkpoint", str(ck),
+                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "1bpw", "--out", str(bad), "--quiet"]) == 2
+    assert "below the floor" in capsys.readouterr().err and not bad.exists()
+
+
+# ---------------------------------------------------------------- the embedded model
+@pytest.mark.model
+def test_gptq_on_real_activations(embedded):
+    """Layer 3's MLP of SmolLM2 with its real inputs: GPTQ at 3 bits beats RTN in output error, and
+    4-bit GPTQ stays within a few percent of the layer's output energy."""
+    model = embedded.model
+    seen = {}
+    hook = model.layers[3].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0][0]))
+    from shrinkrt.evaluate import corpus
+
+    ids = embedded.tokenizer.encode(corpus.calib_text(), add_special_tokens=False)[:128]
+    with torch.inference_mode():
+        model(torch.tensor([ids]))
+    hook.remove()
+    X, w = seen["x"].float(), model.layers[3].mlp.down_proj.weight.detach().float()
+    H = X.T @ X / X.shape[0]
+    energy = float((w @ X.T).pow(2).mean())
+    err = lambda deq: float(((deq - w) @ X.T).pow(2).mean()) / energy  # noqa: E731
+    assert err(qz.quantize_gptq(w, H, 3, 128)[3]) < err(qz.quantize_rtn(w, 3, 128, col_weight=torch.diag(H))[3])
+    assert err(qz.quantize_gptq(w, H, 4, 128)[3]) < 0.05

@@ -1,0 +1,142 @@
+"""Group-wise quantizers (RTN, GPTQ) and the packed layout: exact round trips at every bit width,
+odd shapes, and GPTQ beating RTN where inputs are correlated."""
+import pytest
+import torch
+
+from shrinkrt.calib import quantize as qz
+from shrinkrt.errors import ShrinkError
+
+ODD_SHAPES = [(1, 1), (3, 31), (5, 33), (7, 100), (2, 129), (4, 200)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many small ops: on the shared 2-core machine a second torch thread only spins."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("bits", qz.SUPPORTED_BITS)
+@pytest.mark.parametrize("rows,cols", ODD_SHAPES)
+def test_bit_stream_round_trip(bits, rows, cols):
+    g = torch.Generator().manual_seed(bits * 1000 + cols)
+    v = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    v[0, 0], v[-1, -1] = 2**bits - 1, 2**bits - 1  # all ones: exercises the sign bit of the words
+    words = qz.pack_bits(v, bits, qz.code_words(cols, bits))
+    assert words.dtype == torch.int32 and words.shape == (rows, qz.code_words(cols, bits))
+    assert torch.equal(qz.unpack_bits(words, bits, cols), v)
+
+
+def test_bit_order_is_little_endian_stream():
+    # 3-bit codes 0..10: code 10 straddles words 0 and 1 (bits 30..32).
+    v = torch.arange(11).view(1, 11) % 8
+    w = qz.pack_bits(v, 3, 2)
+    stream = sum(int(c) << (3 * j) for j, c in enumerate(v[0]))
+    assert (int(w[0, 0]) & 0xFFFFFFFF) == stream & 0xFFFFFFFF
+    assert (int(w[0, 1]) & 0xFFFFFFFF) == stream >> 32
+
+
+def test_pack_refuses_overflow():
+    with pytest.raises(ValueError):
+        qz.pack_bits(torch.zeros(1, 33, dtype=torch.int64), 4, 4)
+
+
+@pytest.mark.parametrize("bits", qz.SUPPORTED_BITS)
+@pytest.mark.parametrize("group", qz.GROUP_SIZES)
+@pytest.mark.parametrize("rows,cols", [(3, 31), (5, 130), (6, 257)])
+def test_packed_round_trip_and_dequantize(bits, group, rows, cols):
+    torch.manual_seed(0)
+    w = torch.randn(rows, cols)
+    q, s, z, deq = qz.quantize_rtn(w, bits, group)
+    p = qz.pack(q, s, z, bits, group)
+    assert p.codes.dtype == torch.int32 and p.zeros.dtype == torch.int32 and p.scales.dtype == torch.float16
+    assert p.scales.shape == (rows, qz.n_groups(cols, group))
+    q2, z2 = qz.unpack(p)
+    assert torch.equal(q2, q) and torch.equal(z2, z)
+    # The stored layout dequantizes to exactly what the quantizer said the model computes with.
+    assert torch.equal(qz.dequantize(p.codes, p.scales, p.zeros, bits, group, cols), deq)
+    # Padding up to a whole 32-code tile holds the last group's zero point: it dequantizes to 0.
+    tiles = -(-cols // qz.TILE) * qz.TILE
+    tail = qz.unpack_bits(p.codes, bits, tiles)[:, cols:]
+    assert torch.equal(tail, z[:, -1:].expand_as(tail))
+
+
+@pytest.mark.parametrize("bits", qz.SUPPORTED_BITS)
+def test_rtn_error_is_within_half_a_step(bits):
+    torch.manual_seed(1)
+    w = torch.randn(8, 256)
+    q, s, z, deq = qz.quantize_rtn(w, bits, 64)
+    assert int(q.min()) >= 0 and int(q.max()) <= 2**bits - 1
+    step = s.repeat_interleave(64, dim=1)
+    inside = deq.sub(w).abs() <= step / 2 + 1e-6
+    # The range search may clip the extremes of a group; everything else rounds to nearest.
+    assert inside.float().mean() > 0.95
+
+
+def test_error_falls_with_bits():
+    torch.manual_seed(2)
+    w = torch.randn(16, 256)
+    errs = [float((qz.quantize_rtn(w, b, 128)[3] - w).pow(2).mean()) for b in qz.SUPPORTED_BITS]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-4
+
+
+def correlated(n=2048, dim=256, rank=24, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=g) @ torch.randn(rank, dim, generator=g) + 0.05 * torch.randn(n, dim, generator=g)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_on_correlated_inputs(bits):
+    X = correlated()
+    H = X.T @ X / X.shape[0]
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits))
+    out_err = lambda deq: float(((deq - w) @ X.T).pow(2).mean())  # noqa: E731
+    rtn = out_err(qz.quantize_rtn(w, bits, 64, col_weight=torch.diag(H))[3])
+    gptq = out_err(qz.quantize_gptq(w, H, bits, 64)[3])
+    assert gptq < 0.5 * rtn
+
+
+def test_gptq_output_is_on_the_grid():
+    X = correlated(dim=130)
+    H = X.T @ X / X.shape[0]
+    w = torch.randn(5, 130)
+    q, s, z, deq = qz.quantize_gptq(w, H, 3, 64)
+    p = qz.pack(q, s, z, 3, 64)
+    assert torch.equal(qz.dequantize(p.codes, p.scales, p.zeros, 3, 64, 130), deq)
+
+
+def test_per_row_bits_match_separate_calls():
+    torch.manual_seed(4)
+    X = correlated(dim=128)
+    H = X.T @ X / X.shape[0]
+    w = torch.randn(6, 128)
+    bits = torch.tensor([2, 2, 3, 3, 8, 8])
+    for quant in (lambda b, ww: qz.quantize_rtn(ww, b, 64), lambda b, ww: qz.quantize_gptq(ww, H, b, 64)):
+        stacked = quant(bits, w)
+        for r0, b in ((0, 2), (2, 3), (4, 8)):
+            alone = quant(b, w[r0:r0 + 2])
+            assert torch.equal(stacked[0][r0:r0 + 2], alone[0])
+            assert torch.allclose(stacked[3][r0:r0 + 2], alone[3], atol=1e-6)
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_kept_weights_are_exact_and_leave_the_range(gptq):
+    torch.manual_seed(5)
+    w = torch.randn(4, 128)
+    w[1, 7] = 40.0  # an outlier that would stretch its group's range 10x
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    keep[1, 7] = True
+    X = correlated(dim=128)
+    H = X.T @ X / X.shape[0]
+    q, s, z, deq = (qz.quantize_gptq(w, H, 4, 64, keep) if gptq else qz.quantize_rtn(w, 4, 64, keep))
+    assert int(q[1, 7]) == int(z[1, 0])  # dense part exactly 0 under the outlier
+    if not gptq:
+        assert float(deq[1, 7]) == 40.0
+    assert float(s[1, 0]) < 1.0  # the range ignores the outlier (it would need a step of ~2.8)
+
+
+def test_unknown_bits_is_a_clear_error():
+    with pytest.raises(ShrinkError, match="unsupported bit width 5"):
+        qz.quantize_rtn(torch.randn(2, 64), 5, 64)
