@@ -1,0 +1,240 @@
+"""CSKV calibration: low-rank K/V factors fitted layer by layer on calibration text.
+
+1. Collect each layer's attention input X on calibration tokens (FP model, one pass).
+2. Targets per layer: Y_k = X W_k^T (pre-RoPE) or RoPE(X W_k^T) (post-RoPE), Y_v = X W_v^T.
+3. Spectra of Y^T Y give every matrix's energy curve; ranks are allocated across layers and K/V by
+   greedy marginal energy under the byte budget (exact for these concave curves).
+4. Initialise: activation-aware (top eigenvectors U of Y^T Y: down = W^T U, up = U^T, the optimum
+   of the plain reconstruction loss) or plain SVD of W. Features are whitened (unit variance on the
+   calibration data, folded into down/up) so per-token quantization treats them alike.
+5. Fit: Adam on down/up minimising ||Y - Q(inputs @ down) @ up||^2 / ||Y||^2 with Q the branch's
+   quantizer (straight-through), seeded minibatches: quantization-aware for int8/int4.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime import kv_quant
+from shrinkrt.runtime.cskv import KEY_MODES, CSKVAttention, CSKVConfig
+from shrinkrt.runtime.model import apply_rope
+
+REFERENCE_CONTEXT = 3072  # kv_bytes_fraction is measured against the FP16 full cache at 3k tokens
+
+
+@torch.no_grad()  # not inference_mode: the fitting step differentiates through these tensors
+def collect_inputs(model, tokens: list[int], segment: int = 1024, progress: bool = True):
+    """Per layer: attention inputs X (N, dim) and the position of each row within its segment."""
+    segment = min(segment, model.args.max_seq_len)
+    xs = [[] for _ in model.layers]
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda mod, args, i=i: xs[i].append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        for i, layer in enumerate(model.layers)]
+    model.clear_caches()
+    pos = []
+    try:
+        segs = [tokens[i:i + segment] for i in range(0, len(tokens), segment)]
+        for seg in tqdm(segs, desc="collect", disable=not progress, leave=False):
+            model(torch.tensor([seg], device=model.embed_tokens.weight.device), 0, last_only=True)
+            pos.append(torch.arange(len(seg)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(x) for x in xs], torch.cat(pos)
+
+
+@torch.no_grad()
+def targets(attn, x: torch.Tensor, pos: torch.Tensor, key_mode: str, cos, sin):
+    """Bias-free K (pre- or post-RoPE) and V outputs of one layer, (N, kv_dim) each."""
+    wk, wv = attn.k_proj.weight.float(), attn.v_proj.weight.float()
+    yk, yv = x @ wk.T, x @ wv.T
+    if key_mode == "post-rope":
+        if attn.k_proj.bias is not None:
+            yk = yk + attn.k_proj.bias.float()
+        G, hd = attn.n_kv_heads, attn.head_dim
+        yk = apply_rope(yk.view(-1, G, hd).transpose(0, 1), cos[pos].float(), sin[pos].float())
+        yk = yk.transpose(0, 1).reshape(-1, G * hd)
+    return yk, yv
+
+
+def spectrum(y: torch.Tensor):
+    """Eigenvalues (descending) and eigenvectors of Y^T Y in float64 (stable for small kv_dim)."""
+    evals, evecs = torch.linalg.eigh(y.double().T @ y.double())
+    return evals.flip(0).clamp_min(0), evecs.flip(1)
+
+
+def feature_budget(args, kv_ratio: float, window: int, context: int = REFERENCE_CONTEXT) -> float:
+    """Bytes per token (all layers, K+V features) left after the FP16 window at `context` tokens."""
+    full_per_token = 2 * args.n_layers * args.kv_dim * 2
+    window_bytes = min(window, context) * full_per_token
+    return (kv_ratio * full_per_token * context - window_bytes) / context
+
+
+def allocate_ranks(spectra: list, budget_per_token: float, bits: int, max_rank: int) -> list[int]:
+    """Greedy on marginal relative energy under the per-token byte budget; every matrix keeps >= 1."""
+    ranks = [1] * len(spectra)
+    cost = lambda r: kv_quant.row_bytes(r, bits) if r else 0
+    used = sum(cost(1) for _ in spectra)
+    if used > budget_per_token:
+        raise ShrinkError(f"the KV budget leaves {budget_per_token:.1f} bytes/token for features; rank 1 "
+                          f"everywhere needs {used}: raise --kv-ratio or shrink --window")
+    total = [float(s.sum()) or 1.0 for s in spectra]
+    while True:
+        best, best_gain = None, 0.0
+        for i, s in enumerate(spectra):
+            r = ranks[i]
+            if r >= max_rank:
+                continue
+            step = cost(r + 1) - cost(r)
+            if used + step > budget_per_token:
+                continue
+            gain = float(s[r]) / total[i] / max(step, 1e-6)  # int4: every other rank is free (nibble)
+            if gain > best_gain:
+                best, best_gain = i, gain
+        if best is None:
+            return ranks
+        used += cost(ranks[best] + 1) - cost(ranks[best])
+        ranks[best] += 1
+
+
+@torch.no_grad()
+def init_factors(w_t: torch.Tensor | None, evecs: torch.Tensor, r: int, init: str, key_post_rope: bool):
+    """(down, up). w_t: W^T (dim, kv_dim); for post-RoPE keys the inputs are the keys themselves."""
+    if init == "activation":
+        u = evecs[:, :r].float()
+    else:  # plain SVD of W: its top right-singular vectors span the same output space, unweighted
+        u = torch.linalg.svd(w_t.double(), full_matrices=False)[2][:r].T.float()
+    down = u if key_post_rope else w_t @ u
+    return down, u.T.contiguous()
+
+
+@torch.no_grad()
+def whiten(down, up, inputs):
+    std = (inputs @ down).std(0).clamp_min(1e-6)
+    return down / std, up * std[:, None]
+
+
+@torch.no_grad()
+def rel_error(inputs, y, down, up, bits):
+    c = kv_quant.fake_quantize(inputs @ down, bits)
+    return float(((c @ up - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)))
+
+
+def fit(inputs, y, down, up, bits, steps, seed, lr=1e-3, batch=512):
+    # At 16 bits the activation-aware initialisation is already the exact optimum of this loss
+    # (Eckart-Young), so there is nothing to fit; the quantized branches gain from it.
+    if steps <= 0 or bits == 16:
+        return down, up
+    gen = torch.Generator().manual_seed(seed)
+    down, up = down.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    opt = torch.optim.Adam([down, up], lr=lr)
+    norm = y.pow(2).mean().clamp_min(1e-12)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, inputs.shape[0], (min(batch, inputs.shape[0]),), generator=gen)
+            c = kv_quant.fake_quantize(inputs[idx] @ down, bits)
+            loss = (c @ up - y[idx]).pow(2).mean() / norm
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return down.detach(), up.detach()
+
+
+def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bits: int = 16,
+                 key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 200, seed: int = 0,
+                 progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    if key_mode not in KEY_MODES:
+        raise ShrinkError(f"unknown key mode '{key_mode}' (use {', '.join(KEY_MODES)})")
+    if kv_bits not in (16, 8, 4):
+        raise ShrinkError(f"unsupported KV branch bits {kv_bits} (use 16, 8 or 4)")
+    if init not in ("activation", "weight"):
+        raise ShrinkError(f"unknown initialisation '{init}' (use activation or weight)")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model, args = lm.model, lm.model.args
+    if model.args.sliding_window is not None:
+        raise ShrinkError("CSKV is not supported on sliding-window models")
+    xs, pos = collect_inputs(model, tokens, progress=progress)
+    post = key_mode == "post-rope"
+    ys, spectra, vecs = [], [], []
+    for i, layer in enumerate(model.layers):
+        yk, yv = targets(layer.self_attn, xs[i], pos, key_mode, model.rope_cos, model.rope_sin)
+        ys.append((yk, yv))
+        for y in (yk, yv):
+            ev, U = spectrum(y)
+            spectra.append(ev)
+            vecs.append(U)
+    budget = feature_budget(args, kv_ratio, window)
+    ranks = allocate_ranks(spectra, budget, kv_bits, args.kv_dim)
+    tensors, rows = {}, []
+    for i, layer in enumerate(tqdm(model.layers, desc="fit", disable=not progress, leave=False)):
+        attn = layer.self_attn
+        layer_row = {"layer": i}
+        for j, (kind, w) in enumerate((("k", attn.k_proj.weight), ("v", attn.v_proj.weight))):
+            r = ranks[2 * i + j]
+            y = ys[i][j]
+            key_post = post and kind == "k"
+            inputs = y if key_post else xs[i]
+            down, up = init_factors(w.float().T, vecs[2 * i + j], r, init, key_post)
+            down, up = whiten(down, up, inputs)
+            err_init = rel_error(inputs, y, down, up, kv_bits)
+            down, up = fit(inputs, y, down, up, kv_bits, fit_steps, seed + 2 * i + j)
+            err_fit = rel_error(inputs, y, down, up, kv_bits)
+            if err_fit > err_init:  # fitting never makes a layer worse than its initialisation
+                down, up = init_factors(w.float().T, vecs[2 * i + j], r, init, key_post)
+                down, up = whiten(down, up, inputs)
+                err_fit = err_init
+            tensors[f"kv.layers.{i}.{kind}_down"] = down.contiguous()
+            tensors[f"kv.layers.{i}.{kind}_up"] = up.contiguous()
+            energy = float(spectra[2 * i + j][:r].sum() / spectra[2 * i + j].sum().clamp_min(1e-12))
+            layer_row.update({f"rank_{kind}": r, f"energy_{kind}": round(energy, 6),
+                              f"rel_err_{kind}_init": round(err_init, 6), f"rel_err_{kind}": round(err_fit, 6)})
+        rows.append(layer_row)
+    feat = sum(kv_quant.row_bytes(r, kv_bits) for r in ranks)
+    full = 2 * args.n_layers * args.kv_dim * 2
+    section = {
+        "method": "cskv", "key_mode": key_mode, "window": window, "bits": kv_bits,
+        "quant": {"scheme": "symmetric per token", "group": kv_quant.GROUP, "scale_dtype": "float16"}
+        if kv_bits < 16 else None,
+        "init": init, "fit_steps": fit_steps, "fit_loss": "K/V output reconstruction (quantization-aware)",
+        "kv_ratio": kv_ratio,
+        "kv_bytes_fraction_at_3k": (feat * REFERENCE_CONTEXT + min(window, REFERENCE_CONTEXT) * full)
+        / (full * REFERENCE_CONTEXT),
+        "feature_bytes_per_token": feat,
+        "layers": rows,
+        "calibration_s": round(time.perf_counter() - t0, 1),
+    }
+    return section, tensors
+
+
+def apply_kv(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Swap every layer's attention for CSKVAttention; all shapes are checked before any swap."""
+    from shrinkrt.errors import ShrinkError as E
+
+    args = model.args
+    if section.get("method") != "cskv" or section.get("key_mode") not in KEY_MODES or \
+            section.get("bits") not in (16, 8, 4) or len(section.get("layers", [])) != args.n_layers:
+        raise E("checkpoint kv section does not describe a CSKV cache for this model")
+    cfg = CSKVConfig(section["key_mode"], int(section["window"]), int(section["bits"]))
+    built = []
+    for i, row in enumerate(section["layers"]):
+        parts = {}
+        for kind in ("k", "v"):
+            r = row[f"rank_{kind}"]
+            in_dim = args.kv_dim if (kind == "k" and cfg.key_mode == "post-rope") else args.dim
+            want = {f"{kind}_down": (in_dim, r), f"{kind}_up": (r, args.kv_dim)}
+            for name, shape in want.items():
+                t = tensors.get(f"kv.layers.{i}.{name}")
+                if t is None:
+                    raise E(f"checkpoint: tensor kv.layers.{i}.{name} is missing")
+                if tuple(t.shape) != shape:
+                    raise E(f"checkpoint: kv.layers.{i}.{name} has shape {tuple(t.shape)}, the plan needs {shape}")
+                parts[name] = t
+        built.append(parts)
+    for layer, parts in zip(model.layers, built):
+        layer.self_attn = CSKVAttention(layer.self_attn, cfg, rope_cos=model.rope_cos, rope_sin=model.rope_sin,
+                                        **parts)

@@ -1,0 +1,194 @@
+"""CSKV attention (arXiv 2409.10593) with the bi-branch cache, in the reference runtime.
+
+Per layer, K and V get low-rank factors: features c = (input) @ down (r dims) are what the cache
+keeps for old tokens; up (r -> n_kv*head_dim) rebuilds them. The newest `window` tokens are also
+kept at full precision (FP16). For a query at position p, keys/values at positions j > p - window
+come from the full-precision branch and those at j <= p - window from the feature branch, whatever
+the chunking of the calls, so a long prefill, a chunked prefill and token-by-token decode compute
+the same thing.
+
+key_mode "pre-rope":  c_k = x @ k_down;  K_j = RoPE(c_k,j @ k_up + b_k, j) rebuilt at attention time.
+key_mode "post-rope": c_k = RoPE(x W_k^T + b_k) @ k_down (features of the rotated keys); the
+                      up-projection folds into the query: q.K_j = (q @ k_up_g^T) . c_k,j.
+Values (both modes): c_v = x @ v_down; the up-projection is applied once after the weighted sum.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kv_quant
+from .model import apply_rope
+
+KEY_MODES = ("pre-rope", "post-rope")
+
+
+@dataclass
+class CSKVConfig:
+    key_mode: str
+    window: int
+    bits: int  # 16 (FP16 features), 8 or 4
+
+
+class FeatureStore(nn.Module):
+    """Features of every stored token: FP16, or int8/int4 codes + FP16 per-group scales."""
+
+    def __init__(self, batch: int, max_len: int, r: int, bits: int, device=None):
+        super().__init__()
+        self.r, self.bits = r, bits
+        if bits == 16:
+            self.register_buffer("codes", torch.zeros(batch, max_len, r, dtype=torch.float16, device=device))
+            self.register_buffer("scales", torch.zeros(batch, max_len, 0, dtype=torch.float16, device=device))
+        else:
+            width = r if bits == 8 else (r + 1) // 2
+            dtype = torch.int8 if bits == 8 else torch.uint8
+            self.register_buffer("codes", torch.zeros(batch, max_len, width, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.zeros(batch, max_len, kv_quant.n_groups(r), dtype=torch.float16,
+                                                       device=device))
+
+    def write(self, start: int, c: torch.Tensor) -> None:
+        end = start + c.shape[1]
+        if self.bits == 16:
+            self.codes[:, start:end] = c.half()
+        else:
+            codes, scales = kv_quant.quantize(c, self.bits)
+            self.codes[:, start:end], self.scales[:, start:end] = codes, scales
+
+    def read(self, end: int) -> torch.Tensor:
+        if self.bits == 16:
+            return self.codes[:, :end].float()
+        return kv_quant.dequantize(self.codes[:, :end], self.scales[:, :end], self.bits, self.r)
+
+    def nbytes(self, length: int) -> int:
+        return self.codes.shape[0] * length * kv_quant.row_bytes(self.r, self.bits)
+
+
+class BiBranchCache(nn.Module):
+    """Window ring of full-precision K/V (slot = position % window) + feature stores for all tokens."""
+
+    def __init__(self, batch, n_kv, head_dim, max_len, window, r_k, r_v, bits, device=None):
+        super().__init__()
+        self.window = window
+        w = max(window, 1)
+        self.register_buffer("win_k", torch.zeros(batch, n_kv, w, head_dim, dtype=torch.float16, device=device))
+        self.register_buffer("win_v", torch.zeros(batch, n_kv, w, head_dim, dtype=torch.float16, device=device))
+        self.register_buffer("win_pos", torch.full((w,), -1, dtype=torch.long, device=device))
+        self.feat_k = FeatureStore(batch, max_len, r_k, bits, device)
+        self.feat_v = FeatureStore(batch, max_len, r_v, bits, device)
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, start: int, k, v, c_k, c_v):
+        """Store the new tokens; returns the window as it stood before them (k, v, positions)."""
+        T = k.shape[2]
+        if start != self.length:
+            raise ValueError(f"bi-branch cache appends at {self.length}, got a write at {start}")
+        if start + T > self.max_len:
+            raise ValueError(f"cache of {self.max_len} tokens cannot hold position {start + T - 1}")
+        old = (self.win_k.clone(), self.win_v.clone(), self.win_pos.clone())
+        self.feat_k.write(start, c_k)
+        self.feat_v.write(start, c_v)
+        if self.window:
+            keep = min(T, self.window)
+            pos = torch.arange(start + T - keep, start + T, device=k.device)
+            slots = pos % self.window
+            self.win_k[:, :, slots] = k[:, :, T - keep:].half()
+            self.win_v[:, :, slots] = v[:, :, T - keep:].half()
+            self.win_pos[slots] = pos
+        self.length = start + T
+        return old
+
+    def nbytes(self) -> int:
+        held = min(self.length, self.window)
+        full = 2 * self.win_k[:, :, 0].numel() * self.win_k.element_size() * held
+        return full + self.feat_k.nbytes(self.length) + self.feat_v.nbytes(self.length)
+
+
+class CSKVAttention(nn.Module):
+    """Drop-in for runtime.model.Attention: same projections, plus the layer's low-rank factors."""
+
+    def __init__(self, attn, cfg: CSKVConfig, k_down, k_up, v_down, v_up, rope_cos, rope_sin):
+        super().__init__()
+        if cfg.key_mode not in KEY_MODES:
+            raise ValueError(f"unknown key mode '{cfg.key_mode}'")
+        if attn.sliding_window is not None:
+            raise ValueError("CSKV is not combined with sliding-window attention")
+        self.cfg = cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.sliding_window = None
+        for name, t in (("k_down", k_down), ("k_up", k_up), ("v_down", v_down), ("v_up", v_up)):
+            self.register_buffer(name, t.float(), persistent=False)
+        # The rebuilt pre-RoPE keys need each old position's rotation.
+        self.rope_cos, self.rope_sin = rope_cos, rope_sin
+        self.cache: BiBranchCache | None = None
+
+    def setup_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
+        self.cache = BiBranchCache(batch, self.n_kv_heads, self.head_dim, max_seq_len, self.cfg.window,
+                                   self.k_down.shape[1], self.v_down.shape[1], self.cfg.bits, device)
+
+    def features(self, x, k_rot):
+        """(c_k, c_v) of new tokens: x (B, T, dim), k_rot (B, n_kv, T, hd) rotated keys."""
+        if self.cfg.key_mode == "pre-rope":
+            c_k = x.float() @ self.k_down
+        else:
+            c_k = k_rot.transpose(1, 2).flatten(2).float() @ self.k_down
+        return c_k, x.float() @ self.v_down
+
+    def forward(self, x, cos, sin, start: int):
+        B, T, _ = x.shape
+        H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, hd).transpose(1, 2), cos, sin).float()
+        # The full-precision branch is FP16: round this call's own keys/values as the window stores them,
+        # so one-shot, chunked and token-by-token calls see identical numbers.
+        k = apply_rope(self.k_proj(x).view(B, T, G, hd).transpose(1, 2), cos, sin).half().float()
+        v = self.v_proj(x).view(B, T, G, hd).transpose(1, 2).half().float()
+        if self.cache is None:  # no cache: plain causal attention over this call's tokens
+            from .model import attend
+
+            y = attend(q, k, v, 0)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+        c_k, c_v = self.features(x, k)
+        ring_k, ring_v, ring_pos = self.cache.append(start, k, v, c_k, c_v)
+        end, W = start + T, self.cfg.window
+        qpos = torch.arange(start, end, device=x.device)
+        rep = H // G
+
+        # Full-precision branch: the window before this call, then this call's tokens.
+        kf = torch.cat([ring_k.float(), k], dim=2).repeat_interleave(rep, dim=1)
+        vf = torch.cat([ring_v.float(), v], dim=2).repeat_interleave(rep, dim=1)
+        fpos = torch.cat([ring_pos, qpos])
+        s_full = q @ kf.transpose(-1, -2)
+        ok_full = (fpos[None] >= 0) & (fpos[None] <= qpos[:, None]) & (fpos[None] > qpos[:, None] - W)
+        s_full = s_full.masked_fill(~ok_full, float("-inf"))
+
+        n_c = end - W  # positions 0..n_c-1 can be in the feature branch for some query of this call
+        if n_c > 0:
+            ck, cv = self.cache.feat_k.read(n_c), self.cache.feat_v.read(n_c)
+            if self.cfg.key_mode == "pre-rope":
+                kc = ck @ self.k_up
+                if self.k_proj.bias is not None:
+                    kc = kc + self.k_proj.bias.float()
+                kc = kc.view(B, n_c, G, hd).transpose(1, 2)
+                kc = apply_rope(kc, self.rope_cos[:n_c].float(), self.rope_sin[:n_c].float())
+                s_comp = q @ kc.repeat_interleave(rep, dim=1).transpose(-1, -2)
+            else:
+                up = self.k_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_k, H, hd)
+                q_folded = torch.einsum("bhtd,rhd->bhtr", q, up)
+                s_comp = q_folded @ ck.unsqueeze(1).transpose(-1, -2)
+            ok_comp = torch.arange(n_c, device=x.device)[None] <= qpos[:, None] - W
+            s_comp = s_comp.masked_fill(~ok_comp, float("-inf"))
+            p = torch.softmax(torch.cat([s_comp, s_full], dim=-1) / math.sqrt(hd), dim=-1)
+            p_comp, p_full = p[..., :n_c], p[..., n_c:]
+            up_v = self.v_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_v, H, hd)
+            y = p_full @ vf + torch.einsum("bhtr,rhd->bhtd", p_comp @ cv.unsqueeze(1), up_v)
+            if self.v_proj.bias is not None:
+                bias = self.v_proj.bias.float().view(G, hd).repeat_interleave(rep, dim=0)  # (H, hd)
+                y = y + p_comp.sum(-1, keepdim=True) * bias[None, :, None, :]
+        else:
+            y = torch.softmax(s_full / math.sqrt(hd), dim=-1) @ vf
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))

@@ -1,0 +1,170 @@
+"""CSKV: the bi-branch cache semantics, factor shapes, rank allocation, quantization, checkpoints."""
+import pytest
+import torch
+
+from shrinkrt.calib import checkpoint
+from shrinkrt.calib.cskv import allocate_ranks, apply_kv, calibrate_kv, feature_budget
+from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime import kv_quant
+from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+from shrinkrt.runtime.loader import load
+from tests.test_model import ours_from
+from tests.conftest import tiny_hf_model
+
+
+def swap_full_rank(model, key_mode, window, bits=16):
+    """Exact factors (rank = kv_dim): the bi-branch model must equal the base model up to storage."""
+    for layer in model.layers:
+        a = layer.self_attn
+        kv = a.k_proj.weight.shape[0]
+        eye = torch.eye(kv)
+        k_down = eye if key_mode == "post-rope" else a.k_proj.weight.T.float()
+        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, window, bits), k_down, eye,
+                                        a.v_proj.weight.T.float(), eye, model.rope_cos, model.rope_sin)
+
+
+def run(model, tokens, chunk):
+    model.setup_caches(1, tokens.shape[1])
+    with torch.no_grad():
+        return torch.cat([model(tokens[:, i:i + chunk], i) for i in range(0, tokens.shape[1], chunk)], dim=1)
+
+
+TOKENS = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("window", [0, 1, 8, 64])
+def test_full_rank_equals_base_model(key_mode, window):
+    base = ours_from(tiny_hf_model("llama"))
+    ref = run(base, TOKENS, 40)
+    swap_full_rank(base, key_mode, window)
+    for chunk in (40, 7, 1):
+        out = run(base, TOKENS, chunk)
+        assert (out - ref).abs().max().item() < 5e-3, (chunk, (out - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_chunking_does_not_change_low_rank_results(key_mode, bits):
+    """One-shot prefill, chunked prefill and token-by-token decode compute the same attention."""
+    model = ours_from(tiny_hf_model("qwen2"))  # with q/k/v biases
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        a = layer.self_attn
+        in_k = 32 if key_mode == "post-rope" else 64
+        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, 6, bits), torch.randn(in_k, 5, generator=gen),
+                                        torch.randn(5, 32, generator=gen) * 0.3, torch.randn(64, 7, generator=gen),
+                                        torch.randn(7, 32, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    one = run(model, TOKENS, 40)
+    for chunk in (9, 6, 1):
+        assert (run(model, TOKENS, chunk) - one).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("n", [5, 8, 9, 23])  # below, exactly at, one past, well past the window
+def test_window_hand_over(n):
+    model = ours_from(tiny_hf_model("llama"))
+    swap_full_rank(model, "pre-rope", 8, bits=8)
+    model.setup_caches(1, 32)
+    with torch.no_grad():
+        model(TOKENS[:, :n], 0)
+    cache = model.layers[0].self_attn.cache
+    assert cache.length == n
+    held = sorted(p for p in cache.win_pos.tolist() if p >= 0)
+    assert held == list(range(max(0, n - 8), n))  # the newest W tokens, nothing else
+    # Every token has its features in the compressed branch, written when it arrived.
+    assert cache.feat_k.scales[0, :n].abs().min() > 0 and cache.feat_k.scales[0, n:].abs().max() == 0
+
+
+def test_reported_bytes_are_stored_bytes():
+    model = ours_from(tiny_hf_model("llama"))
+    swap_full_rank(model, "post-rope", 8, bits=4)
+    model.setup_caches(1, 32)
+    with torch.no_grad():
+        model(TOKENS[:, :20], 0)
+    total = 0
+    for layer in model.layers:
+        c = layer.self_attn.cache
+        held = int((c.win_pos >= 0).sum())
+        total += held * (c.win_k[:, :, 0].nbytes + c.win_v[:, :, 0].nbytes)
+        for store in (c.feat_k, c.feat_v):
+            total += store.codes[:, :20].nbytes + store.scales[:, :20].nbytes
+    assert model.cache_nbytes() == total
+    # 2 layers x [8 window tok x (K+V) x 2 heads x 16 dims x 2 B + 20 tok x 2 x (16 codes + 2 scale B)]
+    assert total == 2 * (8 * 2 * 2 * 16 * 2 + 20 * 2 * (32 // 2 + 2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_round_trip(bits):
+    x = torch.randn(3, 50, 37, generator=torch.Generator().manual_seed(1)) * 3
+    codes, scales = kv_quant.quantize(x, bits)
+    assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert codes.shape[-1] == (37 if bits == 8 else 19) and scales.shape[-1] == 2
+    back = kv_quant.dequantize(codes, scales, bits, 37)
+    step = scales.float().repeat_interleave(32, dim=-1)[..., :37]
+    assert ((back - x).abs() <= step / 2 + 1e-3 * step).all()  # within half a step (FP16 scale rounding)
+    assert kv_quant.row_bytes(37, bits) == codes.shape[-1] + 2 * scales.shape[-1]
+
+
+def test_rank_allocation_follows_spectra_and_budget():
+    flat = torch.ones(16)  # white spectrum: every component worth the same
+    steep = torch.tensor([100.0] + [0.01] * 15)  # one dominant direction
+    ranks = allocate_ranks([flat, steep], budget_per_token=20 * 2, bits=16, max_rank=16)
+    assert ranks[1] == 1 and ranks[0] == 16 or sum(ranks) == 20
+    assert ranks[0] > ranks[1]
+    assert sum(kv_quant.row_bytes(r, 16) for r in ranks) <= 40
+    with pytest.raises(ShrinkError, match="raise --kv-ratio or shrink --window"):
+        allocate_ranks([flat, steep], budget_per_token=3, bits=16, max_rank=16)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    hf = tiny_hf_model("llama")
+    lm = type("LM", (), {})()
+    lm.model = ours_from(hf)
+    tokens = torch.randint(3, 97, (1024,), generator=torch.Generator().manual_seed(9)).tolist()
+    return lm, tokens
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+def test_calibration_meets_budget_and_is_deterministic(calibrated, key_mode):
+    lm, tokens = calibrated
+    args = lm.model.args
+    kw = dict(kv_ratio=0.5, window=4, kv_bits=8, key_mode=key_mode, fit_steps=20, seed=3, progress=False)
+    s1, t1 = calibrate_kv(lm, tokens, **kw)
+    s2, t2 = calibrate_kv(lm, tokens, **kw)
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert s1["kv_bytes_fraction_at_3k"] <= 0.5 + 1e-9
+    for i, row in enumerate(s1["layers"]):
+        in_k = args.kv_dim if key_mode == "post-rope" else args.dim
+        assert t1[f"kv.layers.{i}.k_down"].shape == (in_k, row["rank_k"])
+        assert t1[f"kv.layers.{i}.v_up"].shape == (row["rank_v"], args.kv_dim)
+        assert row["rel_err_k"] <= row["rel_err_k_init"] + 1e-9
+    assert feature_budget(args, 0.5, 4) >= s1["feature_bytes_per_token"]
+
+
+def test_activation_init_beats_weight_svd(calibrated):
+    lm, tokens = calibrated
+    kw = dict(kv_ratio=0.3, window=4, kv_bits=16, fit_steps=0, progress=False)
+    act, _ = calibrate_kv(lm, tokens, init="activation", **kw)
+    wsvd, _ = calibrate_kv(lm, tokens, init="weight", **kw)
+    err = lambda s: sum(r["rel_err_k"] + r["rel_err_v"] for r in s["layers"])
+    assert err(act) < err(wsvd)
+
+
+def test_checkpoint_round_trip_and_validation(tiny_dir, tmp_path):
+    lm = load(str(tiny_dir), progress=False)
+    tokens = torch.randint(3, 97, (512,), generator=torch.Generator().manual_seed(2)).tolist()
+    section, tensors = calibrate_kv(lm, tokens, kv_ratio=0.6, window=4, kv_bits=4, fit_steps=5, progress=False)
+    base = checkpoint.base_identity(lm)
+    path = checkpoint.save(tmp_path / "ck", {"base_model": base, "kv": section}, tensors)
+    from shrinkrt.calib.apply import apply_checkpoint
+
+    fresh = load(str(tiny_dir), progress=False)
+    apply_checkpoint(fresh, path)
+    assert all(isinstance(l.self_attn, CSKVAttention) for l in fresh.model.layers)
+    out = run(fresh.model, TOKENS, 40)
+    assert torch.isfinite(out).all()
+    bad = dict(tensors)
+    bad["kv.layers.1.k_up"] = bad["kv.layers.1.k_up"][:, :-1]
+    with pytest.raises(ShrinkError, match=r"kv.layers.1.k_up has shape"):
+        apply_kv(load(str(tiny_dir), progress=False).model, section, bad)
