@@ -102,14 +102,64 @@ def allocate_ranks(spectra: list, budget_per_token: float, bits: int, max_rank: 
 
 
 @torch.no_grad()
-def init_factors(w_t: torch.Tensor | None, evecs: torch.Tensor, r: int, init: str, key_post_rope: bool):
-    """(down, up). w_t: W^T (dim, kv_dim); for post-RoPE keys the inputs are the keys themselves."""
-    if init == "activation":
+def init_factors(w_t: torch.Tensor, evecs: torch.Tensor, r: int, init: str, key_post_rope: bool,
+                 sq: torch.Tensor, sq_inv: torch.Tensor):
+    """(down, up) minimising ||(Y - Y_hat) M^1/2|| at rank r. w_t: W^T (dim, kv_dim); sq = M^1/2.
+    For post-RoPE keys the inputs are the rotated keys themselves, so down starts from M^1/2."""
+    if init == "activation":  # top eigenvectors of the weighted outputs' covariance
         u = evecs[:, :r].float()
-    else:  # plain SVD of W: its top right-singular vectors span the same output space, unweighted
-        u = torch.linalg.svd(w_t.double(), full_matrices=False)[2][:r].T.float()
-    down = u if key_post_rope else w_t @ u
-    return down, u.T.contiguous()
+    else:  # plain SVD of the (weighted) weight: ignores how the inputs are distributed
+        u = torch.linalg.svd((w_t @ sq).double(), full_matrices=False)[2][:r].T.float()
+    down = sq @ u if key_post_rope else w_t @ sq @ u
+    return down, (u.T @ sq_inv).contiguous()
+
+
+def sqrt_psd(m: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """M^1/2 and M^-1/2 of a PSD matrix normalised to mean eigenvalue 1 (only the shape matters)."""
+    m = m.double()
+    m = m / (m.trace() / m.shape[0])
+    ev, vec = torch.linalg.eigh(m)
+    ev = ev.clamp_min(eps)
+    return (vec * ev.sqrt()) @ vec.T, (vec * ev.rsqrt()) @ vec.T
+
+
+@torch.no_grad()
+def output_metrics(attn, x, pos, key_mode: str, cos, sin, objective: str):
+    """(M_k^1/2, M_k^-1/2, M_v^1/2, M_v^-1/2) of the error metric on K and V outputs.
+
+    objective "kv": identity (plain K/V reconstruction). "attention": the error that reaches the
+    layer output: keys weighted by the query second moment of the heads reading them (post-RoPE:
+    the full rotated-query covariance; pre-RoPE: each rotary pair's query energy, since RoPE turns
+    the pair by a position-dependent angle), values by W_o^T W_o of those heads.
+    """
+    G, hd, H = attn.n_kv_heads, attn.head_dim, attn.n_heads
+    kv = G * hd
+    if objective == "kv":
+        eye = torch.eye(kv, dtype=torch.float64)
+        return eye, eye, eye, eye
+    q = x @ attn.q_proj.weight.float().T
+    if attn.q_proj.bias is not None:
+        q = q + attn.q_proj.bias.float()
+    q = q.view(-1, H, hd)
+    rep = H // G
+    mk = torch.zeros(kv, kv, dtype=torch.float64)
+    if key_mode == "post-rope":
+        q = apply_rope(q.transpose(0, 1), cos[pos].float(), sin[pos].float()).transpose(0, 1)
+        for g in range(G):
+            qg = q[:, g * rep:(g + 1) * rep].reshape(-1, hd).double()
+            mk[g * hd:(g + 1) * hd, g * hd:(g + 1) * hd] = qg.T @ qg / qg.shape[0]
+    else:
+        e = q.double().pow(2).mean(0)  # (H, hd)
+        half = hd // 2
+        pair = (e[:, :half] + e[:, half:]) / 2
+        e = torch.cat([pair, pair], dim=1).view(G, rep, hd).sum(1).flatten()
+        mk = torch.diag(e)
+    wo = attn.o_proj.weight.double().view(-1, H, hd)  # (dim, H, hd)
+    mv = torch.zeros(kv, kv, dtype=torch.float64)
+    for g in range(G):
+        wg = wo[:, g * rep:(g + 1) * rep]  # (dim, rep, hd)
+        mv[g * hd:(g + 1) * hd, g * hd:(g + 1) * hd] = torch.einsum("dri,drj->ij", wg, wg)
+    return (*sqrt_psd(mk), *sqrt_psd(mv))
 
 
 @torch.no_grad()
@@ -145,8 +195,12 @@ def fit(inputs, y, down, up, bits, steps, seed, lr=1e-3, batch=512):
 
 
 def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bits: int = 16,
-                 key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 200, seed: int = 0,
-                 progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+                 key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 100, seed: int = 0,
+                 progress: bool = True, collected=None, objective: str = "attention"
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`collected` = collect_inputs(model, tokens) reused across settings (a sweep collects once)."""
+    if objective not in ("kv", "attention"):
+        raise ShrinkError(f"unknown objective '{objective}' (use kv or attention)")
     if key_mode not in KEY_MODES:
         raise ShrinkError(f"unknown key mode '{key_mode}' (use {', '.join(KEY_MODES)})")
     if kv_bits not in (16, 8, 4):
@@ -158,14 +212,17 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
     model, args = lm.model, lm.model.args
     if model.args.sliding_window is not None:
         raise ShrinkError("CSKV is not supported on sliding-window models")
-    xs, pos = collect_inputs(model, tokens, progress=progress)
+    xs, pos = collected or collect_inputs(model, tokens, progress=progress)
     post = key_mode == "post-rope"
-    ys, spectra, vecs = [], [], []
+    ys, spectra, vecs, metrics = [], [], [], []
     for i, layer in enumerate(model.layers):
         yk, yv = targets(layer.self_attn, xs[i], pos, key_mode, model.rope_cos, model.rope_sin)
+        m = output_metrics(layer.self_attn, xs[i], pos, key_mode, model.rope_cos, model.rope_sin, objective)
+        m = [t.float() for t in m]
+        metrics.append(((m[0], m[1]), (m[2], m[3])))
         ys.append((yk, yv))
-        for y in (yk, yv):
-            ev, U = spectrum(y)
+        for y, (sq, _) in zip((yk, yv), metrics[-1]):
+            ev, U = spectrum(y @ sq)  # spectra in the objective's metric
             spectra.append(ev)
             vecs.append(U)
     budget = feature_budget(args, kv_ratio, window)
@@ -176,18 +233,17 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         layer_row = {"layer": i}
         for j, (kind, w) in enumerate((("k", attn.k_proj.weight), ("v", attn.v_proj.weight))):
             r = ranks[2 * i + j]
-            y = ys[i][j]
+            sq, sq_inv = metrics[i][j]
+            y, y_w = ys[i][j], ys[i][j] @ sq  # errors are measured and fitted in the weighted space
             key_post = post and kind == "k"
             inputs = y if key_post else xs[i]
-            down, up = init_factors(w.float().T, vecs[2 * i + j], r, init, key_post)
-            down, up = whiten(down, up, inputs)
-            err_init = rel_error(inputs, y, down, up, kv_bits)
-            down, up = fit(inputs, y, down, up, kv_bits, fit_steps, seed + 2 * i + j)
-            err_fit = rel_error(inputs, y, down, up, kv_bits)
+            down0, up0 = whiten(*init_factors(w.float().T, vecs[2 * i + j], r, init, key_post, sq, sq_inv), inputs)
+            err_init = rel_error(inputs, y_w, down0, up0 @ sq, kv_bits)
+            down, up_w = fit(inputs, y_w, down0, up0 @ sq, kv_bits, fit_steps, seed + 2 * i + j)
+            err_fit = rel_error(inputs, y_w, down, up_w, kv_bits)
+            up = up_w @ sq_inv
             if err_fit > err_init:  # fitting never makes a layer worse than its initialisation
-                down, up = init_factors(w.float().T, vecs[2 * i + j], r, init, key_post)
-                down, up = whiten(down, up, inputs)
-                err_fit = err_init
+                down, up, err_fit = down0, up0, err_init
             tensors[f"kv.layers.{i}.{kind}_down"] = down.contiguous()
             tensors[f"kv.layers.{i}.{kind}_up"] = up.contiguous()
             energy = float(spectra[2 * i + j][:r].sum() / spectra[2 * i + j].sum().clamp_min(1e-12))
@@ -200,7 +256,9 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         "method": "cskv", "key_mode": key_mode, "window": window, "bits": kv_bits,
         "quant": {"scheme": "symmetric per token", "group": kv_quant.GROUP, "scale_dtype": "float16"}
         if kv_bits < 16 else None,
-        "init": init, "fit_steps": fit_steps, "fit_loss": "K/V output reconstruction (quantization-aware)",
+        "init": init, "objective": objective, "fit_steps": fit_steps,
+        "fit_loss": ("attention-output-weighted" if objective == "attention" else "plain")
+        + " K/V reconstruction, quantization-aware",
         "kv_ratio": kv_ratio,
         "kv_bytes_fraction_at_3k": (feat * REFERENCE_CONTEXT + min(window, REFERENCE_CONTEXT) * full)
         / (full * REFERENCE_CONTEXT),

@@ -12,6 +12,11 @@ def memory_report(model, measured: dict[int, int], context: int) -> dict:
     args = model.args
     tokens = max(measured)
     per_token = measured[tokens] / tokens
+    # Caches grow linearly past their window (full: bytes = b*L; bi-branch: a + b*L): extrapolate
+    # through the two longest measurements.
+    lens = sorted(measured)[-2:]
+    slope = (measured[lens[1]] - measured[lens[0]]) / (lens[1] - lens[0]) if len(lens) == 2 else per_token
+    at_context = measured[tokens] + slope * (context - tokens)
     params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     return {
         "weight_bytes": model.weight_nbytes(),
@@ -19,8 +24,7 @@ def memory_report(model, measured: dict[int, int], context: int) -> dict:
         "kv_bytes_per_token": per_token,
         "kv_bytes_measured": {str(k): v for k, v in sorted(measured.items())},
         "context": context,
-        # The full cache grows linearly; compressed caches (later) report their own curve.
-        "kv_bytes_at_context": int(per_token * context),
+        "kv_bytes_at_context": int(at_context),
         "kv_bytes_fp16_per_token": fp16_full_kv_bytes(args, 1),
         "kv_bytes_fp16_at_context": fp16_full_kv_bytes(args, context),
     }

@@ -61,6 +61,7 @@ def passkey(model, tokenizer, trial_list: list[Trial], progress: bool = True, pr
         g = generate(model, tokenizer, ids, max_new_tokens=8, prefill_chunk=prefill_chunk)
         rows.append({"length": t.length, "prompt_tokens": len(ids), "depth": t.depth, "key": t.key,
                      "stored_tokens": model.cache_length(), "cache_bytes": g.cache_bytes,
+                     "decode_step_median_s": sorted(g.step_s)[len(g.step_s) // 2] if g.step_s else 0.0,
                      "answer": g.text.strip(), "correct": score(g.text, t.key)})
     model.clear_caches()
     acc = sum(r["correct"] for r in rows) / len(rows)

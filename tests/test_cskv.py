@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from shrinkrt.calib import checkpoint
-from shrinkrt.calib.cskv import allocate_ranks, apply_kv, calibrate_kv, feature_budget
+from shrinkrt.calib.cskv import allocate_ranks, apply_kv, calibrate_kv, feature_budget, init_factors, spectrum, sqrt_psd
 from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime import kv_quant
 from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
@@ -168,3 +168,21 @@ def test_checkpoint_round_trip_and_validation(tiny_dir, tmp_path):
     bad["kv.layers.1.k_up"] = bad["kv.layers.1.k_up"][:, :-1]
     with pytest.raises(ShrinkError, match=r"kv.layers.1.k_up has shape"):
         apply_kv(load(str(tiny_dir), progress=False).model, section, bad)
+
+
+def test_weighted_init_minimises_the_weighted_error():
+    """Eckart-Young in the metric M: the M-weighted PCA beats the plain PCA on the M-weighted error."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2000, 24, generator=g) @ torch.randn(24, 24, generator=g)
+    w_t = torch.randn(24, 12, generator=g)
+    y = x @ w_t
+    a = torch.randn(12, 12, generator=g)
+    sq, sq_inv = (t.float() for t in sqrt_psd(a @ a.T + torch.diag(torch.rand(12, generator=g) * 5)))
+    eye = torch.eye(12)
+    err = lambda down, up: float(((x @ down @ up - y) @ sq).pow(2).sum() / (y @ sq).pow(2).sum())
+    weighted = init_factors(w_t, spectrum(y @ sq)[1], 4, "activation", False, sq, sq_inv)
+    plain = init_factors(w_t, spectrum(y)[1], 4, "activation", False, eye, eye)
+    assert err(*weighted) < err(*plain)
+    # rank = full: exact in either metric
+    full = init_factors(w_t, spectrum(y @ sq)[1], 12, "activation", False, sq, sq_inv)
+    assert err(*full) < 1e-6
