@@ -155,6 +155,17 @@ def markdown(r: dict) -> str:
         name = run["method"] + (f" {run['bits']}-bit" if "bits" in run else "")
         lines.append(f"| {name} | {budget} | {run['bits_per_weight']:.3f} | {run['perplexity']:.3f} | "
                      f"{run['perplexity'] / fp:.3f} |")
+    lines += ["", "Against the goals (mixed = the better of `mixed` / `mixed+outliers` at that budget):", ""]
+    for budget, cap in ((3.0, 1.10), (4.0, 1.02)):
+        m = [x for x in r["runs"] if x.get("budget_bits_per_weight") == budget]
+        u = [x for x in r["runs"] if x.get("bits") == int(budget) and x["method"] in ("rtn", "gptq")]
+        if m:
+            best = min(m, key=lambda x: x["perplexity"])
+            vs = ", ".join(f"uniform {x['method']} {x['bits']}-bit x{x['perplexity'] / fp:.3f} at "
+                           f"{x['bits_per_weight']:.2f} bpw" for x in u)
+            ok = best["perplexity"] <= cap * fp and all(best["perplexity"] < x["perplexity"] for x in u)
+            lines.append(f"- {budget} bpw: {best['method']} x{best['perplexity'] / fp:.3f} of FP (goal <= x{cap} "
+                         f"and below uniform {int(budget)}-bit); {vs}. **{'met' if ok else 'missed'}**")
     lines += ["", f"Statistics pass {s['statistics_s']} s, GPTQ candidates {s['gptq_candidates_s']} s "
               f"({s['threads']} thread(s), shared 2-core machine).", "",
               "Regenerate: `python benchmarks/weight_quant.py`. Per-layer plans are in weight_quant.json (`plans`); "

@@ -398,7 +398,8 @@ def _expect(section: dict, tensors: dict[str, torch.Tensor], model) -> list[tupl
             rp = tensors[f"weights.{name}.outlier_rowptr"].long()
             c = tensors[f"weights.{name}.outlier_cols"].long()
             c = c & 0xFFFF if col_dtype(cols) == torch.int16 else c
-            if rp[0] != 0 or rp[-1] != k or bool((rp[1:] < rp[:-1]).any()) or bool((c >= cols).any()):
+            if (rp[0] != 0 or rp[-1] != k or bool((rp[1:] < rp[:-1]).any())
+                    or bool((c >= cols).any()) or bool((c < 0).any())):
                 raise ShrinkError(f"checkpoint plan and tensors disagree: the outliers of '{name}' are not a "
                                   f"valid CSR of {k} entries in {rows}x{cols}")
         todo.append((name, {"bits": bits, "group_size": g, "outliers": k}, m))
