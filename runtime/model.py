@@ -189,10 +189,14 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def weight_nbytes(self) -> int:
-        """Bytes of the distinct weight tensors (a tied embedding counts once)."""
+        """Bytes of the distinct stored weights: parameters plus the persistent buffers that compressed
+        modules keep (packed codes, scales, outliers); caches and RoPE tables are not weights."""
         seen, total = set(), 0
-        for p in self.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
+        tensors = [t for _, t in self.named_parameters()]
+        tensors += [t for name, t in self.named_buffers() if ".cache." not in name and not name.startswith("rope_")
+                    and not name.split(".")[-1].startswith("_")]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
         return total

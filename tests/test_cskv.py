@@ -19,8 +19,8 @@ def swap_full_rank(model, key_mode, window, bits=16):
         kv = a.k_proj.weight.shape[0]
         eye = torch.eye(kv)
         k_down = eye if key_mode == "post-rope" else a.k_proj.weight.T.float()
-        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, window, bits), k_down, eye,
-                                        a.v_proj.weight.T.float(), eye, model.rope_cos, model.rope_sin)
+        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, window, bits), k_down.clone(), eye.clone(),
+                                        a.v_proj.weight.T.clone(), eye.clone(), model.rope_cos, model.rope_sin)
 
 
 def run(model, tokens, chunk):
@@ -186,3 +186,12 @@ def test_weighted_init_minimises_the_weighted_error():
     # rank = full: exact in either metric
     full = init_factors(w_t, spectrum(y @ sq)[1], 12, "activation", False, sq, sq_inv)
     assert err(*full) < 1e-6
+
+
+def test_weight_bytes_count_factors_not_caches():
+    model = ours_from(tiny_hf_model("llama"))
+    before = model.weight_nbytes()
+    swap_full_rank(model, "pre-rope", 8)
+    model.setup_caches(1, 32)
+    # per layer: k_down (64x32) + k_up (32x32) + v_down (64x32) + v_up (32x32), float32
+    assert model.weight_nbytes() == before + 2 * 4 * (64 * 32 + 32 * 32 + 64 * 32 + 32 * 32)
