@@ -3,8 +3,8 @@ sinks+window, at kept KV-byte fractions, on the embedded model -> docs/results/k
 
 Every run: perplexity (the evaluation text, non-overlapping 1024-token segments, --max-segments of
 them), passkey accuracy (9 seeded trials at ~1k/2k/3k tokens x depths 10/50/90%), the KV bytes the
-cache really holds after the ~3k passkey prompt as a fraction of an FP16 full cache of the same
-tokens, and the median decode time per token at that context. The FP row is measured in the same
+cache really holds after a 3072-token prefill as a fraction of an FP16 full cache of 3072 tokens,
+and the median decode time per token after the ~3k passkey prompt. The FP row is measured in the same
 run with the same settings. Results are written after every run; --resume skips runs already in
 the JSON, so a long sweep can be spread over several invocations.
 """
@@ -30,15 +30,22 @@ from shrinkrt.runtime.loader import load
 from shrinkrt.runtime.model import Attention
 
 SINKS = 4
+FRACTION_TOKENS = 3072  # kv_bytes_fraction = stored KV bytes / FP16 full-cache bytes at this many tokens
 
 
 def measure(lm, tokens, args) -> dict:
     ppl = perplexity(lm.model, tokens, context=1024, max_segments=args.max_segments, progress=False)
     pk = passkey(lm.model, lm.tokenizer, trials(args.passkey_lengths, seed=args.seed), progress=False)
     longest = max(pk["trials"], key=lambda t: t["stored_tokens"])
-    frac = longest["cache_bytes"] / fp16_full_kv_bytes(lm.model.args, longest["stored_tokens"])
+    # The fraction is defined at exactly FRACTION_TOKENS: fill the cache with that many tokens.
+    with torch.inference_mode():
+        lm.model.setup_caches(1, FRACTION_TOKENS)
+        lm.model(torch.tensor([tokens[:FRACTION_TOKENS]]), 0, last_only=True)
+        stored = lm.model.cache_nbytes()
+    lm.model.clear_caches()
+    frac = stored / fp16_full_kv_bytes(lm.model.args, FRACTION_TOKENS)
     return {"perplexity": ppl["perplexity"], "passkey_accuracy": pk["passkey_accuracy"],
-            "kv_bytes_fraction": frac, "kv_bytes_at_tokens": [longest["stored_tokens"], longest["cache_bytes"]],
+            "kv_bytes_fraction": frac, "kv_bytes_at_tokens": [FRACTION_TOKENS, stored],
             "decode_ms_per_token": 1000 * longest["decode_step_median_s"],
             "passkey_by_length": {str(n): sum(t["correct"] for t in pk["trials"] if t["length"] == n) /
                                   sum(1 for t in pk["trials"] if t["length"] == n) for n in args.passkey_lengths}}
@@ -91,7 +98,7 @@ def main(argv=None):
     jpath = out.with_suffix(".json")
     settings = {"window": a.window, "fit_steps": a.fit_steps, "calib_tokens": a.calib_tokens,
                 "max_segments": a.max_segments, "passkey_lengths": list(a.passkey_lengths), "seed": a.seed,
-                "sinks": SINKS}
+                "sinks": SINKS, "fraction_tokens": FRACTION_TOKENS}
     result = {"fp": None, "runs": [], "settings": settings}
     if a.resume and jpath.is_file():
         old = json.loads(jpath.read_text())
