@@ -27,7 +27,6 @@ from shrinkrt.evaluate.passkey import passkey, trials
 from shrinkrt.evaluate.perplexity import perplexity
 from shrinkrt.runtime.kv_baselines import apply_kivi, apply_sink_window
 from shrinkrt.runtime.loader import load
-from shrinkrt.runtime.model import Attention
 
 SINKS = 4
 FRACTION_TOKENS = 3072  # kv_bytes_fraction = stored KV bytes / FP16 full-cache bytes at this many tokens

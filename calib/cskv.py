@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -271,12 +270,10 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
 
 def apply_kv(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Swap every layer's attention for CSKVAttention; all shapes are checked before any swap."""
-    from shrinkrt.errors import ShrinkError as E
-
     args = model.args
     if section.get("method") != "cskv" or section.get("key_mode") not in KEY_MODES or \
             section.get("bits") not in (16, 8, 4) or len(section.get("layers", [])) != args.n_layers:
-        raise E("checkpoint kv section does not describe a CSKV cache for this model")
+        raise ShrinkError("checkpoint kv section does not describe a CSKV cache for this model")
     cfg = CSKVConfig(section["key_mode"], int(section["window"]), int(section["bits"]))
     built = []
     for i, row in enumerate(section["layers"]):
@@ -288,9 +285,9 @@ def apply_kv(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
             for name, shape in want.items():
                 t = tensors.get(f"kv.layers.{i}.{name}")
                 if t is None:
-                    raise E(f"checkpoint: tensor kv.layers.{i}.{name} is missing")
+                    raise ShrinkError(f"checkpoint: tensor kv.layers.{i}.{name} is missing")
                 if tuple(t.shape) != shape:
-                    raise E(f"checkpoint: kv.layers.{i}.{name} has shape {tuple(t.shape)}, the plan needs {shape}")
+                    raise ShrinkError(f"checkpoint: kv.layers.{i}.{name} has shape {tuple(t.shape)}, the plan needs {shape}")
                 parts[name] = t
         built.append(parts)
     for layer, parts in zip(model.layers, built):

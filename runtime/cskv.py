@@ -18,11 +18,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kv_quant
-from .model import apply_rope
+from .model import apply_rope, attend
 
 KEY_MODES = ("pre-rope", "post-rope")
 
@@ -148,8 +147,6 @@ class CSKVAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, G, hd).transpose(1, 2), cos, sin).half().float()
         v = self.v_proj(x).view(B, T, G, hd).transpose(1, 2).half().float()
         if self.cache is None:  # no cache: plain causal attention over this call's tokens
-            from .model import attend
-
             y = attend(q, k, v, 0)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
         c_k, c_v = self.features(x, k)
