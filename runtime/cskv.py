@@ -24,6 +24,7 @@ from . import kv_quant
 from .model import apply_rope, attend
 
 KEY_MODES = ("pre-rope", "post-rope")
+QUERY_BLOCK = 256
 
 
 @dataclass
@@ -153,39 +154,59 @@ class CSKVAttention(nn.Module):
         ring_k, ring_v, ring_pos = self.cache.append(start, k, v, c_k, c_v)
         end, W = start + T, self.cfg.window
         qpos = torch.arange(start, end, device=x.device)
-        rep = H // G
+        q = q / math.sqrt(hd)
 
-        # Full-precision branch: the window before this call, then this call's tokens.
-        kf = torch.cat([ring_k.float(), k], dim=2).repeat_interleave(rep, dim=1)
-        vf = torch.cat([ring_v.float(), v], dim=2).repeat_interleave(rep, dim=1)
-        fpos = torch.cat([ring_pos, qpos])
-        s_full = q @ kf.transpose(-1, -2)
-        ok_full = (fpos[None] >= 0) & (fpos[None] <= qpos[:, None]) & (fpos[None] > qpos[:, None] - W)
-        s_full = s_full.masked_fill(~ok_full, float("-inf"))
-
-        n_c = end - W  # positions 0..n_c-1 can be in the feature branch for some query of this call
+        n_c = end - W  # positions 0..n_c-1 are in the feature branch for some query of this call
+        comp = None
         if n_c > 0:
             ck, cv = self.cache.feat_k.read(n_c), self.cache.feat_v.read(n_c)
             if self.cfg.key_mode == "pre-rope":
                 kc = ck @ self.k_up
                 if self.k_proj.bias is not None:
                     kc = kc + self.k_proj.bias.float()
-                kc = kc.view(B, n_c, G, hd).transpose(1, 2)
-                kc = apply_rope(kc, self.rope_cos[:n_c].float(), self.rope_sin[:n_c].float())
-                s_comp = q @ kc.repeat_interleave(rep, dim=1).transpose(-1, -2)
+                kc = apply_rope(kc.view(B, n_c, G, hd).transpose(1, 2), self.rope_cos[:n_c].float(),
+                                self.rope_sin[:n_c].float())
+                comp = (kc, cv)
             else:
-                up = self.k_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_k, H, hd)
-                q_folded = torch.einsum("bhtd,rhd->bhtr", q, up)
-                s_comp = q_folded @ ck.unsqueeze(1).transpose(-1, -2)
-            ok_comp = torch.arange(n_c, device=x.device)[None] <= qpos[:, None] - W
-            s_comp = s_comp.masked_fill(~ok_comp, float("-inf"))
-            p = torch.softmax(torch.cat([s_comp, s_full], dim=-1) / math.sqrt(hd), dim=-1)
-            p_comp, p_full = p[..., :n_c], p[..., n_c:]
-            up_v = self.v_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_v, H, hd)
-            y = p_full @ vf + torch.einsum("bhtr,rhd->bhtd", p_comp @ cv.unsqueeze(1), up_v)
-            if self.v_proj.bias is not None:
-                bias = self.v_proj.bias.float().view(G, hd).repeat_interleave(rep, dim=0)  # (H, hd)
-                y = y + p_comp.sum(-1, keepdim=True) * bias[None, :, None, :]
-        else:
-            y = torch.softmax(s_full / math.sqrt(hd), dim=-1) @ vf
+                comp = (ck, cv)
+        # Query blocks: a block needs the feature keys up to its last query - W and the full keys of
+        # its own span plus W before it, so blocking halves the prefill work against one T x T pass.
+        ys = [self._block(q[:, :, a:a + QUERY_BLOCK], qpos[a:a + QUERY_BLOCK], a, ring_k, ring_v, ring_pos,
+                          k, v, qpos, comp) for a in range(0, T, QUERY_BLOCK)]
+        y = torch.cat(ys, dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+    def _block(self, q, qpos, a, ring_k, ring_v, ring_pos, k, v, kpos, comp):
+        """Attention of one query block (B, H, Tb, hd; pre-scaled) over both branches -> (B, H, Tb, hd)."""
+        B, H, Tb, hd = q.shape
+        G, W = self.n_kv_heads, self.cfg.window
+        rep = H // G
+        lo = max(0, a - W + 1)  # this call's keys that some query of the block sees at full precision
+        kf = torch.cat([ring_k.float(), k[:, :, lo:a + Tb]], dim=2)  # (B, G, nf, hd)
+        vf = torch.cat([ring_v.float(), v[:, :, lo:a + Tb]], dim=2)
+        fpos = torch.cat([ring_pos, kpos[lo:a + Tb]])
+        qg = q.reshape(B, G, rep * Tb, hd)  # heads g*rep..(g+1)*rep-1 read KV head g
+        s_full = (qg @ kf.transpose(-1, -2)).view(B, G, rep, Tb, -1)
+        ok_full = (fpos[None] >= 0) & (fpos[None] <= qpos[:, None]) & (fpos[None] > qpos[:, None] - W)
+        s_full = s_full.masked_fill(~ok_full, float("-inf")).view(B, H, Tb, -1)
+        n_blk = int(qpos[-1]) - W + 1  # feature-branch keys the block's last query reads
+        if comp is None or n_blk <= 0:
+            p_full = torch.softmax(s_full, dim=-1).view(B, G, rep * Tb, -1)
+            return (p_full @ vf).view(B, H, Tb, hd)
+        ck, cv = comp
+        if self.cfg.key_mode == "pre-rope":
+            s_comp = (qg @ ck[:, :, :n_blk].transpose(-1, -2)).view(B, H, Tb, n_blk)
+        else:
+            up = self.k_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_k, H, hd)
+            s_comp = torch.einsum("bhtd,rhd->bhtr", q, up) @ ck[:, None, :n_blk].transpose(-1, -2)
+        ok_comp = torch.arange(n_blk, device=q.device)[None] <= qpos[:, None] - W
+        s_comp = s_comp.masked_fill(~ok_comp, float("-inf"))
+        p = torch.softmax(torch.cat([s_comp, s_full], dim=-1), dim=-1)
+        p_comp, p_full = p[..., :n_blk], p[..., n_blk:]
+        up_v = self.v_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_v, H, hd)
+        y = (p_full.reshape(B, G, rep * Tb, -1) @ vf).view(B, H, Tb, hd)
+        y = y + torch.einsum("bhtr,rhd->bhtd", p_comp @ cv[:, None, :n_blk], up_v)
+        if self.v_proj.bias is not None:
+            bias = self.v_proj.bias.float().view(G, hd).repeat_interleave(rep, dim=0)  # (H, hd)
+            y = y + p_comp.sum(-1, keepdim=True) * bias[None, :, None, :]
+        return y

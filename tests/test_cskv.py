@@ -5,7 +5,7 @@ import torch
 from shrinkrt.calib import checkpoint
 from shrinkrt.calib.cskv import allocate_ranks, apply_kv, calibrate_kv, feature_budget, init_factors, spectrum, sqrt_psd
 from shrinkrt.errors import ShrinkError
-from shrinkrt.runtime import kv_quant
+from shrinkrt.runtime import cskv as cskv_runtime, kv_quant
 from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
 from shrinkrt.runtime.loader import load
 from tests.test_model import ours_from
@@ -45,8 +45,9 @@ def test_full_rank_equals_base_model(key_mode, window):
 
 @pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
 @pytest.mark.parametrize("bits", [16, 8, 4])
-def test_chunking_does_not_change_low_rank_results(key_mode, bits):
-    """One-shot prefill, chunked prefill and token-by-token decode compute the same attention."""
+def test_chunking_does_not_change_low_rank_results(key_mode, bits, monkeypatch):
+    """One-shot prefill, chunked prefill, token-by-token decode and any query blocking compute the
+    same attention."""
     model = ours_from(tiny_hf_model("qwen2"))  # with q/k/v biases
     gen = torch.Generator().manual_seed(0)
     for layer in model.layers:
@@ -58,6 +59,10 @@ def test_chunking_does_not_change_low_rank_results(key_mode, bits):
     one = run(model, TOKENS, 40)
     for chunk in (9, 6, 1):
         assert (run(model, TOKENS, chunk) - one).abs().max().item() < 1e-4
+    for block in (5, 6, 17):  # blocks shorter than, equal to and longer than the window
+        monkeypatch.setattr(cskv_runtime, "QUERY_BLOCK", block)
+        assert (run(model, TOKENS, 40) - one).abs().max().item() < 1e-4
+        assert (run(model, TOKENS, 13) - one).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("n", [5, 8, 9, 23])  # below, exactly at, one past, well past the window
