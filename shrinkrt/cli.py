@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-objective", default="attention", choices=["attention", "kv"],
                     help="error the factors minimise: attention = K/V errors weighted by what reaches the layer "
                          "output (query energy for keys, W_o for values); kv = plain K/V reconstruction")
+    kv.add_argument("--kv-allocation", default="error", choices=["error", "energy"],
+                    help="per-layer K/V ranks: error = least measured attention-output error under the budget "
+                         "(knapsack); energy = greedy on the spectra's relative energy")
     kv.add_argument("--kv-fit-steps", type=int, default=100,
                     help="layer-wise fitting steps after the initialisation (0 = initialisation only)")
     w = c.add_argument_group("LLM-MQ: mixed-precision weights")
@@ -159,7 +162,8 @@ def cmd_calibrate(a) -> int:
 
         section, t = calibrate_kv(lm, tokens, kv_ratio=a.kv_ratio, window=a.window, kv_bits=a.kv_bits,
                                   key_mode=a.key_mode, init=a.kv_init, fit_steps=a.kv_fit_steps, seed=a.seed,
-                                  progress=not a.quiet, objective=a.kv_objective)
+                                  progress=not a.quiet, objective=a.kv_objective,
+                                  allocation=a.kv_allocation)
         manifest["kv"], tensors = section, {**tensors, **t}
     if a.weight_budget is not None:
         from shrinkrt.calib.mq import calibrate_weights
