@@ -25,9 +25,10 @@ SCHEMAS = {
         ["Y"],
         ["bits", "group_size", "in_features", "out_features"]),
     "BiBranchAttention": (
-        ["q", "k", "v", "c_k", "c_v", "win_k", "win_v", "feat_k", "feat_k_scales", "feat_v", "feat_v_scales",
-         "k_up", "v_up", "k_bias", "v_bias", "rope_cos", "rope_sin", "past_length"],
-        ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_k_scales_new", "feat_v_new", "feat_v_scales_new"],
+        # the scales come last: a 16-bit feature branch has none, and the node simply ends earlier
+        ["q", "k", "v", "c_k", "c_v", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias", "v_bias",
+         "rope_cos", "rope_sin", "past_length", "feat_k_scales", "feat_v_scales"],
+        ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_v_new", "feat_k_scales_new", "feat_v_scales_new"],
         ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"]),
 }
 KEY_MODE = {"pre-rope": 0, "post-rope": 1}
@@ -142,3 +143,167 @@ def quant_matmul_inputs(prefix: str, m) -> dict:
               "outlier_vals": vals}
     names = [f"{prefix}.{k}" for k in arrays]
     return {"inputs": names, "initializers": [numpy_helper.from_array(a, n) for n, a in zip(names, arrays.values())]}
+
+
+def bi_branch_io(bits: int) -> tuple[list[str], list[str], list[str]]:
+    """Inputs, outputs and attributes of a BiBranchAttention node with this feature branch."""
+    inputs, outputs, attrs = SCHEMAS["BiBranchAttention"]
+    if bits == 16:
+        inputs, outputs = [n for n in inputs if "scales" not in n], [n for n in outputs if "scales" not in n]
+    return inputs, outputs, attrs
+
+
+def bi_branch_overload(num_heads, num_kv_heads, head_dim, window, rank_k, rank_v, bits, key_mode, dtype) -> str:
+    return (f"h{num_heads}_g{num_kv_heads}_d{head_dim}_w{window}_rk{rank_k}_rv{rank_v}_b{bits}"
+            f"_{'post' if key_mode else 'pre'}_{dtype}")
+
+
+def _quantize_features(b: Body, c: str, r: int, bits: int):
+    """float32 (B, T, r) -> (stored codes, fp16 scales or None, the dequantized float32 features)."""
+    if bits == 16:
+        stored = b("Cast", c, to=TensorProto.FLOAT16)
+        return stored, None, b("Cast", stored, to=TensorProto.FLOAT)
+    qmax = 2 ** (bits - 1) - 1
+    ng = math.ceil(r / 32)
+    padded = b("Pad", c, b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
+    groups = b("Reshape", padded, b.const([0, 0, ng, 32], np.int64))
+    amax = b("ReduceMax", b("Abs", groups), b.const([-1], np.int64), keepdims=0)
+    scale16 = b("Cast", b("Max", b("Div", amax, b.const(np.float32(qmax))), b.const(np.float32(1e-8))),
+                to=TensorProto.FLOAT16)
+    scale = b("Unsqueeze", b("Cast", scale16, to=TensorProto.FLOAT), b.const([-1], np.int64))
+    q = b("Clip", b("Round", b("Div", groups, scale)), b.const(np.float32(-qmax - 1)), b.const(np.float32(qmax)))
+    deq = b("Slice", b("Reshape", b("Mul", q, scale), b.const([0, 0, ng * 32], np.int64)),
+            b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
+    codes = b("Slice", b("Reshape", q, b.const([0, 0, ng * 32], np.int64)), b.const([0], np.int64),
+              b.const([r], np.int64), b.const([2], np.int64))
+    if bits == 8:
+        return b("Cast", codes, to=TensorProto.INT8), scale16, deq
+    # int4: two two's-complement nibbles per byte, low nibble = even feature
+    even = r + r % 2
+    ci = b("Cast", b("Pad", codes, b.const([0, 0, 0, 0, 0, even - r], np.int64)), to=TensorProto.INT32)
+    nib = b("Mod", b("Add", b("Reshape", ci, b.const([0, 0, even // 2, 2], np.int64)), b.const(np.int32(16))),
+            b.const(np.int32(16)))
+    lo, hi = b("Split", nib, b.const([1, 1], np.int64), axis=-1, n_out=2)
+    byte = b("Squeeze", b("Add", lo, b("Mul", hi, b.const(np.int32(16)))), b.const([-1], np.int64))
+    signed = b("Where", b("GreaterOrEqual", byte, b.const(np.int32(128))), b("Sub", byte, b.const(np.int32(256))), byte)
+    return b("Cast", signed, to=TensorProto.INT8), scale16, deq
+
+
+def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: int) -> str:
+    """Stored (B, L, C) codes (+ scales) -> float32 (B, L, r)."""
+    if bits == 16:
+        return b("Cast", codes, to=TensorProto.FLOAT)
+    ng = math.ceil(r / 32)
+    q = b("Cast", codes, to=TensorProto.INT32)
+    if bits == 4:
+        u = b("Mod", b("Add", q, b.const(np.int32(256))), b.const(np.int32(256)))
+        lo, hi = b("Mod", u, b.const(np.int32(16))), b("Div", u, b.const(np.int32(16)))
+        pair = b("Concat", b("Unsqueeze", lo, b.const([-1], np.int64)), b("Unsqueeze", hi, b.const([-1], np.int64)),
+                 axis=-1)
+        nib = b("Reshape", pair, b.const([0, 0, 2 * ((r + 1) // 2)], np.int64))  # no -1: L may be 0
+        q = b("Where", b("GreaterOrEqual", nib, b.const(np.int32(8))), b("Sub", nib, b.const(np.int32(16))), nib)
+        q = b("Slice", q, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
+    qf = b("Pad", b("Cast", q, to=TensorProto.FLOAT), b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
+    groups = b("Reshape", qf, b.const([0, 0, ng, 32], np.int64))
+    s = b("Unsqueeze", b("Cast", scales, to=TensorProto.FLOAT), b.const([-1], np.int64))
+    full = b("Reshape", b("Mul", groups, s), b.const([0, 0, ng * 32], np.int64))
+    return b("Slice", full, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
+
+
+def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
+                       bits: int, key_mode: int, dtype: str = "float32") -> onnx.FunctionProto:
+    """Reference body of BiBranchAttention for one configuration (docs/ops.md)."""
+    H, G, D, W, F = num_heads, num_kv_heads, head_dim, window, ONNX_DTYPE[dtype]
+    rep = H // G
+    b = Body("")
+    f32 = lambda x: b.cast(x, TensorProto.FLOAT, F)
+    i64 = lambda *v: b.const(list(v), np.int64)
+
+    def heads(x, n):  # (B, L, n*D) -> (B, n, L, D)
+        return b("Transpose", b("Reshape", x, i64(0, 0, n, D)), perm=[0, 2, 1, 3])
+
+    def to_h(x):  # (B, G, L, D) -> (B, H, L, D): KV head g serves query heads g*rep .. g*rep+rep-1
+        if rep == 1:
+            return x
+        e = b("Expand", b("Unsqueeze", x, i64(2)), b("Concat", b("Shape", x, start=0, end=2), i64(rep),
+                                                         b("Shape", x, start=2), axis=0))
+        return b("Reshape", e, i64(0, H, -1, D))
+
+    def rope(x, cos, sin):  # x (B, n, L, D), cos/sin (L, D)
+        x1, x2 = b("Split", x, i64(D // 2, D // 2), axis=-1, n_out=2)
+        rot = b("Concat", b("Neg", x2), x1, axis=-1)
+        return b("Add", b("Mul", x, cos), b("Mul", rot, sin))
+
+    P = "past_length"
+    T = b("Shape", "q", start=1, end=2)
+    E = b("Add", P, T)
+    zero, one = i64(0), i64(1)
+    qpos = b("Range", b("Squeeze", P, zero), b("Squeeze", E, zero), b.const(np.int64(1)))  # (T,)
+    q = b("Mul", heads(f32("q"), H), b.const(np.float32(1 / math.sqrt(D))))  # (B, H, T, D)
+
+    # this call's feature rows, as stored and as a later call reads them back
+    ck_new, sk_new, ck_deq = _quantize_features(b, f32("c_k"), rank_k, bits)
+    cv_new, sv_new, cv_deq = _quantize_features(b, f32("c_v"), rank_v, bits)
+    ck = b("Concat", _dequantize_features(b, b("Slice", "feat_k", zero, P, one), None if bits == 16 else
+                                          b("Slice", "feat_k_scales", zero, P, one), rank_k, bits), ck_deq, axis=1)
+    cv = b("Concat", _dequantize_features(b, b("Slice", "feat_v", zero, P, one), None if bits == 16 else
+                                          b("Slice", "feat_v_scales", zero, P, one), rank_v, bits), cv_deq, axis=1)
+
+    # feature branch scores over positions 0..E-1, (B, H, T, E)
+    if key_mode == 0:
+        kc = b("Add", b("MatMul", ck, f32("k_up")), f32("k_bias"))
+        cos = b("Slice", f32("rope_cos"), zero, E, zero)
+        sin = b("Slice", f32("rope_sin"), zero, E, zero)
+        s_comp = b("MatMul", q, b("Transpose", to_h(rope(heads(kc, G), cos, sin)), perm=[0, 1, 3, 2]))
+    else:
+        up = b("Transpose", b("Reshape", f32("k_up"), i64(rank_k, G, D)), perm=[1, 2, 0])  # (G, D, r)
+        up = b("Reshape", b("Expand", b("Unsqueeze", up, i64(1)), i64(G, rep, D, rank_k)), i64(H, D, rank_k))
+        s_comp = b("MatMul", b("MatMul", q, up), b("Unsqueeze", b("Transpose", ck, perm=[0, 2, 1]), one))
+    jpos = b("Range", b.const(np.int64(0)), b("Squeeze", E, zero), b.const(np.int64(1)))  # (E,)
+    limit = b("Sub", b("Unsqueeze", qpos, one), b.const(np.int64(W)))  # (T, 1): p - W
+    ok_comp = b("LessOrEqual", b("Unsqueeze", jpos, zero), limit)  # (T, E)
+
+    # window branch: ring slot s holds position P-1-((P-1-s) mod W) when >= 0; then this call's tokens
+    slots = b.const(np.arange(W, dtype=np.int64))
+    last = b("Sub", P, one)
+    ring_pos = b("Sub", last, b("Mod", b("Sub", last, slots), b.const(np.int64(W))))
+    k16, v16 = b("Cast", "k", to=TensorProto.FLOAT16), b("Cast", "v", to=TensorProto.FLOAT16)
+    kn, vn = heads(k16, G), heads(v16, G)  # (B, G, T, D) float16
+    kf = b("Concat", "win_k", kn, axis=2)
+    vf = b("Concat", "win_v", vn, axis=2)
+    fpos = b("Unsqueeze", b("Concat", ring_pos, qpos, axis=0), zero)  # (1, W+T)
+    p_col = b("Unsqueeze", qpos, one)
+    ok_full = b("And", b("And", b("GreaterOrEqual", fpos, b.const(np.int64(0))), b("LessOrEqual", fpos, p_col)),
+                b("Greater", fpos, limit))
+    s_full = b("MatMul", q, b("Transpose", to_h(b("Cast", kf, to=TensorProto.FLOAT)), perm=[0, 1, 3, 2]))
+
+    ninf = b.const(np.float32(-np.inf))
+    scores = b("Concat", b("Where", ok_comp, s_comp, ninf), b("Where", ok_full, s_full, ninf), axis=-1)
+    p = b("Softmax", scores, axis=-1)
+    p_comp, p_full = b("Split", p, b("Concat", E, b("Add", T, b.const([W], np.int64)), axis=0), axis=-1, n_out=2)
+    y = b("MatMul", p_full, to_h(b("Cast", vf, to=TensorProto.FLOAT)))
+    up_v = b("Transpose", b("Reshape", f32("v_up"), i64(rank_v, G, D)), perm=[1, 0, 2])  # (G, r, D)
+    up_v = b("Reshape", b("Expand", b("Unsqueeze", up_v, i64(1)), i64(G, rep, rank_v, D)), i64(H, rank_v, D))
+    y = b("Add", y, b("MatMul", b("MatMul", p_comp, b("Unsqueeze", cv, one)), up_v))
+    vb = b("Reshape", f32("v_bias"), i64(1, G, 1, D))
+    y = b("Add", y, b("Mul", b("ReduceSum", p_comp, b.const([-1], np.int64), keepdims=1), to_h(vb)))
+    y = b("Reshape", b("Transpose", y, perm=[0, 2, 1, 3]), i64(0, 0, H * D))
+
+    # ring after this call: slot s takes the newest position <= E-1 with pos mod W = s if it is new
+    new_pos = b("Sub", b("Sub", E, one), b("Mod", b("Sub", b("Sub", E, one), slots), b.const(np.int64(W))))
+    idx = b("Sub", new_pos, P)  # (W,): index into this call's tokens, < 0 = keep the old slot
+    take = b("Reshape", b("GreaterOrEqual", idx, zero), i64(1, 1, W, 1))
+    gidx = b("Max", idx, b.const(np.int64(0)))
+    outs = {"y": y if F == TensorProto.FLOAT else b("Cast", y, to=F),
+            "win_k_out": b("Where", take, b("Gather", kn, gidx, axis=2), "win_k"),
+            "win_v_out": b("Where", take, b("Gather", vn, gidx, axis=2), "win_v"),
+            "feat_k_new": ck_new, "feat_v_new": cv_new}
+    if bits < 16:
+        outs.update({"feat_k_scales_new": sk_new, "feat_v_scales_new": sv_new})
+    inputs, outputs, attrs = bi_branch_io(bits)
+    for name in outputs:
+        b.nodes.append(helper.make_node("Identity", [outs[name]], [name], name=f"out_{name}"))
+    fn = helper.make_function(DOMAIN, "BiBranchAttention", inputs, outputs, b.nodes,
+                              [helper.make_opsetid("", OPSET)], attributes=attrs)
+    fn.overload = bi_branch_overload(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
+    return fn

@@ -71,3 +71,98 @@ def test_quant_matmul_attributes_are_int32_and_plugin_tagged():
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
     assert attrs["plugin_namespace"] == b"shrinkrt" and attrs["plugin_version"] == b"1"
     assert n.domain == "shrinkrt" and n.op_type == "QuantMatMul"
+
+
+def bi_branch_model(attn, cfg, dtype="float32"):
+    H, G, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    rk, rv = attn.k_down.shape[1], attn.v_down.shape[1]
+    mode = ops.KEY_MODE[cfg.key_mode]
+    fn = ops.bi_branch_function(H, G, D, cfg.window, rk, rv, cfg.bits, mode, dtype)
+    ins, outs, _ = ops.bi_branch_io(cfg.bits)
+    n = ops.node("BiBranchAttention", ins, outs, "attn", fn.overload, num_heads=H, num_kv_heads=G, head_dim=D,
+                 window=cfg.window, rank_k=rk, rank_v=rv, bits=cfg.bits, key_mode=mode)
+    F = ops.ONNX_DTYPE[dtype]
+    fdt = {16: TensorProto.FLOAT16, 8: TensorProto.INT8, 4: TensorProto.INT8}[cfg.bits]
+    C = lambda r: r if cfg.bits != 4 else (r + 1) // 2
+    shapes = {"q": (F, ["B", "T", H * D]), "k": (F, ["B", "T", G * D]), "v": (F, ["B", "T", G * D]),
+              "c_k": (F, ["B", "T", rk]), "c_v": (F, ["B", "T", rv]),
+              "win_k": (TensorProto.FLOAT16, ["B", G, cfg.window, D]), "win_v": (TensorProto.FLOAT16, ["B", G, cfg.window, D]),
+              "feat_k": (fdt, ["B", "S", C(rk)]), "feat_v": (fdt, ["B", "S", C(rv)]),
+              "k_up": (F, [rk, G * D]), "v_up": (F, [rv, G * D]), "k_bias": (F, [G * D]), "v_bias": (F, [G * D]),
+              "rope_cos": (F, ["S", D]), "rope_sin": (F, ["S", D]), "past_length": (TensorProto.INT64, [1]),
+              "feat_k_scales": (TensorProto.FLOAT16, ["B", "S", -(-rk // 32)]),
+              "feat_v_scales": (TensorProto.FLOAT16, ["B", "S", -(-rv // 32)])}
+    out_shapes = {"y": (F, ["B", "T", H * D]), "win_k_out": shapes["win_k"], "win_v_out": shapes["win_v"],
+                  "feat_k_new": (fdt, ["B", "T", C(rk)]), "feat_v_new": (fdt, ["B", "T", C(rv)]),
+                  "feat_k_scales_new": (TensorProto.FLOAT16, ["B", "T", -(-rk // 32)]),
+                  "feat_v_scales_new": (TensorProto.FLOAT16, ["B", "T", -(-rv // 32)])}
+    graph = helper.make_graph([n], "bibranch", [helper.make_tensor_value_info(i, *shapes[i]) for i in ins],
+                              [helper.make_tensor_value_info(o, *out_shapes[o]) for o in outs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET),
+                                                    helper.make_opsetid(ops.DOMAIN, 1)], functions=[fn])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_bi_branch_body_matches_runtime(key_mode, bits):
+    """The body, fed the layer's q/k/v/features and the cache state it returns, reproduces
+    CSKVAttention call by call (prefill, decode, chunk), including the stored feature rows."""
+    from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+    from shrinkrt.runtime.model import apply_rope
+    from tests.conftest import tiny_hf_model
+    from tests.test_model import ours_from
+
+    model = ours_from(tiny_hf_model("qwen2"))  # q/k/v biases, GQA
+    a = model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    cfg = CSKVConfig(key_mode, 6, bits)
+    in_k = a.n_kv_heads * a.head_dim if key_mode == "post-rope" else a.q_proj.weight.shape[1]
+    layer = CSKVAttention(a, cfg, torch.randn(in_k, 5, generator=gen), torch.randn(5, 32, generator=gen) * 0.3,
+                          torch.randn(64, 37, generator=gen), torch.randn(37, 32, generator=gen) * 0.3,
+                          model.rope_cos, model.rope_sin)
+    S = 40
+    layer.setup_cache(1, S, torch.float32, "cpu")
+    sess = ort.InferenceSession(bi_branch_model(layer, cfg).SerializeToString(), providers=["CPUExecutionProvider"])
+    H, G, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    zeros_bias = np.zeros(G * D, np.float32)
+    state = {"win_k": np.zeros((1, G, 6, D), np.float16), "win_v": np.zeros((1, G, 6, D), np.float16)}
+    cache = layer.cache
+    store = {f"feat_{kv}": np.zeros(tuple(getattr(cache, f"feat_{kv}").codes.shape), np.int8 if bits < 16 else np.float16)
+             for kv in "kv"}
+    store.update({f"feat_{kv}_scales": np.zeros(tuple(getattr(cache, f"feat_{kv}").scales.shape), np.float16)
+                  for kv in "kv"} if bits < 16 else {})
+    x_all = torch.randn(1, S, 64, generator=gen)
+    start = 0
+    for T in (13, 1, 1, 9, 1, 7):
+        x = x_all[:, start:start + T]
+        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+        with torch.no_grad():
+            q = apply_rope(a.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
+            v = a.v_proj(x).view(1, T, G, D).transpose(1, 2)
+            c_k, c_v = layer.features(x, k.half().float())
+            ref = layer(x, cos, sin, start)
+        flat = lambda t: t.transpose(1, 2).reshape(1, T, -1).numpy()
+        feeds = {"q": flat(q), "k": flat(k), "v": flat(v), "c_k": c_k.numpy(), "c_v": c_v.numpy(), **state, **store,
+                 "k_up": layer.k_up.numpy(), "v_up": layer.v_up.numpy(),
+                 "k_bias": a.k_proj.bias.detach().numpy(), "v_bias": a.v_proj.bias.detach().numpy(),
+                 "rope_cos": model.rope_cos.numpy(), "rope_sin": model.rope_sin.numpy(),
+                 "past_length": np.array([start], np.int64)}
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        with torch.no_grad():
+            y = a.o_proj(torch.from_numpy(got["y"])).numpy()
+        assert np.abs(y - ref.numpy()).max() < 1e-4, (T, start, np.abs(y - ref.numpy()).max())
+        state = {"win_k": got["win_k_out"], "win_v": got["win_v_out"]}
+        for name in store:  # the caller's in-place write of the new rows
+            store[name][:, start:start + T] = got[name + "_new"]
+        start += T
+    # the rows the op returned are the rows the runtime cache stores, byte for byte
+    for kv in "kv":
+        fs = getattr(cache, f"feat_{kv}")
+        assert np.array_equal(store[f"feat_{kv}"][:, :start].view(np.uint8 if bits == 4 else store[f"feat_{kv}"].dtype),
+                              fs.codes[:, :start].numpy())
+        if bits < 16:
+            assert np.array_equal(store[f"feat_{kv}_scales"][:, :start], fs.scales[:, :start].numpy())
