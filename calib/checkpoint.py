@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from shrinkrt.atomic import write_dir
 from shrinkrt.errors import ShrinkError
 
 FORMAT = "shrinkrt-checkpoint"
@@ -56,22 +54,12 @@ def save(path: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> Path:
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                         for k, v in tensors.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, tmp / TENSORS, metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(path, fill)
     return path
 
 

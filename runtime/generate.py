@@ -115,7 +115,7 @@ def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,
         raise ShrinkError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
     total = min(ctx, cache_len or ctx, len(prompt_ids) + max_new_tokens)
     model.setup_caches(1, total)
-    device = model.embed_tokens.weight.device
+    device = model.device
     eos = set(eos_ids if eos_ids is not None else model.args.eos_token_ids)
     gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
     stream = TextStream(tokenizer, stop_strings or [], on_text)

@@ -148,6 +148,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_cache_len = 0
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
     def setup_caches(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate every layer's cache once; generation then only calls forward."""
         if max_seq_len > self.args.max_seq_len:

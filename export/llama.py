@@ -1,0 +1,235 @@
+"""The Llama decoder as one ONNX graph: the runtime model (with its CSKV attention and quantized
+linears, when a checkpoint was applied) -> ModelProto.
+
+One graph serves prefill and decode: the sequence length T is dynamic and `past_length` says where
+this call starts, so one artifact (and in TensorRT one network with a prefill and a decode
+optimization profile) carries the weights once.
+
+Caches are explicit state with a fixed capacity S chosen by the caller, never reallocated: the
+graph reads the stored tokens and returns only the rows of this call's tokens, which the caller
+writes at `past_length` (a TensorRT plugin may write them in place):
+  full-precision layer:  past_key.i / past_value.i (B, G, S, D)  ->  key.i / value.i (B, G, T, D)
+  CSKV layer:            the BiBranchAttention state of docs/ops.md, suffixed .i
+The output is the logits of the last position, (B, 1, vocab) float32: generation needs no more,
+and the LM head over a long prompt would dominate prefill.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime.cskv import CSKVAttention
+from shrinkrt.runtime.quant_linear import QuantLinear
+
+from . import ops
+
+IR_VERSION = 10  # function overloads
+
+
+class Graph:
+    """Nodes, initializers and functions of one model, with deterministic names."""
+
+    def __init__(self, dtype: str):
+        self.dtype, self.F = dtype, ops.ONNX_DTYPE[dtype]
+        self.nodes, self.inits, self.functions = [], {}, {}
+        self.inputs, self.outputs = [], []
+        self.b = None
+
+    def scope(self, prefix: str) -> ops.Body:
+        self.b = ops.Body(prefix)
+        self.b.nodes = self.nodes
+        return self.b
+
+    def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:
+        a = t.detach().cpu().numpy() if torch.is_tensor(t) else t
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(a.astype(dtype or a.dtype)), name)
+        return name
+
+    def fweight(self, name: str, t: torch.Tensor) -> str:
+        """A float weight in the artifact's activation dtype."""
+        return self.weight(name, t.float(), np.float16 if self.dtype == "float16" else np.float32)
+
+    def input(self, name: str, elem: int, shape: list):
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, name: str, elem: int, shape: list):
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+
+def _rms_norm(g: Graph, b: ops.Body, x: str, norm, path: str) -> str:
+    w = g.fweight(f"{path}.weight", norm.weight)
+    xf = b.cast(x, TensorProto.FLOAT, g.F)
+    ms = b("ReduceMean", b("Mul", xf, xf), b.const([-1], np.int64), keepdims=1)
+    y = b("Mul", xf, b("Reciprocal", b("Sqrt", b("Add", ms, b.const(np.float32(norm.eps))))))
+    return b("Mul", b.cast(y, g.F, TensorProto.FLOAT), w)
+
+
+def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
+    if isinstance(m, QuantLinear):
+        fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype)
+        g.functions[fn.overload] = fn
+        feeds = ops.quant_matmul_inputs(path, m)
+        for t in feeds["initializers"]:
+            g.inits[t.name] = t
+        y = f"{path}/y"
+        g.nodes.append(ops.node("QuantMatMul", [x, *feeds["inputs"]], [y], f"{path}/QuantMatMul", fn.overload,
+                                bits=m.bits, group_size=m.group_size, in_features=m.in_features,
+                                out_features=m.out_features))
+        bias = m.bias
+    else:
+        y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight.T))
+        bias = m.bias
+    return y if bias is None else b("Add", y, g.fweight(f"{path}.bias", bias))
+
+
+def _heads(b, x, n, D):  # (B, T, n*D) -> (B, n, T, D)
+    return b("Transpose", b("Reshape", x, b.const([0, 0, n, D], np.int64)), perm=[0, 2, 1, 3])
+
+
+def _merge(b, x, n, D):  # (B, n, T, D) -> (B, T, n*D)
+    return b("Reshape", b("Transpose", x, perm=[0, 2, 1, 3]), b.const([0, 0, n * D], np.int64))
+
+
+def _rope(b, x, cos, sin, D):
+    x1, x2 = b("Split", x, b.const([D // 2, D // 2], np.int64), axis=-1, n_out=2)
+    return b("Add", b("Mul", x, cos), b("Mul", b("Concat", b("Neg", x2), x1, axis=-1), sin))
+
+
+def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E) -> str:
+    """Standard ops over the full-precision cache; returns y (B, T, H*D) and declares the state."""
+    H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
+    past_k = g.input(f"past_key.{i}", g.F, ["batch", G, "capacity", D])
+    past_v = g.input(f"past_value.{i}", g.F, ["batch", G, "capacity", D])
+    zero, P = b.const([0], np.int64), "past_length"
+    for name, t in ((f"key.{i}", k), (f"value.{i}", v)):
+        g.nodes.append(helper.make_node("Identity", [t], [name], name=f"layers.{i}/out_{name}"))
+        g.output(name, g.F, ["batch", G, "seq", D])
+    two = b.const([2], np.int64)
+    ka = b("Concat", b("Slice", past_k, zero, P, two), k, axis=2)
+    va = b("Concat", b("Slice", past_v, zero, P, two), v, axis=2)
+    rep = H // G
+
+    def to_h(x):
+        if rep == 1:
+            return x
+        e = b("Expand", b("Unsqueeze", x, two), b("Concat", b("Shape", x, start=0, end=2), b.const([rep], np.int64),
+                                                   b("Shape", x, start=2), axis=0))
+        return b("Reshape", e, b.const([0, H, -1, D], np.int64))
+
+    f32 = lambda x: b.cast(x, TensorProto.FLOAT, g.F)
+    s = b("MatMul", b("Mul", f32(q), b.const(np.float32(D ** -0.5))), b("Transpose", to_h(f32(ka)), perm=[0, 1, 3, 2]))
+    jpos = b("Range", b.const(np.int64(0)), b("Squeeze", E, zero), b.const(np.int64(1)))
+    ok = b("LessOrEqual", b("Unsqueeze", jpos, zero), b("Unsqueeze", qpos, b.const([1], np.int64)))
+    p = b("Softmax", b("Where", ok, s, b.const(np.float32(-np.inf))), axis=-1)
+    y = b("MatMul", p, to_h(f32(va)))
+    return b.cast(_merge(b, y, H, D), g.F, TensorProto.FLOAT)
+
+
+def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k, v, args) -> str:
+    H, G, D, cfg = args.n_heads, args.n_kv_heads, args.head_dim, attn.cfg
+    rk, rv = attn.k_down.shape[1], attn.v_down.shape[1]
+    path = f"layers.{i}.self_attn"
+    mode = ops.KEY_MODE[cfg.key_mode]
+    q_flat, k_flat, v_flat = _merge(b, q, H, D), _merge(b, k, G, D), _merge(b, v, G, D)
+    if mode == 0:
+        c_k = b("MatMul", x, g.fweight(f"{path}.k_down", attn.k_down))
+    else:  # features of the rotated keys as the window stores them (FP16), as the runtime does
+        k16 = b.cast(b("Cast", k_flat, to=TensorProto.FLOAT16), g.F, TensorProto.FLOAT16)
+        c_k = b("MatMul", k16, g.fweight(f"{path}.k_down", attn.k_down))
+    c_v = b("MatMul", x, g.fweight(f"{path}.v_down", attn.v_down))
+    fdt = TensorProto.FLOAT16 if cfg.bits == 16 else TensorProto.INT8
+    C = lambda r: (r + 1) // 2 if cfg.bits == 4 else r
+    state = {"win_k": (TensorProto.FLOAT16, ["batch", G, cfg.window, D]),
+             "win_v": (TensorProto.FLOAT16, ["batch", G, cfg.window, D]),
+             "feat_k": (fdt, ["batch", "capacity", C(rk)]), "feat_v": (fdt, ["batch", "capacity", C(rv)]),
+             "feat_k_scales": (TensorProto.FLOAT16, ["batch", "capacity", -(-rk // 32)]),
+             "feat_v_scales": (TensorProto.FLOAT16, ["batch", "capacity", -(-rv // 32)])}
+    kb = attn.k_proj.bias if attn.k_proj.bias is not None else torch.zeros(G * D)
+    vb = attn.v_proj.bias if attn.v_proj.bias is not None else torch.zeros(G * D)
+    feeds = {"q": q_flat, "k": k_flat, "v": v_flat, "c_k": c_k, "c_v": c_v,
+             "k_up": g.fweight(f"{path}.k_up", attn.k_up), "v_up": g.fweight(f"{path}.v_up", attn.v_up),
+             "k_bias": g.fweight(f"{path}.k_bias", kb), "v_bias": g.fweight(f"{path}.v_bias", vb),
+             "rope_cos": "rope_cos", "rope_sin": "rope_sin", "past_length": "past_length"}
+    ins, outs, _ = ops.bi_branch_io(cfg.bits)
+    for name in ins:
+        if name in state:
+            feeds[name] = g.input(f"{name}.{i}", *state[name])
+    out_names = []
+    for name in outs:
+        if name == "y":
+            out_names.append(f"layers.{i}/y")
+            continue
+        out_names.append(f"{name}.{i}")
+        elem, shape = state[name.removesuffix("_out").removesuffix("_new")]
+        g.output(f"{name}.{i}", elem, shape if name.startswith("win") else ["batch", "seq", shape[2]])
+    fn = ops.bi_branch_function(H, G, D, cfg.window, rk, rv, cfg.bits, mode, g.dtype)
+    g.functions[fn.overload] = fn
+    g.nodes.append(ops.node("BiBranchAttention", [feeds[n] for n in ins], out_names, f"{path}/BiBranchAttention",
+                            fn.overload, num_heads=H, num_kv_heads=G, head_dim=D, window=cfg.window, rank_k=rk,
+                            rank_v=rv, bits=cfg.bits, key_mode=mode))
+    return out_names[0]
+
+
+def build(model, dtype: str = "float32", name: str = "shrinkrt") -> onnx.ModelProto:
+    """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic."""
+    args = model.args
+    if args.sliding_window is not None:
+        raise ShrinkError("export: sliding-window models are not supported")
+    if dtype not in ops.ONNX_DTYPE:
+        raise ShrinkError(f"export: unsupported dtype '{dtype}' (use float32 or float16)")
+    H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
+    g = Graph(dtype)
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+    g.input("past_length", TensorProto.INT64, [1])
+    b = g.scope("rope/")
+    g.fweight("rope_cos", model.rope_cos)
+    g.fweight("rope_sin", model.rope_sin)
+    P = "past_length"
+    T = b("Shape", ids, start=1, end=2)
+    E = b("Add", P, T)
+    zero = b.const([0], np.int64)
+    qpos = b("Range", b("Squeeze", P, zero), b("Squeeze", E, zero), b.const(np.int64(1)))
+    cos, sin = b("Slice", "rope_cos", P, E, zero), b("Slice", "rope_sin", P, E, zero)
+    b = g.scope("embed/")
+    h = b("Gather", g.fweight("embed_tokens.weight", model.embed_tokens.weight), ids, axis=0)
+    for i, layer in enumerate(model.layers):
+        b = g.scope(f"layers.{i}/")
+        attn = layer.self_attn
+        x = _rms_norm(g, b, h, layer.input_layernorm, f"layers.{i}.input_layernorm")
+        path = f"layers.{i}.self_attn"
+        q = _rope(b, _heads(b, _linear(g, b, x, attn.q_proj, f"{path}.q_proj"), H, D), cos, sin, D)
+        k = _rope(b, _heads(b, _linear(g, b, x, attn.k_proj, f"{path}.k_proj"), G, D), cos, sin, D)
+        v = _heads(b, _linear(g, b, x, attn.v_proj, f"{path}.v_proj"), G, D)
+        if isinstance(attn, CSKVAttention):
+            y = _cskv_attention(g, b, i, attn, x, q, k, v, args)
+        else:
+            y = _full_attention(g, b, i, q, k, v, args, qpos, E)
+        h = b("Add", h, _linear(g, b, y, attn.o_proj, f"{path}.o_proj"))
+        x = _rms_norm(g, b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+        mlp, mp = layer.mlp, f"layers.{i}.mlp"
+        gate = _linear(g, b, x, mlp.gate_proj, f"{mp}.gate_proj")
+        act = b("Mul", b("Mul", gate, b("Sigmoid", gate)), _linear(g, b, x, mlp.up_proj, f"{mp}.up_proj"))
+        h = b("Add", h, _linear(g, b, act, mlp.down_proj, f"{mp}.down_proj"))
+    b = g.scope("head/")
+    last = b("Gather", h, b("Sub", T, b.const([1], np.int64)), axis=1)  # (B, 1, dim)
+    x = _rms_norm(g, b, last, model.norm, "norm")
+    if args.tie_embeddings:
+        w = "embed_tokens.weight"
+        logits = b("MatMul", x, b("Transpose", w, perm=[1, 0]))
+    else:
+        logits = b("MatMul", x, g.fweight("lm_head.weight_t", model.lm_head.weight.T))
+    g.nodes.append(helper.make_node("Cast", [logits], ["logits"], name="head/logits", to=TensorProto.FLOAT)
+                   if g.F != TensorProto.FLOAT else helper.make_node("Identity", [logits], ["logits"], name="head/logits"))
+    g.output("logits", TensorProto.FLOAT, ["batch", 1, args.vocab_size])
+    # outputs in a fixed order: logits, then each layer's state in layer order (as declared)
+    g.outputs = [g.outputs[-1]] + g.outputs[:-1]
+    graph = helper.make_graph(g.nodes, name, g.inputs, g.outputs, list(g.inits.values()))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, 1)],
+                          functions=[g.functions[k] for k in sorted(g.functions)], producer_name="shrinkrt",
+                          producer_version="0.1.0")
+    m.ir_version = IR_VERSION
+    return m

@@ -1,0 +1,115 @@
+"""An exported ShrinkRT model run by ONNX Runtime, behind the reference runtime's model interface
+(setup_caches / forward(tokens, start, last_only) / cache_length / cache_nbytes / clear_caches), so
+generation, evaluation and profiling run unchanged on either backend.
+
+Caches: every state input of the graph (export/llama.py) gets one buffer of the capacity asked for
+at setup_caches, allocated once and bound to the session by IO binding as an OrtValue over the same
+memory (no copy, no per-step reallocation). The graph returns this call's rows, which are written
+into the buffers at the call's positions; the CSKV window ring comes back whole and is copied into
+its buffer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime.config import ModelArgs
+
+NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+            "tensor(int64)": np.int64}
+FIXED_INPUTS = ("input_ids", "past_length")
+
+
+def session(path: Path, threads: int = 0, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class OrtModel:
+    def __init__(self, export_dir: Path, threads: int = 0, providers: list[str] | None = None):
+        export_dir = Path(export_dir)
+        meta = json.loads((export_dir / "export.json").read_text())
+        self.meta = meta
+        self.args = ModelArgs(**meta["model_args"])
+        self.sess = session(export_dir / "model.onnx", threads, providers)
+        self.device = torch.device("cpu")
+        self.state_inputs = [i for i in self.sess.get_inputs() if i.name not in FIXED_INPUTS]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.buffers: dict[str, np.ndarray] = {}
+        self.length = 0
+        self.capacity = 0
+
+    def setup_caches(self, batch: int, max_seq_len: int, dtype=None) -> None:
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"cache of {max_seq_len} tokens exceeds the model's context {self.args.max_seq_len}")
+        import onnxruntime as ort
+
+        self.buffers, self.bound = {}, {}
+        for i in self.state_inputs:
+            shape = [batch if d == "batch" else max_seq_len if d == "capacity" else d for d in i.shape]
+            buf = np.zeros(shape, NP_DTYPE[i.type])
+            self.buffers[i.name] = buf
+            self.bound[i.name] = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
+        self.binding = self.sess.io_binding()
+        for name, v in self.bound.items():
+            self.binding.bind_ortvalue_input(name, v)
+        self.length, self.capacity, self.batch = 0, max_seq_len, batch
+
+    def clear_caches(self) -> None:
+        self.buffers, self.bound, self.length, self.capacity = {}, {}, 0, 0
+
+    def cache_length(self) -> int:
+        return self.length
+
+    def cache_nbytes(self) -> int:
+        """Bytes held for the stored tokens: rows of capacity-sized buffers, rings up to their size."""
+        total = 0
+        for name, buf in self.buffers.items():
+            if name.startswith(("past_key", "past_value")):
+                total += buf[:, :, :1].nbytes * self.length
+            elif name.startswith("win_"):
+                total += buf[:, :, :1].nbytes * min(self.length, buf.shape[2])
+            else:  # feature rows (and their scales)
+                total += buf[:, :1].nbytes * self.length
+        return total
+
+    def __call__(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
+        return self.forward(tokens, start, last_only)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
+        """Logits of the last position, (B, 1, vocab) float32 (the graph computes only that row)."""
+        T = tokens.shape[1]
+        if not self.capacity:
+            raise ValueError("call setup_caches before running the model")
+        if start != self.length:
+            raise ValueError(f"the cache holds {self.length} tokens; a call at position {start} would leave a gap")
+        if start + T > self.capacity:
+            raise ValueError(f"positions up to {start + T} exceed the cache of {self.capacity} tokens")
+        self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)))
+        self.binding.bind_cpu_input("past_length", np.array([start], np.int64))
+        self.binding.clear_binding_outputs()  # outputs are this call's rows: their shapes follow T
+        for name in self.outputs:
+            self.binding.bind_output(name, "cpu")
+        self.sess.run_with_iobinding(self.binding)
+        outs = dict(zip(self.outputs, self.binding.copy_outputs_to_cpu()))
+        for name, rows in outs.items():
+            if name == "logits":
+                continue
+            if name.startswith("win_"):  # win_k_out.i -> win_k.i
+                np.copyto(self.buffers[name.replace("_out", "")], rows)
+            elif name.startswith(("key.", "value.")):
+                self.buffers["past_" + name][:, :, start:start + T] = rows
+            else:  # feat_k_new.i -> feat_k.i
+                self.buffers[name.replace("_new", "")][:, start:start + T] = rows
+        self.length = start + T
+        return torch.from_numpy(outs["logits"])
