@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
 
 NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,

@@ -1,4 +1,4 @@
-"""`shrinkrt` command line: generate and eval now; calibrate/export/build/profile come with their issues."""
+"""`shrinkrt` command line: calibrate, export, validate, generate, eval."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt with streamed output",
                        description="Generate text with the reference PyTorch runtime, streamed to stdout.")
     g.add_argument("prompt", help="the user message (wrapped in the model's chat template unless --raw)")
+    g.add_argument("--backend", default="torch", choices=["torch", "ort"],
+                   help="torch: the reference PyTorch runtime (default); ort: ONNX Runtime on an export "
+                        "directory given as --model (written by `shrinkrt export`)")
     add_model_args(g)
     add_checkpoint_arg(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
@@ -98,6 +101,24 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"], help="rounding: RTN or GPTQ")
     w.add_argument("--outlier-fraction", type=float, default=0.005,
                    help="fraction of each layer's weights kept in FP16 as sparse outliers (default 0.005)")
+    x = sub.add_parser("export", help="write the ONNX artifact (custom ops + reference bodies) and validate it",
+                       description="Export the model (with --checkpoint's compressions) to one ONNX graph in a "
+                                   "directory, then validate it against the reference runtime.")
+    add_model_args(x)
+    add_checkpoint_arg(x)
+    x.add_argument("--out", required=True, metavar="DIR", help="export directory to write (replaced atomically)")
+    x.add_argument("--target", default="generic", choices=["generic", "ort-cpu"],
+                   help="generic: custom ops with reference bodies (any ONNX Runtime, TensorRT with plugins); "
+                        "ort-cpu: quantized linears lowered to com.microsoft::MatMulNBits")
+    x.add_argument("--precision", default="float32", choices=["float32", "float16"],
+                   help="activation/weight dtype of the artifact: float32 for ONNX Runtime on CPU, float16 for GPUs")
+    x.add_argument("--no-validate", action="store_true", help="skip the validation run")
+    v = sub.add_parser("validate", help="check an export against the reference runtime",
+                       description="ONNX checker, ONNX Runtime vs the PyTorch reference (prefill + 32 greedy decode "
+                                   "steps), polygraphy's ONNX Runtime runner.")
+    v.add_argument("export_dir", metavar="DIR")
+    add_model_args(v)
+    add_checkpoint_arg(v)
     return ap
 
 
@@ -181,6 +202,71 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    import json
+
+    from shrinkrt.calib import checkpoint
+    from shrinkrt.export import artifact
+
+    setup_torch(a.threads)
+    lm = load_with_checkpoint(a)
+    ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
+    artifact.export(lm, Path(a.out), a.precision, a.target, checkpoint.base_identity(lm), ck)
+    print(f"[shrinkrt] wrote {a.out}/model.onnx")
+    if not a.no_validate:
+        report = run_validation(Path(a.out), lm, a.threads)
+        print(f"[shrinkrt] validated: {json.dumps(report)}")
+    return 0
+
+
+def run_validation(path: Path, lm, threads: int) -> dict:
+    import json
+
+    from shrinkrt.export.validate import validate
+    from shrinkrt.evaluate.harness import write_atomic
+
+    report = validate(path, lm, threads=threads)
+    write_atomic(json.dumps(report, indent=2) + "\n", path.with_name(path.name + ".validation.json"))
+    return report
+
+
+def cmd_validate(a) -> int:
+    import json
+
+    from shrinkrt.calib import checkpoint
+    from shrinkrt.export import artifact
+
+    meta = artifact.read_meta(Path(a.export_dir))
+    setup_torch(a.threads)
+    lm = load_with_checkpoint(a)
+    ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
+    want = meta.get("checkpoint")
+    if (want is None) != (ck is None) or (ck is not None and artifact.checkpoint_digest(ck) != want["sha256"]):
+        raise ShrinkError(f"validate: {a.export_dir} was exported "
+                          + ("without a checkpoint" if want is None else f"with checkpoint {want['sha256'][:12]}")
+                          + "; give the same --checkpoint")
+    if meta.get("base_model") and meta["base_model"]["weights_sha256"] != checkpoint.base_identity(lm)["weights_sha256"]:
+        raise ShrinkError(f"validate: {a.export_dir} was exported from another base model ({meta['base_model']['name']})")
+    print(f"[shrinkrt] validated: {json.dumps(run_validation(Path(a.export_dir), lm, a.threads))}")
+    return 0
+
+
+def load_ort(a):
+    from transformers import AutoTokenizer
+
+    from shrinkrt.export.artifact import read_meta
+    from shrinkrt.runtime.ort_model import OrtModel
+
+    if a.model is None:
+        raise ShrinkError("--backend ort needs --model DIR: an export directory written by `shrinkrt export`")
+    if a.checkpoint is not None:
+        raise ShrinkError("--backend ort runs an export, which already holds its checkpoint: drop --checkpoint")
+    if a.device != "cpu":
+        raise ShrinkError("--backend ort runs on the CPU here (onnxruntime-gpu is not installed)")
+    read_meta(Path(a.model))
+    return OrtModel(Path(a.model), a.threads), AutoTokenizer.from_pretrained(a.model)
+
+
 def cmd_generate(a) -> int:
     from shrinkrt.runtime.generate import Sampling, chat_prompt, generate
 
@@ -189,10 +275,14 @@ def cmd_generate(a) -> int:
     if a.max_new_tokens < 1:
         raise ShrinkError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     setup_torch(a.threads)
-    lm = load_with_checkpoint(a)
-    ids = (lm.tokenizer.encode(a.prompt, add_special_tokens=True) if a.raw
-           else chat_prompt(lm.tokenizer, a.prompt, a.system))
-    g = generate(lm.model, lm.tokenizer, ids, a.max_new_tokens, sampling, a.stop,
+    if a.backend == "ort":
+        model, tokenizer = load_ort(a)
+    else:
+        lm = load_with_checkpoint(a)
+        model, tokenizer = lm.model, lm.tokenizer
+    ids = (tokenizer.encode(a.prompt, add_special_tokens=True) if a.raw
+           else chat_prompt(tokenizer, a.prompt, a.system))
+    g = generate(model, tokenizer, ids, a.max_new_tokens, sampling, a.stop,
                  on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     sys.stdout.write("\n")
     if a.stats:
@@ -233,7 +323,8 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate}[a.command](a)
+        return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
+                "validate": cmd_validate}[a.command](a)
     except ShrinkError as e:
         if a.debug:
             raise

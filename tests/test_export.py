@@ -1,0 +1,142 @@
+"""Export: ONNX graph vs the reference runtime (FP, CSKV, quantized linears), determinism, the ORT
+model's IO-bound caches, the CLI (export, validate, generate --backend ort) and its errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shrinkrt.errors import ShrinkError
+from shrinkrt.export import artifact, llama
+from shrinkrt.export.validate import compare
+from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+from shrinkrt.runtime.loader import load
+from shrinkrt.runtime.ort_model import OrtModel
+from tests.conftest import tiny_hf_model
+from tests.test_export_ops import quant_layer
+from tests.test_model import ours_from
+
+pytest.importorskip("onnxruntime")
+
+
+def compress(model, key_mode=None, bits=16, quant_bits=None, seed=0):
+    """Random CSKV factors on every layer and/or quantized q/o/down projections (odd ranks)."""
+    gen = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(model.layers):
+        a = layer.self_attn
+        if quant_bits:
+            for name in ("q_proj", "o_proj"):
+                lin = getattr(a, name)
+                q = quant_layer(lin.out_features, lin.in_features, quant_bits, 64, 5, seed=seed + i)
+                setattr(a, name, q)
+            d = layer.mlp.down_proj
+            layer.mlp.down_proj = quant_layer(d.out_features, d.in_features, quant_bits, 64, 0, seed=seed + 50 + i)
+        if key_mode:
+            kv = a.n_kv_heads * a.head_dim
+            in_k = kv if key_mode == "post-rope" else model.args.dim
+            layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, 5, bits), torch.randn(in_k, 7, generator=gen) * 0.3,
+                                            torch.randn(7, kv, generator=gen) * 0.3,
+                                            torch.randn(model.args.dim, 9, generator=gen) * 0.3,
+                                            torch.randn(9, kv, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    return model
+
+
+class Loaded:  # the fields of LoadedModel that export reads
+    def __init__(self, model, model_dir, name="tiny"):
+        self.model, self.model_dir, self.name = model, model_dir, name
+
+
+@pytest.mark.parametrize("variant", ["fp", "fp-bias-tied", "quant4", "quant3", "cskv-pre-16", "cskv-post-8",
+                                     "cskv-pre-4+quant2"])
+def test_onnx_runtime_matches_reference(variant, tmp_path):
+    over = {"attention_bias": True, "tie_word_embeddings": True} if variant == "fp-bias-tied" else {}
+    model = ours_from(tiny_hf_model("llama", **over))
+    if variant.startswith("quant"):
+        compress(model, quant_bits=int(variant[-1]))
+    elif variant.startswith("cskv"):
+        _, mode, bits = variant.split("+")[0].split("-")
+        compress(model, f"{mode}-rope", int(bits), quant_bits=2 if "quant2" in variant else None)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp")
+    ort_model = OrtModel(tmp_path / "exp")
+    prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    # fp32 both sides: only summation order differs (a feature code may flip at an exact tie)
+    assert compare(model, ort_model, prompt, steps=12, tol=1e-3) < 1e-3
+
+
+def test_export_is_deterministic_and_atomic(tmp_path):
+    model = compress(ours_from(tiny_hf_model("llama")), "pre-rope", 4, quant_bits=3)
+    a = artifact.export(Loaded(model, tmp_path), tmp_path / "a")
+    b = artifact.export(Loaded(model, tmp_path), tmp_path / "b")
+    assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()
+    assert (a / "export.json").read_text() == (b / "export.json").read_text()
+    with pytest.raises(ShrinkError, match="unknown export target"):
+        artifact.export(Loaded(model, tmp_path), tmp_path / "a", target="tpu")
+    assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()  # the old export is intact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_graph_is_readable_and_plugin_ready(tmp_path):
+    model = compress(ours_from(tiny_hf_model("llama")), "post-rope", 8, quant_bits=4)
+    m = llama.build(model)
+    names = [n.name for n in m.graph.node]
+    assert len(set(names)) == len(names) and all(names)
+    custom = [n for n in m.graph.node if n.domain == "shrinkrt"]
+    assert {n.op_type for n in custom} == {"QuantMatMul", "BiBranchAttention"}
+    for n in custom:
+        attrs = {a.name: a for a in n.attribute}
+        assert attrs["plugin_namespace"].s == b"shrinkrt" and attrs["plugin_version"].s == b"1"
+        assert all(-2**31 <= a.i < 2**31 for a in attrs.values() if a.type == a.INT)
+    packed = {i.name: i.data_type for i in m.graph.initializer if i.name.endswith((".codes", ".zeros"))}
+    assert packed and set(packed.values()) == {6}  # INT32, never UINT8
+    assert {(f.name, f.overload) for f in m.functions} == {(n.op_type, n.overload) for n in custom}
+
+
+def test_ort_caches_are_bound_in_place_and_count_stored_bytes(tmp_path):
+    model = compress(ours_from(tiny_hf_model("llama")), "pre-rope", 4)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp")
+    om = OrtModel(tmp_path / "exp")
+    om.setup_caches(1, 40)
+    model.setup_caches(1, 40)
+    ptrs = {k: v.data_ptr() for k, v in om.bound.items()}
+    bufs = {k: v.ctypes.data for k, v in om.buffers.items()}
+    assert ptrs == bufs  # the OrtValues are views of the buffers, not copies
+    toks = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        om(toks[:, :17], 0)
+        model(toks[:, :17], 0)
+        for p in range(17, 30):
+            om(toks[:, p:p + 1], p)
+            model(toks[:, p:p + 1], p)
+    assert {k: v.data_ptr() for k, v in om.bound.items()} == ptrs  # nothing reallocated
+    assert om.cache_length() == 30 and om.cache_nbytes() == model.cache_nbytes()
+    with pytest.raises(ValueError, match="gap"):
+        om(toks[:, :1], 5)
+
+
+def test_cli_export_validate_generate(tiny_dir, tmp_path, capsys):
+    from shrinkrt.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["calibrate", "--model", str(tiny_dir), "--kv-ratio", "0.5", "--window", "4", "--kv-bits", "8",
+                 "--weight-budget", "4bpw", "--calib-tokens", "256", "--kv-fit-steps", "5", "--out", str(ck),
+                 "--quiet"]) == 0
+    exp = tmp_path / "exp"
+    assert main(["export", "--model", str(tiny_dir), "--checkpoint", str(ck), "--out", str(exp)]) == 0
+    report = json.loads((tmp_path / "exp.validation.json").read_text())
+    assert report["greedy_tokens_identical"] and len(report["prompts"]) == 3
+    assert all(p["max_abs_logit_diff"] < report["tolerance"] for p in report["prompts"])
+    meta = json.loads((exp / "export.json").read_text())
+    assert meta["custom_ops"] == ["shrinkrt::BiBranchAttention", "shrinkrt::QuantMatMul"]
+    capsys.readouterr()
+    args = ["w5 w6 w7", "--raw", "--max-new-tokens", "6"]
+    assert main(["generate", *args, "--model", str(tiny_dir), "--checkpoint", str(ck)]) == 0
+    torch_text = capsys.readouterr().out
+    assert main(["generate", *args, "--backend", "ort", "--model", str(exp)]) == 0
+    assert capsys.readouterr().out == torch_text
+    # bad input: one clear line each
+    assert main(["validate", str(exp), "--model", str(tiny_dir)]) == 2
+    assert "give the same --checkpoint" in capsys.readouterr().err
+    assert main(["generate", "hi", "--backend", "ort", "--model", str(tiny_dir)]) == 2
+    assert "not a ShrinkRT export" in capsys.readouterr().err
+    assert main(["generate", "hi", "--backend", "ort", "--model", str(exp), "--checkpoint", str(ck)]) == 2
+    assert "drop --checkpoint" in capsys.readouterr().err
