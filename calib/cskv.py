@@ -73,10 +73,10 @@ def spectrum(y: torch.Tensor):
     return evals.flip(0).clamp_min(0), evecs.flip(1)
 
 
-def feature_budget(args, kv_ratio: float, window: int, context: int = REFERENCE_CONTEXT) -> float:
-    """Bytes per token (all layers, K+V features) left after the FP16 window at `context` tokens."""
+def feature_budget(args, kv_ratio: float, window: int, context: int = REFERENCE_CONTEXT, sinks: int = 0) -> float:
+    """Bytes per token (all layers, K+V features) left after the FP16 window and sinks at `context` tokens."""
     full_per_token = 2 * args.n_layers * args.kv_dim * 2
-    window_bytes = min(window, context) * full_per_token
+    window_bytes = min(window + sinks, context) * full_per_token
     return (kv_ratio * full_per_token * context - window_bytes) / context
 
 
@@ -84,7 +84,7 @@ RANK_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176
 ERROR_SAMPLE = 512  # calibration tokens (the first segment's start) for the measured-error curves
 
 
-def _mixed_attention(q, k_old, k_new, v_old, v_new, window: int):
+def _mixed_attention(q, k_old, k_new, v_old, v_new, window: int, sinks: int = 0):
     """Causal attention (q: H, L, hd; k/v: G, L, hd) where keys/values of positions j <= p - window
     come from the *_old tensors (the feature branch) and the rest from *_new (the window)."""
     H, L, hd = q.shape
@@ -92,7 +92,7 @@ def _mixed_attention(q, k_old, k_new, v_old, v_new, window: int):
     k_old, k_new = k_old.repeat_interleave(rep, 0), k_new.repeat_interleave(rep, 0)
     v_old, v_new = v_old.repeat_interleave(rep, 0), v_new.repeat_interleave(rep, 0)
     p = torch.arange(L)
-    old = p[None, :] <= p[:, None] - window
+    old = (p[None, :] <= p[:, None] - window) & (p[None, :] >= sinks)
     causal = p[None, :] <= p[:, None]
     s = torch.where(old, q @ k_old.transpose(-1, -2), q @ k_new.transpose(-1, -2)) / math.sqrt(hd)
     a = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
@@ -100,7 +100,7 @@ def _mixed_attention(q, k_old, k_new, v_old, v_new, window: int):
 
 
 @torch.no_grad()
-def error_curves(attn, x, pos, key_mode: str, cos, sin, window: int, bits: int, vecs, metrics, ranks):
+def error_curves(attn, x, pos, key_mode: str, cos, sin, window: int, bits: int, vecs, metrics, ranks, sinks=0):
     """Relative error of the layer's attention output (after o_proj) with K (then V) rebuilt from
     rank-r features, the other exact, for each r in `ranks`: ([err_k], [err_v])."""
     n = min(ERROR_SAMPLE, x.shape[0])
@@ -141,10 +141,10 @@ def error_curves(attn, x, pos, key_mode: str, cos, sin, window: int, bits: int, 
                 else:
                     b = attn.k_proj.bias
                     k_hat = apply_rope(heads(y_hat if b is None else y_hat + b.float(), G), c, s_)
-                o = _mixed_attention(q, k_hat, k, v, v, window)
+                o = _mixed_attention(q, k_hat, k, v, v, window, sinks)
             else:
                 b = attn.v_proj.bias
-                o = _mixed_attention(q, k, k, heads(y_hat if b is None else y_hat + b.float(), G), v, window)
+                o = _mixed_attention(q, k, k, heads(y_hat if b is None else y_hat + b.float(), G), v, window, sinks)
             errs.append(float((out(o) - ref).pow(2).sum() / norm))
         curves.append(errs)
     return curves
@@ -283,8 +283,8 @@ def fit(inputs, y, down, up, bits, steps, seed, lr=1e-3, batch=512):
 
 def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bits: int = 16,
                  key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 100, seed: int = 0,
-                 progress: bool = True, collected=None, objective: str = "attention", allocation: str = "error"
-                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+                 progress: bool = True, collected=None, objective: str = "attention", allocation: str = "error",
+                 sinks: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
     """`collected` = collect_inputs(model, tokens) reused across settings (a sweep collects once)."""
     if objective not in ("kv", "attention"):
         raise ShrinkError(f"unknown objective '{objective}' (use kv or attention)")
@@ -314,7 +314,9 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
             ev, U = spectrum(y @ sq)  # spectra in the objective's metric
             spectra.append(ev)
             vecs.append(U)
-    budget = feature_budget(args, kv_ratio, window)
+    if sinks < 0:
+        raise ShrinkError(f"--sinks must be >= 0 (got {sinks})")
+    budget = feature_budget(args, kv_ratio, window, sinks=sinks)
     if allocation == "energy":
         ranks = allocate_ranks(spectra, budget, kv_bits, args.kv_dim)
     else:
@@ -322,7 +324,7 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         curves = []
         for i, layer in enumerate(tqdm(model.layers, desc="error curves", disable=not progress, leave=False)):
             curves += error_curves(layer.self_attn, xs[i], pos, key_mode, model.rope_cos, model.rope_sin, window,
-                                   kv_bits, vecs[2 * i:2 * i + 2], metrics[i], grid)
+                                   kv_bits, vecs[2 * i:2 * i + 2], metrics[i], grid, sinks)
         ranks = allocate_by_error(curves, grid, budget, kv_bits)
     tensors, rows = {}, []
     for i, layer in enumerate(tqdm(model.layers, desc="fit", disable=not progress, leave=False)):
@@ -350,14 +352,14 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
     feat = sum(kv_quant.row_bytes(r, kv_bits) for r in ranks)
     full = 2 * args.n_layers * args.kv_dim * 2
     section = {
-        "method": "cskv", "key_mode": key_mode, "window": window, "bits": kv_bits,
+        "method": "cskv", "key_mode": key_mode, "window": window, "sinks": sinks, "bits": kv_bits,
         "quant": {"scheme": "symmetric per token", "group": kv_quant.GROUP, "scale_dtype": "float16"}
         if kv_bits < 16 else None,
         "init": init, "objective": objective, "allocation": allocation, "fit_steps": fit_steps,
         "fit_loss": ("attention-output-weighted" if objective == "attention" else "plain")
         + " K/V reconstruction, quantization-aware",
         "kv_ratio": kv_ratio,
-        "kv_bytes_fraction_at_3k": (feat * REFERENCE_CONTEXT + min(window, REFERENCE_CONTEXT) * full)
+        "kv_bytes_fraction_at_3k": (feat * REFERENCE_CONTEXT + min(window + sinks, REFERENCE_CONTEXT) * full)
         / (full * REFERENCE_CONTEXT),
         "feature_bytes_per_token": feat,
         "layers": rows,
@@ -372,7 +374,7 @@ def apply_kv(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
     if section.get("method") != "cskv" or section.get("key_mode") not in KEY_MODES or \
             section.get("bits") not in (16, 8, 4) or len(section.get("layers", [])) != args.n_layers:
         raise ShrinkError("checkpoint kv section does not describe a CSKV cache for this model")
-    cfg = CSKVConfig(section["key_mode"], int(section["window"]), int(section["bits"]))
+    cfg = CSKVConfig(section["key_mode"], int(section["window"]), int(section["bits"]), int(section.get("sinks", 0)))
     built = []
     for i, row in enumerate(section["layers"]):
         parts = {}

@@ -32,6 +32,7 @@ class CSKVConfig:
     key_mode: str
     window: int
     bits: int  # 16 (FP16 features), 8 or 4
+    sinks: int = 0  # the first tokens, kept at full precision for good (attention sinks)
 
 
 class FeatureStore(nn.Module):
@@ -70,10 +71,12 @@ class FeatureStore(nn.Module):
 class BiBranchCache(nn.Module):
     """Window ring of full-precision K/V (slot = position % window) + feature stores for all tokens."""
 
-    def __init__(self, batch, n_kv, head_dim, max_len, window, r_k, r_v, bits, device=None):
+    def __init__(self, batch, n_kv, head_dim, max_len, window, r_k, r_v, bits, device=None, sinks: int = 0):
         super().__init__()
-        self.window = window
+        self.window, self.sinks = window, sinks
         w = max(window, 1)
+        self.register_buffer("sink_k", torch.zeros(batch, n_kv, max(sinks, 1), head_dim, dtype=torch.float16, device=device))
+        self.register_buffer("sink_v", torch.zeros(batch, n_kv, max(sinks, 1), head_dim, dtype=torch.float16, device=device))
         self.register_buffer("win_k", torch.zeros(batch, n_kv, w, head_dim, dtype=torch.float16, device=device))
         self.register_buffer("win_v", torch.zeros(batch, n_kv, w, head_dim, dtype=torch.float16, device=device))
         self.register_buffer("win_pos", torch.full((w,), -1, dtype=torch.long, device=device))
@@ -92,6 +95,10 @@ class BiBranchCache(nn.Module):
         old = (self.win_k.clone(), self.win_v.clone(), self.win_pos.clone())
         self.feat_k.write(start, c_k)
         self.feat_v.write(start, c_v)
+        if start < self.sinks:
+            n = min(self.sinks, start + T) - start
+            self.sink_k[:, :, start:start + n] = k[:, :, :n].half()
+            self.sink_v[:, :, start:start + n] = v[:, :, :n].half()
         if self.window:
             keep = min(T, self.window)
             pos = torch.arange(start + T - keep, start + T, device=k.device)
@@ -103,7 +110,7 @@ class BiBranchCache(nn.Module):
         return old
 
     def nbytes(self) -> int:
-        held = min(self.length, self.window)
+        held = min(self.length, self.window) + min(self.length, self.sinks)
         full = 2 * self.win_k[:, :, 0].numel() * self.win_k.element_size() * held
         return full + self.feat_k.nbytes(self.length) + self.feat_v.nbytes(self.length)
 
@@ -129,7 +136,7 @@ class CSKVAttention(nn.Module):
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
         self.cache = BiBranchCache(batch, self.n_kv_heads, self.head_dim, max_seq_len, self.cfg.window,
-                                   self.k_down.shape[1], self.v_down.shape[1], self.cfg.bits, device)
+                                   self.k_down.shape[1], self.v_down.shape[1], self.cfg.bits, device, self.cfg.sinks)
 
     def features(self, x, k_rot):
         """(c_k, c_v) of new tokens: x (B, T, dim), k_rot (B, n_kv, T, hd) rotated keys."""
@@ -171,23 +178,28 @@ class CSKVAttention(nn.Module):
                 comp = (ck, cv)
         # Query blocks: a block needs the feature keys up to its last query - W and the full keys of
         # its own span plus W before it, so blocking halves the prefill work against one T x T pass.
+        ns = min(self.cfg.sinks, end)  # sinks stored so far, this call's included
+        sinks = (self.cache.sink_k[:, :, :ns].float(), self.cache.sink_v[:, :, :ns].float())
         ys = [self._block(q[:, :, a:a + QUERY_BLOCK], qpos[a:a + QUERY_BLOCK], a, ring_k, ring_v, ring_pos,
-                          k, v, qpos, comp) for a in range(0, T, QUERY_BLOCK)]
+                          k, v, qpos, comp, sinks) for a in range(0, T, QUERY_BLOCK)]
         y = torch.cat(ys, dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
-    def _block(self, q, qpos, a, ring_k, ring_v, ring_pos, k, v, kpos, comp):
+    def _block(self, q, qpos, a, ring_k, ring_v, ring_pos, k, v, kpos, comp, sinks):
         """Attention of one query block (B, H, Tb, hd; pre-scaled) over both branches -> (B, H, Tb, hd)."""
         B, H, Tb, hd = q.shape
         G, W = self.n_kv_heads, self.cfg.window
         rep = H // G
         lo = max(0, a - W + 1)  # this call's keys that some query of the block sees at full precision
-        kf = torch.cat([ring_k.float(), k[:, :, lo:a + Tb]], dim=2)  # (B, G, nf, hd)
-        vf = torch.cat([ring_v.float(), v[:, :, lo:a + Tb]], dim=2)
-        fpos = torch.cat([ring_pos, kpos[lo:a + Tb]])
+        ns = sinks[0].shape[2]
+        kf = torch.cat([sinks[0], ring_k.float(), k[:, :, lo:a + Tb]], dim=2)  # (B, G, nf, hd)
+        vf = torch.cat([sinks[1], ring_v.float(), v[:, :, lo:a + Tb]], dim=2)
+        spos = torch.arange(ns, device=q.device)
+        fpos = torch.cat([spos, ring_pos, kpos[lo:a + Tb]])
         qg = q.reshape(B, G, rep * Tb, hd)  # heads g*rep..(g+1)*rep-1 read KV head g
         s_full = (qg @ kf.transpose(-1, -2)).view(B, G, rep, Tb, -1)
         ok_full = (fpos[None] >= 0) & (fpos[None] <= qpos[:, None]) & (fpos[None] > qpos[:, None] - W)
+        ok_full[:, :ns] = spos[None] <= qpos[:, None] - W  # sinks the window does not already hold
         s_full = s_full.masked_fill(~ok_full, float("-inf")).view(B, H, Tb, -1)
         n_blk = int(qpos[-1]) - W + 1  # feature-branch keys the block's last query reads
         if comp is None or n_blk <= 0:
@@ -199,7 +211,8 @@ class CSKVAttention(nn.Module):
         else:
             up = self.k_up.view(-1, G, hd).repeat_interleave(rep, dim=1)  # (r_k, H, hd)
             s_comp = torch.einsum("bhtd,rhd->bhtr", q, up) @ ck[:, None, :n_blk].transpose(-1, -2)
-        ok_comp = torch.arange(n_blk, device=q.device)[None] <= qpos[:, None] - W
+        j = torch.arange(n_blk, device=q.device)[None]
+        ok_comp = (j <= qpos[:, None] - W) & (j >= self.cfg.sinks)
         s_comp = s_comp.masked_fill(~ok_comp, float("-inf"))
         p = torch.softmax(torch.cat([s_comp, s_full], dim=-1), dim=-1)
         p_comp, p_full = p[..., :n_blk], p[..., n_blk:]

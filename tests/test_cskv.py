@@ -12,14 +12,14 @@ from tests.test_model import ours_from
 from tests.conftest import tiny_hf_model
 
 
-def swap_full_rank(model, key_mode, window, bits=16):
+def swap_full_rank(model, key_mode, window, bits=16, sinks=0):
     """Exact factors (rank = kv_dim): the bi-branch model must equal the base model up to storage."""
     for layer in model.layers:
         a = layer.self_attn
         kv = a.k_proj.weight.shape[0]
         eye = torch.eye(kv)
         k_down = eye if key_mode == "post-rope" else a.k_proj.weight.T.float()
-        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, window, bits), k_down.clone(), eye.clone(),
+        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, window, bits, sinks), k_down.clone(), eye.clone(),
                                         a.v_proj.weight.T.clone(), eye.clone(), model.rope_cos, model.rope_sin)
 
 
@@ -41,6 +41,41 @@ def test_full_rank_equals_base_model(key_mode, window):
     for chunk in (40, 7, 1):
         out = run(base, TOKENS, chunk)
         assert (out - ref).abs().max().item() < 5e-3, (chunk, (out - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("window", [1, 5])
+def test_sinks_full_rank_and_chunking(key_mode, window):
+    """Sink tokens at full precision: exact factors still give the base model, any chunking the same
+    low-rank result, and the cache reports the sinks' bytes."""
+    base = ours_from(tiny_hf_model("llama"))
+    ref = run(base, TOKENS, 40)
+    swap_full_rank(base, key_mode, window, sinks=3)
+    for chunk in (40, 2, 1):
+        assert (run(base, TOKENS, chunk) - ref).abs().max().item() < 5e-3
+    model = ours_from(tiny_hf_model("llama"))
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        a = layer.self_attn
+        in_k = 32 if key_mode == "post-rope" else 64
+        layer.self_attn = CSKVAttention(a, CSKVConfig(key_mode, window, 4, 3), torch.randn(in_k, 5, generator=gen),
+                                        torch.randn(5, 32, generator=gen) * 0.3, torch.randn(64, 7, generator=gen),
+                                        torch.randn(7, 32, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    one = run(model, TOKENS, 40)
+    for chunk in (2, 1):
+        assert (run(model, TOKENS, chunk) - one).abs().max().item() < 1e-4
+    full = 2 * 2 * 16 * 2  # K+V, 2 KV heads x 16 dims, fp16
+    feat = kv_quant.row_bytes(5, 4) + kv_quant.row_bytes(7, 4)
+    assert model.layers[0].self_attn.cache.nbytes() == (3 + window) * full + 40 * feat
+    no_sinks = run(swap_sinks(model, 0), TOKENS, 40)
+    assert (no_sinks - one).abs().max().item() > 1e-3  # the sinks do change the low-rank result
+
+
+def swap_sinks(model, sinks):
+    for layer in model.layers:
+        layer.self_attn.cfg = CSKVConfig(layer.self_attn.cfg.key_mode, layer.self_attn.cfg.window,
+                                         layer.self_attn.cfg.bits, sinks)
+    return model
 
 
 @pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
