@@ -31,19 +31,24 @@ def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base:
     """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity)."""
     if target not in TARGETS:
         raise ShrinkError(f"unknown export target '{target}' (use {', '.join(TARGETS)})")
-    model = llama.build(lm.model, dtype)
-    if target == "ort-cpu":
-        from . import ort_cpu
-
-        model = ort_cpu.lower(model)
+    stats = {}
+    model = llama.build(lm.model, dtype, target, stats=stats)
     data = model.SerializeToString()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": lm.name, "dtype": dtype, "target": target,
             "model_args": dataclasses.asdict(lm.model.args), "base_model": base,
             "checkpoint": None if checkpoint is None else {
-                "sha256": hashlib.sha256(json.dumps(checkpoint, sort_keys=True).encode()).hexdigest(),
+                "sha256": checkpoint_digest(checkpoint),
                 "sections": sorted(k for k in ("kv", "weights") if k in checkpoint)},
             "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == "shrinkrt"}),
             "model_sha256": hashlib.sha256(data).hexdigest()}
+    if "matmul_nbits" in stats:
+        layers = stats["matmul_nbits"]
+        packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
+        meta["ort_cpu"] = {"matmul_nbits_layers": len(layers),
+                           "layers_in_wider_container": sum(r["bits"] != r["container_bits"] for r in layers),
+                           "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
+                           "note": "3-bit layers use MatMulNBits' 4-bit container; outliers as int64 rows/cols "
+                                   "+ fp32 values for the gather/scatter correction"}
 
     def fill(tmp: Path) -> None:
         (tmp / "model.onnx").write_bytes(data)
@@ -53,6 +58,12 @@ def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base:
                 shutil.copyfile(Path(lm.model_dir) / name, tmp / name)
 
     return write_dir(out, fill)
+
+
+def checkpoint_digest(manifest: dict) -> str:
+    """Identity of a checkpoint: its manifest (which lists every tensor's dtype and shape and the
+    calibration record) in canonical JSON."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def read_meta(path: Path) -> dict:

@@ -32,8 +32,10 @@ IR_VERSION = 10  # function overloads
 class Graph:
     """Nodes, initializers and functions of one model, with deterministic names."""
 
-    def __init__(self, dtype: str):
-        self.dtype, self.F = dtype, ops.ONNX_DTYPE[dtype]
+    def __init__(self, dtype: str, target: str = "generic"):
+        self.dtype, self.F, self.target = dtype, ops.ONNX_DTYPE[dtype], target
+        self.np_float = np.float16 if dtype == "float16" else np.float32
+        self.stats = {}
         self.nodes, self.inits, self.functions = [], {}, {}
         self.inputs, self.outputs = [], []
         self.b = None
@@ -69,6 +71,11 @@ def _rms_norm(g: Graph, b: ops.Body, x: str, norm, path: str) -> str:
 
 
 def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
+    if isinstance(m, QuantLinear) and g.target == "ort-cpu":
+        from .ort_cpu import matmul_nbits
+
+        y = matmul_nbits(g, b, x, m, path)
+        return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
     if isinstance(m, QuantLinear):
         fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype)
         g.functions[fn.overload] = fn
@@ -174,15 +181,17 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k,
     return out_names[0]
 
 
-def build(model, dtype: str = "float32", name: str = "shrinkrt") -> onnx.ModelProto:
-    """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic."""
+def build(model, dtype: str = "float32", target: str = "generic", name: str = "shrinkrt",
+          stats: dict | None = None) -> onnx.ModelProto:
+    """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic.
+    target "ort-cpu" lowers quantized linears to MatMulNBits; `stats` receives what that costs."""
     args = model.args
     if args.sliding_window is not None:
         raise ShrinkError("export: sliding-window models are not supported")
     if dtype not in ops.ONNX_DTYPE:
         raise ShrinkError(f"export: unsupported dtype '{dtype}' (use float32 or float16)")
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
-    g = Graph(dtype)
+    g = Graph(dtype, target)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("past_length", TensorProto.INT64, [1])
     b = g.scope("rope/")
@@ -228,8 +237,13 @@ def build(model, dtype: str = "float32", name: str = "shrinkrt") -> onnx.ModelPr
     # outputs in a fixed order: logits, then each layer's state in layer order (as declared)
     g.outputs = [g.outputs[-1]] + g.outputs[:-1]
     graph = helper.make_graph(g.nodes, name, g.inputs, g.outputs, list(g.inits.values()))
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, 1)],
+    opsets = [helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, 1)]
+    if "matmul_nbits" in g.stats:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    m = helper.make_model(graph, opset_imports=opsets,
                           functions=[g.functions[k] for k in sorted(g.functions)], producer_name="shrinkrt",
                           producer_version="0.1.0")
     m.ir_version = IR_VERSION
+    if stats is not None:
+        stats.update(g.stats)
     return m

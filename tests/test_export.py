@@ -47,16 +47,23 @@ class Loaded:  # the fields of LoadedModel that export reads
 
 
 @pytest.mark.parametrize("variant", ["fp", "fp-bias-tied", "quant4", "quant3", "cskv-pre-16", "cskv-post-8",
-                                     "cskv-pre-4+quant2"])
+                                     "cskv-pre-4+quant2", "ort-cpu:quant2", "ort-cpu:quant3", "ort-cpu:quant8",
+                                     "ort-cpu:cskv-post-4+quant4"])
 def test_onnx_runtime_matches_reference(variant, tmp_path):
+    target = "ort-cpu" if variant.startswith("ort-cpu:") else "generic"
+    variant = variant.removeprefix("ort-cpu:")
     over = {"attention_bias": True, "tie_word_embeddings": True} if variant == "fp-bias-tied" else {}
     model = ours_from(tiny_hf_model("llama", **over))
     if variant.startswith("quant"):
         compress(model, quant_bits=int(variant[-1]))
     elif variant.startswith("cskv"):
         _, mode, bits = variant.split("+")[0].split("-")
-        compress(model, f"{mode}-rope", int(bits), quant_bits=2 if "quant2" in variant else None)
-    artifact.export(Loaded(model, tmp_path), tmp_path / "exp")
+        qb = variant.split("+quant")[1] if "+quant" in variant else None
+        compress(model, f"{mode}-rope", int(bits), quant_bits=int(qb) if qb else None)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target=target)
+    if target == "ort-cpu":
+        meta = json.loads((tmp_path / "exp" / "export.json").read_text())
+        assert meta["ort_cpu"]["layers_in_wider_container"] == (3 * 2 if variant == "quant3" else 0)
     ort_model = OrtModel(tmp_path / "exp")
     prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     # fp32 both sides: only summation order differs (a feature code may flip at an exact tie)
