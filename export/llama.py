@@ -106,7 +106,7 @@ def _rope(b, x, cos, sin, D):
     return b("Add", b("Mul", x, cos), b("Mul", b("Concat", b("Neg", x2), x1, axis=-1), sin))
 
 
-def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E) -> str:
+def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T) -> str:
     """Standard ops over the full-precision cache; returns y (B, T, H*D) and declares the state."""
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
     past_k = g.input(f"past_key.{i}", g.F, ["batch", G, "capacity", D])
@@ -119,20 +119,17 @@ def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E) -> st
     ka = b("Concat", b("Slice", past_k, zero, P, two), k, axis=2)
     va = b("Concat", b("Slice", past_v, zero, P, two), v, axis=2)
     rep = H // G
-
-    def to_h(x):
-        if rep == 1:
-            return x
-        e = b("Expand", b("Unsqueeze", x, two), b("Concat", b("Shape", x, start=0, end=2), b.const([rep], np.int64),
-                                                   b("Shape", x, start=2), axis=0))
-        return b("Reshape", e, b.const([0, H, -1, D], np.int64))
-
+    # GQA without copying K/V per query head: the rep query heads of KV head g become rows of one
+    # (rep*T, D) block, which is exactly how heads are numbered (h = g*rep + i).
     f32 = lambda x: b.cast(x, TensorProto.FLOAT, g.F)
-    s = b("MatMul", b("Mul", f32(q), b.const(np.float32(D ** -0.5))), b("Transpose", to_h(f32(ka)), perm=[0, 1, 3, 2]))
+    qg = b("Reshape", b("Mul", f32(q), b.const(np.float32(D ** -0.5))), b.const([0, G, -1, D], np.int64))
+    s4 = b("MatMul", qg, b("Transpose", f32(ka), perm=[0, 1, 3, 2]))  # (B, G, rep*T, E)
+    s = b("Reshape", s4, b("Concat", b.const([0, G, rep], np.int64), T, b.const([-1], np.int64), axis=0))
     jpos = b("Range", b.const(np.int64(0)), b("Squeeze", E, zero), b.const(np.int64(1)))
     ok = b("LessOrEqual", b("Unsqueeze", jpos, zero), b("Unsqueeze", qpos, b.const([1], np.int64)))
     p = b("Softmax", b("Where", ok, s, b.const(np.float32(-np.inf))), axis=-1)
-    y = b("MatMul", p, to_h(f32(va)))
+    y = b("MatMul", b("Reshape", p, b("Shape", s4)), f32(va))  # (B, G, rep*T, D)
+    y = b("Reshape", y, b.const([0, H, -1, D], np.int64))
     return b.cast(_merge(b, y, H, D), g.F, TensorProto.FLOAT)
 
 
@@ -216,7 +213,7 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
         if isinstance(attn, CSKVAttention):
             y = _cskv_attention(g, b, i, attn, x, q, k, v, args)
         else:
-            y = _full_attention(g, b, i, q, k, v, args, qpos, E)
+            y = _full_attention(g, b, i, q, k, v, args, qpos, E, T)
         h = b("Add", h, _linear(g, b, y, attn.o_proj, f"{path}.o_proj"))
         x = _rms_norm(g, b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
         mlp, mp = layer.mlp, f"layers.{i}.mlp"

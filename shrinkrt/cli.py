@@ -119,16 +119,89 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("export_dir", metavar="DIR")
     add_model_args(v)
     add_checkpoint_arg(v)
+    pr = sub.add_parser("profile", help="latency and memory at several contexts (TTFT, decode p50/p90, RSS)",
+                        description="Profile one backend: TTFT, prefill and decode tokens/s, decode p90, peak RSS "
+                                    "and cache bytes per context, each context in a fresh process.")
+    add_model_args(pr)
+    add_checkpoint_arg(pr)
+    pr.add_argument("--backend", default="torch", choices=["torch", "ort"],
+                    help="torch: reference runtime; ort: ONNX Runtime on an export directory given as --model")
+    pr.add_argument("--contexts", default="512,2048,4096,8192", help="prompt lengths in tokens")
+    pr.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per context (default 32)")
+    pr.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    pr.add_argument("--out", default="build/profile", help="output stem: .json, .md, .png (default build/profile)")
+    one = sub.add_parser("_profile-one")  # one context in this process: used by `profile` in a subprocess
+    add_model_args(one)
+    add_checkpoint_arg(one)
+    one.add_argument("--backend", default="torch")
+    one.add_argument("--context", type=int, required=True)
+    one.add_argument("--decode-steps", type=int, default=32)
+    one.add_argument("--prefill-chunk", type=int, default=512)
     return ap
 
 
-def parse_lengths(text: str) -> tuple[int, ...]:
+def load_backend(a):
+    if a.backend == "ort":
+        return load_ort(a)
+    lm = load_with_checkpoint(a)
+    return lm.model, lm.tokenizer
+
+
+def cmd_profile_one(a) -> int:
+    import json
+
+    from shrinkrt.runtime.profile import measure, prompt_tokens
+
+    setup_torch(a.threads)
+    model, tok = load_backend(a)
+    if a.context + a.decode_steps + 2 > model.args.max_seq_len:
+        raise ShrinkError(f"context {a.context} + {a.decode_steps} decode steps exceed the model's "
+                          f"{model.args.max_seq_len} tokens")
+    row = measure(model, prompt_tokens(tok, a.context), a.decode_steps, a.prefill_chunk)
+    print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row}))
+    return 0
+
+
+def cmd_profile(a) -> int:
+    import os
+
+    from shrinkrt.runtime.profile import isolated, write_report
+
+    contexts = parse_lengths(a.contexts, "--contexts")
+    if a.decode_steps < 4 or a.prefill_chunk < 1:
+        raise ShrinkError("--decode-steps must be >= 4 and --prefill-chunk >= 1")
+    if a.backend == "ort":
+        from shrinkrt.export.artifact import read_meta
+
+        if a.model is None:
+            raise ShrinkError("--backend ort needs --model DIR: an export directory written by `shrinkrt export`")
+        read_meta(Path(a.model))
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in (("model", a.model), ("checkpoint", a.checkpoint))
+            if v is not None] + [f"--backend={a.backend}", f"--threads={a.threads}", f"--dtype={a.dtype}",
+                                 f"--device={a.device}", f"--decode-steps={a.decode_steps}",
+                                 f"--prefill-chunk={a.prefill_chunk}"]
+    runs = []
+    for c in contexts:
+        try:
+            runs.append(isolated(base + [f"--context={c}"]))
+        except RuntimeError as e:
+            raise ShrinkError(str(e)) from None
+        r = runs[-1]
+        print(f"[shrinkrt] {r['backend']} context {c}: TTFT {r['ttft_s']:.2f} s, decode "
+              f"{r['decode_tokens_per_s']:.1f} tok/s (p90 {r['decode_p90_ms']:.1f} ms), peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB, KV {r['kv_bytes'] / 2**20:.1f} MiB", flush=True)
+    write_report({"threads": a.threads or os.cpu_count(), "runs": runs}, Path(a.out), "shrinkrt profile")
+    print(f"[shrinkrt] wrote {a.out}.json/.md/.png")
+    return 0
+
+
+def parse_lengths(text: str, flag: str = "--passkey-lengths") -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ShrinkError(f"--passkey-lengths must be comma-separated integers (got '{text}')") from None
+        raise ShrinkError(f"{flag} must be comma-separated integers (got '{text}')") from None
     if not vals or min(vals) < 64:
-        raise ShrinkError(f"--passkey-lengths must be integers >= 64 (got '{text}')")
+        raise ShrinkError(f"{flag} must be integers >= 64 (got '{text}')")
     return vals
 
 
@@ -324,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
-                "validate": cmd_validate}[a.command](a)
+                "validate": cmd_validate, "profile": cmd_profile, "_profile-one": cmd_profile_one}[a.command](a)
     except ShrinkError as e:
         if a.debug:
             raise
