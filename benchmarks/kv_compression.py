@@ -95,7 +95,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     jpath = out.with_suffix(".json")
-    settings = {"window": a.window, "fit_steps": a.fit_steps, "calib_tokens": a.calib_tokens,
+    settings = {"window": a.window, "fit_steps": a.fit_steps, "calib_tokens": a.calib_tokens, "allocation": "error",
                 "max_segments": a.max_segments, "passkey_lengths": list(a.passkey_lengths), "seed": a.seed,
                 "sinks": SINKS, "fraction_tokens": FRACTION_TOKENS}
     result = {"fp": None, "runs": [], "settings": settings}
@@ -119,7 +119,7 @@ def main(argv=None):
         print(f"fp: {result['fp']}", flush=True)
     done = {key(r) for r in result["runs"]}
     only = set(a.only.split(",")) if a.only else None
-    collected = {}
+    collected, curves = {}, {}
     for run in plan(a):
         if key(run) in done or (only and run["method"] not in only):
             continue
@@ -131,9 +131,10 @@ def main(argv=None):
                 collected[mode] = collect_inputs(lm.model, calib_tokens, progress=False)
             section, tensors = calibrate_kv(lm, calib_tokens, run["target_fraction"], a.window, run["branch_bits"],
                                             mode, fit_steps=a.fit_steps, seed=a.seed, progress=False,
-                                            collected=collected[mode])
+                                            collected=collected[mode], curve_cache=curves)
             apply_kv(lm.model, section, tensors)
             info = {"calibration_s": section["calibration_s"], "objective": section["objective"],
+                    "allocation": section["allocation"],
                     "mean_rank_k": statistics.mean(r["rank_k"] for r in section["layers"]),
                     "mean_rank_v": statistics.mean(r["rank_v"] for r in section["layers"])}
         elif run["method"] == "sink-window":

@@ -284,8 +284,9 @@ def fit(inputs, y, down, up, bits, steps, seed, lr=1e-3, batch=512):
 def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bits: int = 16,
                  key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 100, seed: int = 0,
                  progress: bool = True, collected=None, objective: str = "attention", allocation: str = "error",
-                 sinks: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
-    """`collected` = collect_inputs(model, tokens) reused across settings (a sweep collects once)."""
+                 sinks: int = 0, curve_cache: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`collected` = collect_inputs(model, tokens) reused across settings (a sweep collects once);
+    `curve_cache`: a dict in which error curves are kept across budgets (they do not depend on it)."""
     if objective not in ("kv", "attention"):
         raise ShrinkError(f"unknown objective '{objective}' (use kv or attention)")
     if key_mode not in KEY_MODES:
@@ -321,10 +322,15 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         ranks = allocate_ranks(spectra, budget, kv_bits, args.kv_dim)
     else:
         grid = [r for r in RANK_GRID if r < args.kv_dim] + [args.kv_dim]
-        curves = []
-        for i, layer in enumerate(tqdm(model.layers, desc="error curves", disable=not progress, leave=False)):
-            curves += error_curves(layer.self_attn, xs[i], pos, key_mode, model.rope_cos, model.rope_sin, window,
-                                   kv_bits, vecs[2 * i:2 * i + 2], metrics[i], grid, sinks)
+        ckey = (key_mode, kv_bits, window, sinks, objective)
+        curves = (curve_cache or {}).get(ckey, [])
+        for i, layer in enumerate(tqdm(model.layers, desc="error curves", disable=not progress or bool(curves),
+                                       leave=False)):
+            if len(curves) < 2 * args.n_layers:
+                curves += error_curves(layer.self_attn, xs[i], pos, key_mode, model.rope_cos, model.rope_sin,
+                                       window, kv_bits, vecs[2 * i:2 * i + 2], metrics[i], grid, sinks)
+        if curve_cache is not None:
+            curve_cache[ckey] = curves
         ranks = allocate_by_error(curves, grid, budget, kv_bits)
     tensors, rows = {}, []
     for i, layer in enumerate(tqdm(model.layers, desc="fit", disable=not progress, leave=False)):
