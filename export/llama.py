@@ -121,20 +121,22 @@ def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T) ->
     rep = H // G
     # GQA without copying K/V per query head: the rep query heads of KV head g become rows of one
     # (rep*T, D) block, which is exactly how heads are numbered (h = g*rep + i).
-    f32 = lambda x: b.cast(x, TensorProto.FLOAT, g.F)
-    qg = b("Reshape", b("Mul", f32(q), b.const(np.float32(D ** -0.5))), b.const([0, G, -1, D], np.int64))
-    s4 = b("MatMul", qg, b("Transpose", f32(ka), perm=[0, 1, 3, 2]))  # (B, G, rep*T, E)
-    s = b("Reshape", s4, b("Concat", b.const([0, G, rep], np.int64), T, b.const([-1], np.int64), axis=0))
+    # products in the activation dtype (no FP32 GEMM on Turing), mask and softmax in fp32
+    qg = b("Reshape", b("Mul", q, b.const(np.asarray(D ** -0.5, g.np_float))), b.const([0, G, -1, D], np.int64))
+    s4 = b("MatMul", qg, b("Transpose", ka, perm=[0, 1, 3, 2]))  # (B, G, rep*T, E)
+    s = b("Reshape", b.cast(s4, TensorProto.FLOAT, g.F), b("Concat", b.const([0, G, rep], np.int64), T, b.const([-1], np.int64), axis=0))
     jpos = b("Range", b.const(np.int64(0)), b("Squeeze", E, zero), b.const(np.int64(1)))
     ok = b("LessOrEqual", b("Unsqueeze", jpos, zero), b("Unsqueeze", qpos, b.const([1], np.int64)))
     p = b("Softmax", b("Where", ok, s, b.const(np.float32(-np.inf))), axis=-1)
-    y = b("MatMul", b("Reshape", p, b("Shape", s4)), f32(va))  # (B, G, rep*T, D)
+    y = b("MatMul", b.cast(b("Reshape", p, b("Shape", s4)), g.F, TensorProto.FLOAT), va)  # (B, G, rep*T, D)
     y = b("Reshape", y, b.const([0, H, -1, D], np.int64))
-    return b.cast(_merge(b, y, H, D), g.F, TensorProto.FLOAT)
+    return _merge(b, y, H, D)
 
 
 def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k, v, args) -> str:
     H, G, D, cfg = args.n_heads, args.n_kv_heads, args.head_dim, attn.cfg
+    if cfg.sinks:
+        raise ShrinkError("export: BiBranchAttention v1 has no attention sinks; calibrate with sinks = 0")
     rk, rv = attn.k_down.shape[1], attn.v_down.shape[1]
     path = f"layers.{i}.self_attn"
     mode = ops.KEY_MODE[cfg.key_mode]

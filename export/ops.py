@@ -113,10 +113,9 @@ def quant_matmul_function(bits: int, group_size: int, in_features: int, out_feat
     pairs = b("Concat", b("Unsqueeze", row, b.const([1], np.int64)), b("Unsqueeze", cols, b.const([1], np.int64)),
               axis=1)
     w = b("ScatterND", w, pairs, vals, reduction="add")
-    x = b.cast("X", TensorProto.FLOAT, F)
-    y = b("MatMul", x, b("Transpose", w, perm=[1, 0]))
-    b.nodes.append(helper.make_node("Identity" if F == TensorProto.FLOAT else "Cast", [y], ["Y"],
-                                    name="output", **({} if F == TensorProto.FLOAT else {"to": F})))
+    # the GEMM runs in the activation dtype (TensorRT on Turing has no FP32 GEMM); backends accumulate in fp32
+    y = b("MatMul", "X", b("Transpose", b.cast(w, F, TensorProto.FLOAT), perm=[1, 0]))
+    b.nodes.append(helper.make_node("Identity", [y], ["Y"], name="output"))
     fn = helper.make_function(DOMAIN, "QuantMatMul", SCHEMAS["QuantMatMul"][0], ["Y"], b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=SCHEMAS["QuantMatMul"][2])
     fn.overload = quant_matmul_overload(bits, group_size, in_features, out_features, dtype)
@@ -219,6 +218,11 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
     f32 = lambda x: b.cast(x, TensorProto.FLOAT, F)
     i64 = lambda *v: b.const(list(v), np.int64)
 
+    def mm(x, y):  # float32 in and out, the product in the activation dtype (no FP32 GEMM on Turing)
+        if F == TensorProto.FLOAT:
+            return b("MatMul", x, y)
+        return b("Cast", b("MatMul", b("Cast", x, to=F), b("Cast", y, to=F)), to=TensorProto.FLOAT)
+
     def heads(x, n):  # (B, L, n*D) -> (B, n, L, D)
         return b("Transpose", b("Reshape", x, i64(0, 0, n, D)), perm=[0, 2, 1, 3])
 
@@ -251,14 +255,14 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
 
     # feature branch scores over positions 0..E-1, (B, H, T, E)
     if key_mode == 0:
-        kc = b("Add", b("MatMul", ck, f32("k_up")), f32("k_bias"))
+        kc = b("Add", mm(ck, f32("k_up")), f32("k_bias"))
         cos = b("Slice", f32("rope_cos"), zero, E, zero)
         sin = b("Slice", f32("rope_sin"), zero, E, zero)
-        s_comp = b("MatMul", q, b("Transpose", to_h(rope(heads(kc, G), cos, sin)), perm=[0, 1, 3, 2]))
+        s_comp = mm(q, b("Transpose", to_h(rope(heads(kc, G), cos, sin)), perm=[0, 1, 3, 2]))
     else:
         up = b("Transpose", b("Reshape", f32("k_up"), i64(rank_k, G, D)), perm=[1, 2, 0])  # (G, D, r)
         up = b("Reshape", b("Expand", b("Unsqueeze", up, i64(1)), i64(G, rep, D, rank_k)), i64(H, D, rank_k))
-        s_comp = b("MatMul", b("MatMul", q, up), b("Unsqueeze", b("Transpose", ck, perm=[0, 2, 1]), one))
+        s_comp = mm(mm(q, up), b("Unsqueeze", b("Transpose", ck, perm=[0, 2, 1]), one))
     jpos = b("Range", b.const(np.int64(0)), b("Squeeze", E, zero), b.const(np.int64(1)))  # (E,)
     limit = b("Sub", b("Unsqueeze", qpos, one), b.const(np.int64(W)))  # (T, 1): p - W
     ok_comp = b("LessOrEqual", b("Unsqueeze", jpos, zero), limit)  # (T, E)
@@ -275,16 +279,16 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
     p_col = b("Unsqueeze", qpos, one)
     ok_full = b("And", b("And", b("GreaterOrEqual", fpos, b.const(np.int64(0))), b("LessOrEqual", fpos, p_col)),
                 b("Greater", fpos, limit))
-    s_full = b("MatMul", q, b("Transpose", to_h(b("Cast", kf, to=TensorProto.FLOAT)), perm=[0, 1, 3, 2]))
+    s_full = mm(q, b("Transpose", to_h(b("Cast", kf, to=TensorProto.FLOAT)), perm=[0, 1, 3, 2]))
 
     ninf = b.const(np.float32(-np.inf))
     scores = b("Concat", b("Where", ok_comp, s_comp, ninf), b("Where", ok_full, s_full, ninf), axis=-1)
     p = b("Softmax", scores, axis=-1)
     p_comp, p_full = b("Split", p, b("Concat", E, b("Add", T, b.const([W], np.int64)), axis=0), axis=-1, n_out=2)
-    y = b("MatMul", p_full, to_h(b("Cast", vf, to=TensorProto.FLOAT)))
+    y = mm(p_full, to_h(b("Cast", vf, to=TensorProto.FLOAT)))
     up_v = b("Transpose", b("Reshape", f32("v_up"), i64(rank_v, G, D)), perm=[1, 0, 2])  # (G, r, D)
     up_v = b("Reshape", b("Expand", b("Unsqueeze", up_v, i64(1)), i64(G, rep, rank_v, D)), i64(H, rank_v, D))
-    y = b("Add", y, b("MatMul", b("MatMul", p_comp, b("Unsqueeze", cv, one)), up_v))
+    y = b("Add", y, mm(mm(p_comp, b("Unsqueeze", cv, one)), up_v))
     vb = b("Reshape", f32("v_bias"), i64(1, G, 1, D))
     y = b("Add", y, b("Mul", b("ReduceSum", p_comp, b.const([-1], np.int64), keepdims=1), to_h(vb)))
     y = b("Reshape", b("Transpose", y, perm=[0, 2, 1, 3]), i64(0, 0, H * D))
