@@ -22,7 +22,7 @@ from shrinkrt.errors import ShrinkError
 from . import llama
 
 FORMAT, FORMAT_VERSION = "shrinkrt-export", 1
-TARGETS = ("generic", "ort-cpu")
+TARGETS = ("generic", "ort-cpu", "tensorrt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

@@ -76,6 +76,9 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
 
         y = matmul_nbits(g, b, x, m, path)
         return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
+    if isinstance(m, QuantLinear) and g.target == "tensorrt":  # no-plugin build: dequantized at export
+        y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight().T))
+        return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
     if isinstance(m, QuantLinear):
         fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype)
         g.functions[fn.overload] = fn

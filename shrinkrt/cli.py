@@ -119,6 +119,18 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("export_dir", metavar="DIR")
     add_model_args(v)
     add_checkpoint_arg(v)
+    bd = sub.add_parser("build", help="export for TensorRT and build an engine for a GPU architecture",
+                        description="Export (FP16, reference bodies inlined, quantized linears dequantized) and build "
+                                    "a TensorRT engine with prefill and decode profiles. TensorRT-RTX builds SM75 "
+                                    "engines without a GPU.")
+    add_model_args(bd)
+    add_checkpoint_arg(bd)
+    bd.add_argument("--target", default="sm75", help="GPU architecture: sm75 (T4, default), sm80, sm86, sm89")
+    bd.add_argument("--out", required=True, metavar="DIR", help="build directory (export + engine + build.json)")
+    bd.add_argument("--capacity", type=int, default=4096, help="largest cache (context) the engine serves")
+    bd.add_argument("--max-prefill", type=int, default=512, help="largest prefill chunk in tokens")
+    bd.add_argument("--trt-module", default=None, choices=["tensorrt_rtx", "tensorrt"],
+                    help="TensorRT Python module (default: tensorrt_rtx, then tensorrt)")
     pr = sub.add_parser("profile", help="latency and memory at several contexts (TTFT, decode p50/p90, RSS)",
                         description="Profile one backend: TTFT, prefill and decode tokens/s, decode p90, peak RSS "
                                     "and cache bytes per context, each context in a fresh process.")
@@ -138,6 +150,32 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--decode-steps", type=int, default=32)
     one.add_argument("--prefill-chunk", type=int, default=512)
     return ap
+
+
+def cmd_build(a) -> int:
+    import json
+
+    from shrinkrt.calib import checkpoint
+    from shrinkrt.evaluate.harness import write_atomic
+    from shrinkrt.export import artifact, trt_build
+
+    if a.target not in trt_build.TARGETS:
+        raise ShrinkError(f"unknown build target '{a.target}' (use {', '.join(trt_build.TARGETS)})")
+    trt_build.import_trt(a.trt_module)  # a missing TensorRT fails before any work
+    setup_torch(a.threads)
+    lm = load_with_checkpoint(a)
+    capacity = min(a.capacity, lm.model.args.max_seq_len)
+    if not 1 <= a.max_prefill <= capacity // 2:
+        raise ShrinkError(f"--max-prefill must be in [1, {capacity // 2}] (half the capacity {capacity})")
+    ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
+    out = Path(a.out)
+    artifact.export(lm, out, "float16", "tensorrt", checkpoint.base_identity(lm), ck)
+    info = trt_build.build(out / "model.onnx", out / f"engine.{a.target}.plan", a.target, capacity, a.max_prefill,
+                           a.trt_module)
+    write_atomic(json.dumps(info, indent=2) + "\n", out / "build.json")
+    print(f"[shrinkrt] built {out}/engine.{a.target}.plan: {info['layers']} layers, "
+          f"{info['engine_bytes'] / 2**20:.1f} MiB, {info['build_s']:.1f} s ({info['trt_module']} {info['trt_version']})")
+    return 0
 
 
 def load_backend(a):
@@ -397,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
-                "validate": cmd_validate, "profile": cmd_profile, "_profile-one": cmd_profile_one}[a.command](a)
+                "validate": cmd_validate, "profile": cmd_profile, "build": cmd_build, "_profile-one": cmd_profile_one}[a.command](a)
     except ShrinkError as e:
         if a.debug:
             raise

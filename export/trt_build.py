@@ -1,0 +1,97 @@
+"""`shrinkrt build`: a TensorRT engine for one GPU architecture from the exported graph.
+
+Without a plugin library the custom ops' reference bodies are inlined and TensorRT builds them from
+standard layers; the quantized linears enter as FP16 weights dequantized at export (target
+"tensorrt": TensorRT cannot parse the bit unpacking, and there is nothing to fuse without our
+plugin). Works with TensorRT-RTX (`tensorrt_rtx`, builds SM75 engines on a machine without a GPU)
+and with standard TensorRT (`tensorrt`), whose Python APIs match for what is used here.
+
+Two optimization profiles: 0 = prefill (seq 1..max_prefill), 1 = decode (seq 1), both over caches
+of up to `capacity` tokens.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import onnx
+
+from shrinkrt.errors import ShrinkError
+
+TRT_MODULES = ("tensorrt_rtx", "tensorrt")
+TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9)}
+
+
+def import_trt(name: str | None = None):
+    for mod in ([name] if name else TRT_MODULES):
+        try:
+            return importlib.import_module(mod)
+        except ImportError:
+            continue
+    raise ShrinkError("no TensorRT Python module: pip install tensorrt-rtx-cu12==1.7.1.116 (builds SM75 engines "
+                      "without a GPU) or install TensorRT (`tensorrt`) on the GPU machine")
+
+
+def inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Model-local functions expanded into the graph (the no-plugin build)."""
+    from onnx import inliner
+
+    return inliner.inline_local_functions(model)
+
+
+def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: int = 2048, max_prefill: int = 512,
+          trt_module: str | None = None) -> dict:
+    if target not in TARGETS:
+        raise ShrinkError(f"unknown build target '{target}' (use {', '.join(TARGETS)})")
+    trt = import_trt(trt_module)
+    model = inline(onnx.load(str(onnx_path)))
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ShrinkError(f"build: TensorRT could not parse the model: {errs[0] if errs else '?'}")
+    config = builder.create_builder_config()
+    rtx = trt.__name__ == "tensorrt_rtx"
+    if rtx:
+        cc = getattr(trt.ComputeCapability, target.upper())
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(cc, 0)
+    for seq in ((1, max_prefill // 2, max_prefill), (1, 1, 1)):
+        prof = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            t = network.get_input(i)
+            dims = list(t.shape)
+            named = [model.graph.input[i].type.tensor_type.shape.dim[j].dim_param for j in range(len(dims))]
+
+            def size(name, fixed, k):
+                if name == "batch":
+                    return 1
+                if name == "seq":
+                    return seq[k]
+                if name == "capacity":
+                    return (capacity // 4, capacity // 2, capacity)[k]
+                return fixed
+
+            if t.name == "past_length":  # a shape input (it sizes the cache slices): its values get a range
+                prof.set_shape_input(t.name, [0], [capacity // 2], [capacity - seq[2]])
+                continue
+            lo, opt, hi = ([size(n, d, k) for n, d in zip(named, dims)] for k in range(3))
+            prof.set_shape(t.name, lo, opt, hi)
+        config.add_optimization_profile(prof)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    build_s = time.perf_counter() - t0
+    if plan is None:
+        raise ShrinkError("build: TensorRT failed to build the engine (see the log above)")
+    engine_path = Path(engine_path)
+    tmp = engine_path.with_name(f".{engine_path.name}.tmp")
+    tmp.write_bytes(bytes(plan))
+    tmp.replace(engine_path)
+    layers = network.num_layers
+    return {"trt_module": trt.__name__, "trt_version": trt.__version__, "target": target,
+            "engine_bytes": engine_path.stat().st_size, "layers": layers, "build_s": round(build_s, 2),
+            "profiles": {"prefill": {"seq": [1, max_prefill // 2, max_prefill]}, "decode": {"seq": [1, 1, 1]},
+                         "capacity": [capacity // 4, capacity // 2, capacity]}}
