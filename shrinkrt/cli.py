@@ -372,10 +372,18 @@ def load_ort(a):
         raise ShrinkError("--backend ort needs --model DIR: an export directory written by `shrinkrt export`")
     if a.checkpoint is not None:
         raise ShrinkError("--backend ort runs an export, which already holds its checkpoint: drop --checkpoint")
-    if a.device != "cpu":
-        raise ShrinkError("--backend ort runs on the CPU here (onnxruntime-gpu is not installed)")
-    read_meta(Path(a.model))
-    return OrtModel(Path(a.model), a.threads), AutoTokenizer.from_pretrained(a.model)
+    meta = read_meta(Path(a.model))
+    providers = ["CPUExecutionProvider"]
+    if a.device != "cpu":  # thin CUDA path: onnxruntime-gpu (the [gpu] extra) on an FP16 export
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ShrinkError(f"--device {a.device} with --backend ort needs onnxruntime-gpu "
+                              "(pip install onnxruntime-gpu in place of onnxruntime)")
+        if meta["dtype"] != "float16":
+            raise ShrinkError("the CUDA execution provider runs FP16 exports: export with --precision float16")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return OrtModel(Path(a.model), a.threads, providers), AutoTokenizer.from_pretrained(a.model)
 
 
 def cmd_generate(a) -> int:

@@ -147,3 +147,5 @@ def test_cli_export_validate_generate(tiny_dir, tmp_path, capsys):
     assert "not a ShrinkRT export" in capsys.readouterr().err
     assert main(["generate", "hi", "--backend", "ort", "--model", str(exp), "--checkpoint", str(ck)]) == 2
     assert "drop --checkpoint" in capsys.readouterr().err
+    assert main(["generate", "hi", "--backend", "ort", "--model", str(exp), "--device", "cuda"]) == 2
+    assert "needs onnxruntime-gpu" in capsys.readouterr().err
