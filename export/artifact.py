@@ -27,8 +27,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
-           checkpoint: dict | None = None) -> Path:
-    """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity)."""
+           checkpoint: dict | None = None, check=None) -> Path:
+    """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity).
+    `check(tmp_dir)` runs on the complete files before they replace `out`: an export that fails its
+    validation never appears."""
     if target not in TARGETS:
         raise ShrinkError(f"unknown export target '{target}' (use {', '.join(TARGETS)})")
     stats = {}
@@ -56,6 +58,8 @@ def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base:
         for name in TOKENIZER_FILES:
             if (Path(lm.model_dir) / name).is_file():
                 shutil.copyfile(Path(lm.model_dir) / name, tmp / name)
+        if check is not None:
+            check(tmp)
 
     return write_dir(out, fill)
 

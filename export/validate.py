@@ -3,9 +3,12 @@ reference on real prompts (prefill logits, then DECODE_STEPS greedy steps: logit
 and identical greedy tokens), and Polygraphy's ONNX Runtime runner on the artifact.
 
 Tolerance, max |logit difference|: both sides compute in fp32 from the same stored numbers, so what
-is left is summation order (~1e-5 over 30 layers); a quantized feature branch adds the rare code that
-rounds the other way at a tie (one step of one feature), which moves logits by ~1e-3. 2e-2 is far
-below what a real mismatch produces (a wrong mask or rotation moves logits by whole units).
+is left is summation order (~1e-4 over 30 layers). A quantized feature branch adds codes that round
+the other way when a feature sits near a rounding boundary: one int4 step is 1/7 of its group's
+range, which moved logits by up to ~0.03 on the embedded model (int8: 1/127). Hence 2e-2 for FP and
+int8 branches and 0.1 with int4 features, far below what a real mismatch produces (a wrong mask,
+rotation or packing moves logits by whole units). Greedy tokens must be identical wherever the
+reference's top-2 gap exceeds the tolerance (a closer call may flip on either side legitimately).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.ort_model import OrtModel
 
 TOLERANCE = {"float32": 2e-2, "float16": 0.5}
+INT4_TOLERANCE = 0.1
 DECODE_STEPS = 32
 PROMPTS = ("What is the capital of France?", "Write a haiku about compilers.",
            "Explain in two sentences why the sky is blue.")
@@ -33,12 +37,14 @@ def check_onnx(path: Path) -> None:
 
 @torch.inference_mode()
 def compare(ref_model, ort_model: OrtModel, prompt_ids: list[int], steps: int, tol: float) -> float:
-    """Teacher-forced on the reference's greedy tokens; returns the largest |logit difference|."""
+    """Teacher-forced on the reference's greedy tokens; returns the largest |logit difference|.
+    Near-tie token flips (top-2 gap <= tol) are allowed and counted in `compare.flips`."""
     total = len(prompt_ids) + steps
     ref_model.setup_caches(1, total)
     ort_model.setup_caches(1, total)
     tokens = torch.tensor([prompt_ids])
     worst, pos = 0.0, 0
+    compare.flips = 0
     for step in range(steps + 1):
         a = ref_model(tokens, pos, last_only=True)[0, -1].float()
         b = ort_model(tokens, pos)[0, -1].float()
@@ -47,7 +53,10 @@ def compare(ref_model, ort_model: OrtModel, prompt_ids: list[int], steps: int, t
         if not np.isfinite(diff) or diff > tol:
             raise ShrinkError(f"validate: logits of {where} differ by {diff:.4g} (threshold {tol:g}) "
                               f"after {len(prompt_ids)} prompt tokens")
+        top2 = a.topk(2).values
         if int(a.argmax()) != int(b.argmax()):
+            compare.flips += 1
+        if int(a.argmax()) != int(b.argmax()) and float(top2[0] - top2[1]) > tol:
             raise ShrinkError(f"validate: greedy token of {where} differs: ONNX Runtime {int(b.argmax())}, "
                               f"reference {int(a.argmax())}")
         worst = max(worst, diff)
@@ -86,10 +95,14 @@ def validate(path: Path, lm, steps: int = DECODE_STEPS, threads: int = 0) -> dic
     check_onnx(path)
     ort_model = OrtModel(path, threads)
     tol = TOLERANCE[meta["dtype"]]
+    if any(getattr(layer.self_attn, "cfg", None) is not None and layer.self_attn.cfg.bits == 4
+           for layer in lm.model.layers):
+        tol = max(tol, INT4_TOLERANCE)
     rows = []
     for p in PROMPTS:
         ids = chat_prompt(lm.tokenizer, p)
-        rows.append({"prompt": p, "prompt_tokens": len(ids),
-                     "max_abs_logit_diff": compare(lm.model, ort_model, ids, steps, tol)})
+        worst = compare(lm.model, ort_model, ids, steps, tol)
+        rows.append({"prompt": p, "prompt_tokens": len(ids), "max_abs_logit_diff": worst,
+                     "near_tie_token_flips": compare.flips})
     return {"checker": "ok (full shape inference)", "tolerance": tol, "decode_steps": steps, "prompts": rows,
-            "greedy_tokens_identical": True, "polygraphy": polygraphy_run(path, lm.model.args.vocab_size)}
+            "greedy_tokens_identical": all(r["near_tie_token_flips"] == 0 for r in rows), "polygraphy": polygraphy_run(path, lm.model.args.vocab_size)}

@@ -322,11 +322,12 @@ def cmd_export(a) -> int:
     setup_torch(a.threads)
     lm = load_with_checkpoint(a)
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
-    artifact.export(lm, Path(a.out), a.precision, a.target, checkpoint.base_identity(lm), ck)
-    print(f"[shrinkrt] wrote {a.out}/model.onnx")
-    if not a.no_validate:
-        report = run_validation(Path(a.out), lm, a.threads)
+    report = {}
+    check = None if a.no_validate else (lambda d: report.update(run_validation(d, lm, a.threads)))
+    artifact.export(lm, Path(a.out), a.precision, a.target, checkpoint.base_identity(lm), ck, check)
+    if report:
         print(f"[shrinkrt] validated: {json.dumps(report)}")
+    print(f"[shrinkrt] wrote {a.out}/model.onnx")
     return 0
 
 
@@ -337,7 +338,7 @@ def run_validation(path: Path, lm, threads: int) -> dict:
     from shrinkrt.evaluate.harness import write_atomic
 
     report = validate(path, lm, threads=threads)
-    write_atomic(json.dumps(report, indent=2) + "\n", path.with_name(path.name + ".validation.json"))
+    write_atomic(json.dumps(report, indent=2) + "\n", path / "validation.json")
     return report
 
 

@@ -129,7 +129,7 @@ def test_cli_export_validate_generate(tiny_dir, tmp_path, capsys):
                  "--quiet"]) == 0
     exp = tmp_path / "exp"
     assert main(["export", "--model", str(tiny_dir), "--checkpoint", str(ck), "--out", str(exp)]) == 0
-    report = json.loads((tmp_path / "exp.validation.json").read_text())
+    report = json.loads((exp / "validation.json").read_text())
     assert report["greedy_tokens_identical"] and len(report["prompts"]) == 3
     assert all(p["max_abs_logit_diff"] < report["tolerance"] for p in report["prompts"])
     meta = json.loads((exp / "export.json").read_text())
@@ -147,5 +147,18 @@ def test_cli_export_validate_generate(tiny_dir, tmp_path, capsys):
     assert "not a ShrinkRT export" in capsys.readouterr().err
     assert main(["generate", "hi", "--backend", "ort", "--model", str(exp), "--checkpoint", str(ck)]) == 2
     assert "drop --checkpoint" in capsys.readouterr().err
+    # a validation failure leaves no export behind
+    import shrinkrt.export.validate as v
+
+    def fail(*args, **kw):
+        raise ShrinkError("validate: logits of prefill differ by 3 (threshold 0.02)")
+
+    v_real = v.validate
+    v.validate = fail
+    try:
+        assert main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "exp2")]) == 2
+    finally:
+        v.validate = v_real
+    assert "logits of prefill differ" in capsys.readouterr().err and not (tmp_path / "exp2").exists()
     assert main(["generate", "hi", "--backend", "ort", "--model", str(exp), "--device", "cuda"]) == 2
     assert "needs onnxruntime-gpu" in capsys.readouterr().err
