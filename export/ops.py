@@ -78,6 +78,13 @@ def _unpack_stream(b: Body, words: str, rows: int, n: int, bits: int) -> str:
     n_words = math.ceil(n * bits / 32)
     w = b("Slice", words, b.const([0], np.int64), b.const([n_words], np.int64), b.const([1], np.int64))
     u = b("Unsqueeze", b("Cast", w, to=TensorProto.UINT32), b.const([-1], np.int64))
+    if 32 % bits == 0:  # whole codes per word: shift by code, never expand to bits (ORT folds this)
+        per = 32 // bits
+        vals = b("BitwiseAnd", b("BitShift", u, b.const(np.arange(per, dtype=np.uint32) * bits), direction="RIGHT"),
+                 b.const(np.uint32(2 ** bits - 1)))
+        flat = b("Reshape", vals, b.const([rows, n_words * per], np.int64))
+        head = b("Slice", flat, b.const([0], np.int64), b.const([n], np.int64), b.const([1], np.int64))
+        return b("Cast", head, to=TensorProto.FLOAT)
     bit = b("BitwiseAnd", b("BitShift", u, b.const(np.arange(32, dtype=np.uint32)), direction="RIGHT"),
             b.const(np.uint32(1)))
     stream = b("Reshape", b("Cast", bit, to=TensorProto.FLOAT), b.const([rows, n_words * 32], np.int64))
