@@ -27,14 +27,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
-           checkpoint: dict | None = None, check=None) -> Path:
+           checkpoint: dict | None = None, check=None, ort_accuracy: int = 4) -> Path:
     """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity).
     `check(tmp_dir)` runs on the complete files before they replace `out`: an export that fails its
     validation never appears."""
     if target not in TARGETS:
         raise ShrinkError(f"unknown export target '{target}' (use {', '.join(TARGETS)})")
     stats = {}
-    model = llama.build(lm.model, dtype, target, stats=stats)
+    if ort_accuracy not in (0, 4):
+        raise ShrinkError(f"--ort-accuracy must be 0 or 4 (got {ort_accuracy})")
+    model = llama.build(lm.model, dtype, target, stats=stats, ort_accuracy=ort_accuracy)
     data = model.SerializeToString()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": lm.name, "dtype": dtype, "target": target,
             "model_args": dataclasses.asdict(lm.model.args), "base_model": base,
@@ -46,7 +48,7 @@ def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base:
     if "matmul_nbits" in stats:
         layers = stats["matmul_nbits"]
         packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
-        meta["ort_cpu"] = {"matmul_nbits_layers": len(layers),
+        meta["ort_cpu"] = {"matmul_nbits_layers": len(layers), "accuracy_level": ort_accuracy,
                            "layers_in_wider_container": sum(r["bits"] != r["container_bits"] for r in layers),
                            "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
                            "note": "3-bit layers use MatMulNBits' 4-bit container; outliers as int64 rows/cols "

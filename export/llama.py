@@ -32,8 +32,8 @@ IR_VERSION = 10  # function overloads
 class Graph:
     """Nodes, initializers and functions of one model, with deterministic names."""
 
-    def __init__(self, dtype: str, target: str = "generic"):
-        self.dtype, self.F, self.target = dtype, ops.ONNX_DTYPE[dtype], target
+    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 4):
+        self.dtype, self.F, self.target, self.ort_accuracy = dtype, ops.ONNX_DTYPE[dtype], target, ort_accuracy
         self.np_float = np.float16 if dtype == "float16" else np.float32
         self.stats = {}
         self.nodes, self.inits, self.functions = [], {}, {}
@@ -184,7 +184,7 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k,
 
 
 def build(model, dtype: str = "float32", target: str = "generic", name: str = "shrinkrt",
-          stats: dict | None = None) -> onnx.ModelProto:
+          stats: dict | None = None, ort_accuracy: int = 4) -> onnx.ModelProto:
     """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic.
     target "ort-cpu" lowers quantized linears to MatMulNBits; `stats` receives what that costs."""
     args = model.args
@@ -193,7 +193,7 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     if dtype not in ops.ONNX_DTYPE:
         raise ShrinkError(f"export: unsupported dtype '{dtype}' (use float32 or float16)")
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
-    g = Graph(dtype, target)
+    g = Graph(dtype, target, ort_accuracy)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("past_length", TensorProto.INT64, [1])
     b = g.scope("rope/")

@@ -15,6 +15,10 @@ from onnx import helper, numpy_helper
 from shrinkrt.calib.quantize import n_groups, unpack_bits
 
 CONTAINER = {2: 2, 3: 4, 4: 4, 8: 8}
+# MatMulNBits accuracy_level: 4 quantizes the activations to int8 per block inside the kernel (int8
+# dot products, as llama.cpp's q8 activations do); 0 dequantizes to fp32 (slower, matches the
+# reference to summation order).
+ACCURACY_LEVELS = (0, 4)
 
 
 def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
@@ -44,7 +48,8 @@ def matmul_nbits(g, b, x: str, m, path: str) -> str:
              g.weight(f"{path}.nbits_zero_points", zp.reshape(-1))]
     y = f"{path}/y"
     g.nodes.append(helper.make_node("MatMulNBits", [x, *names], [y], name=f"{path}/MatMulNBits",
-                                    domain="com.microsoft", K=K, N=N, bits=bits, block_size=gs))
+                                    domain="com.microsoft", K=K, N=N, bits=bits, block_size=gs,
+                                    accuracy_level=g.ort_accuracy))
     nbytes = B.nbytes + scales.nbytes + zp.nbytes
     if m.n_outliers:
         rows = np.repeat(np.arange(N), np.diff(m.outlier_rowptr.numpy()))

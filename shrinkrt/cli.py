@@ -112,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
                         "ort-cpu: quantized linears lowered to com.microsoft::MatMulNBits")
     x.add_argument("--precision", default="float32", choices=["float32", "float16"],
                    help="activation/weight dtype of the artifact: float32 for ONNX Runtime on CPU, float16 for GPUs")
+    x.add_argument("--ort-accuracy", type=int, default=4, choices=[0, 4],
+                   help="ort-cpu: MatMulNBits accuracy level; 4 = int8 activations inside the kernel (fast, "
+                        "default), 0 = fp32 (matches the reference to summation order)")
     x.add_argument("--no-validate", action="store_true", help="skip the validation run")
     v = sub.add_parser("validate", help="check an export against the reference runtime",
                        description="ONNX checker, ONNX Runtime vs the PyTorch reference (prefill + 32 greedy decode "
@@ -324,7 +327,7 @@ def cmd_export(a) -> int:
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
     report = {}
     check = None if a.no_validate else (lambda d: report.update(run_validation(d, lm, a.threads)))
-    artifact.export(lm, Path(a.out), a.precision, a.target, checkpoint.base_identity(lm), ck, check)
+    artifact.export(lm, Path(a.out), a.precision, a.target, checkpoint.base_identity(lm), ck, check, a.ort_accuracy)
     if report:
         print(f"[shrinkrt] validated: {json.dumps(report)}")
     print(f"[shrinkrt] wrote {a.out}/model.onnx")

@@ -48,10 +48,11 @@ class Loaded:  # the fields of LoadedModel that export reads
 
 @pytest.mark.parametrize("variant", ["fp", "fp-bias-tied", "quant4", "quant3", "cskv-pre-16", "cskv-post-8",
                                      "cskv-pre-4+quant2", "ort-cpu:quant2", "ort-cpu:quant3", "ort-cpu:quant8",
-                                     "ort-cpu:cskv-post-4+quant4"])
+                                     "ort-cpu:cskv-post-4+quant4", "ort-cpu-int8act:quant4"])
 def test_onnx_runtime_matches_reference(variant, tmp_path):
-    target = "ort-cpu" if variant.startswith("ort-cpu:") else "generic"
-    variant = variant.removeprefix("ort-cpu:")
+    target = "ort-cpu" if variant.startswith("ort-cpu") else "generic"
+    int8_act = variant.startswith("ort-cpu-int8act:")
+    variant = variant.split(":")[-1]
     over = {"attention_bias": True, "tie_word_embeddings": True} if variant == "fp-bias-tied" else {}
     model = ours_from(tiny_hf_model("llama", **over))
     if variant.startswith("quant"):
@@ -60,14 +61,16 @@ def test_onnx_runtime_matches_reference(variant, tmp_path):
         _, mode, bits = variant.split("+")[0].split("-")
         qb = variant.split("+quant")[1] if "+quant" in variant else None
         compress(model, f"{mode}-rope", int(bits), quant_bits=int(qb) if qb else None)
-    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target=target)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target=target, ort_accuracy=4 if int8_act else 0)
     if target == "ort-cpu":
         meta = json.loads((tmp_path / "exp" / "export.json").read_text())
         assert meta["ort_cpu"]["layers_in_wider_container"] == (3 * 2 if variant == "quant3" else 0)
     ort_model = OrtModel(tmp_path / "exp")
     prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
-    # fp32 both sides: only summation order differs (a feature code may flip at an exact tie)
-    assert compare(model, ort_model, prompt, steps=12, tol=1e-3) < 1e-3
+    # fp32 both sides: only summation order differs (a feature code may flip at an exact tie);
+    # int8 activations inside MatMulNBits (accuracy level 4) cost ~1e-2 on this tiny random model
+    tol = 5e-2 if int8_act else 1e-3
+    assert compare(model, ort_model, prompt, steps=12, tol=tol) < tol
 
 
 def test_export_is_deterministic_and_atomic(tmp_path):
