@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
-           checkpoint: dict | None = None, check=None, ort_accuracy: int = 4) -> Path:
+           checkpoint: dict | None = None, check=None, ort_accuracy: int = 0) -> Path:
     """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity).
     `check(tmp_dir)` runs on the complete files before they replace `out`: an export that fails its
     validation never appears."""

@@ -32,7 +32,7 @@ IR_VERSION = 10  # function overloads
 class Graph:
     """Nodes, initializers and functions of one model, with deterministic names."""
 
-    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 4):
+    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 0):
         self.dtype, self.F, self.target, self.ort_accuracy = dtype, ops.ONNX_DTYPE[dtype], target, ort_accuracy
         self.np_float = np.float16 if dtype == "float16" else np.float32
         self.stats = {}
@@ -184,7 +184,7 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k,
 
 
 def build(model, dtype: str = "float32", target: str = "generic", name: str = "shrinkrt",
-          stats: dict | None = None, ort_accuracy: int = 4) -> onnx.ModelProto:
+          stats: dict | None = None, ort_accuracy: int = 0) -> onnx.ModelProto:
     """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic.
     target "ort-cpu" lowers quantized linears to MatMulNBits; `stats` receives what that costs."""
     args = model.args
