@@ -135,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--max-prefill", type=int, default=512, help="largest prefill chunk in tokens")
     bd.add_argument("--trt-module", default=None, choices=["tensorrt_rtx", "tensorrt"],
                     help="TensorRT Python module (default: tensorrt_rtx, then tensorrt)")
+    kn = sub.add_parser("kernels", help="compile every Triton kernel specialization ahead of time (sm_75)",
+                        description="Compile the kernels for a GPU architecture without a GPU: cubin + PTX embedded "
+                                    "in a generated C++ source, plus kernels.json (what CMake runs too).")
+    kn.add_argument("--out", default="build/kernels", metavar="DIR")
+    kn.add_argument("--arch", type=int, default=75, help="SM version (default 75 = T4)")
     pr = sub.add_parser("profile", help="latency and memory at several contexts (TTFT, decode p50/p90, RSS)",
                         description="Profile one backend: TTFT, prefill and decode tokens/s, decode p90, peak RSS "
                                     "and cache bytes per context, each context in a fresh process.")
@@ -180,6 +185,17 @@ def cmd_build(a) -> int:
     print(f"[shrinkrt] built {out}/engine.{a.target}.plan: {info['layers']} layers, "
           f"{info['engine_bytes'] / 2**20:.1f} MiB, {info['build_s']:.1f} s ({info['trt_module']} {info['trt_version']})")
     return 0
+
+
+def cmd_kernels(a) -> int:
+    from shrinkrt.plugins.kernels import aot
+
+    try:
+        return aot.main(["--out", a.out, "--arch", str(a.arch)])
+    except ImportError as e:
+        raise ShrinkError(f"kernels need triton ({e}): pip install triton==3.9.0") from None
+    except RuntimeError as e:
+        raise ShrinkError(str(e)) from None
 
 
 def load_backend(a):
@@ -448,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
-                "validate": cmd_validate, "profile": cmd_profile, "build": cmd_build, "_profile-one": cmd_profile_one}[a.command](a)
+                "validate": cmd_validate, "profile": cmd_profile, "build": cmd_build, "kernels": cmd_kernels, "_profile-one": cmd_profile_one}[a.command](a)
     except ShrinkError as e:
         if a.debug:
             raise

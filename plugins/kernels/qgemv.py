@@ -1,0 +1,93 @@
+"""Mixed-precision dequantize + GEMV over the LLM-MQ packed layout (docs/formats.md), outliers fused.
+
+y[m, n] = sum_k x[m, k] * ((code(n, k) - zero(n, k // GROUP)) * scale(n, k // GROUP))
+          + sum over row n's CSR outliers of vals[i] * x[m, cols[i]]
+fp32 accumulation, any of 2/3/4/8 bits (a 3-bit code may straddle two words), batch M <= 8.
+
+One program computes BLOCK_N output rows for all M activations: it walks K in BLOCK_K chunks,
+reads each code's word(s) from the row's bit stream, and keeps the partial sums in registers.
+Decode is memory-bound: the weight stream is read once per launch whatever M is.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bits_at(base_ptr, row_off, bitpos, mask, BITS: tl.constexpr):
+    """`BITS`-bit values starting at bit `bitpos` of each row's little-endian int32 stream."""
+    widx = bitpos // 32
+    sh = (bitpos % 32).to(tl.uint32)
+    w0 = tl.load(base_ptr + row_off + widx, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    val = w0 >> sh
+    if 32 % BITS != 0:  # a code can straddle into the next word (3 bits)
+        spill = mask & (sh + BITS > 32)
+        w1 = tl.load(base_ptr + row_off + widx + 1, mask=spill, other=0).to(tl.uint32, bitcast=True)
+        val = val | tl.where(spill, w1 << ((32 - sh) % 32), 0)
+    return (val & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def qgemv_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr,
+                 M, N, K, G, words_per_row, zwords_per_row, max_row_nnz, stride_xm, stride_ym,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    ms = tl.arange(0, M_PAD)
+    mmask = ms < M
+    acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        m2 = rmask[:, None] & kmask[None, :]
+        code = _bits_at(codes_ptr, rows[:, None] * words_per_row, ks[None, :] * BITS, m2, BITS)
+        g = ks // GROUP
+        zero = _bits_at(zeros_ptr, rows[:, None] * zwords_per_row, g[None, :] * BITS, m2, BITS)
+        scale = tl.load(scales_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0.0).to(tl.float32)
+        w = (code - zero).to(tl.float32) * scale  # (BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + ms[None, :] * stride_xm + ks[:, None], mask=kmask[:, None] & mmask[None, :],
+                    other=0.0).to(tl.float32)  # (BLOCK_K, M_PAD)
+        acc += tl.sum(w[:, :, None] * x[None, :, :], axis=1)
+    if HAS_OUTLIERS:
+        start = tl.load(rowptr_ptr + rows, mask=rmask, other=0)
+        count = tl.load(rowptr_ptr + rows + 1, mask=rmask, other=0) - start
+        for j in range(0, max_row_nnz):
+            om = rmask & (j < count)
+            col = tl.load(cols_ptr + start + j, mask=om, other=0)
+            val = tl.load(vals_ptr + start + j, mask=om, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + ms[None, :] * stride_xm + col[:, None], mask=om[:, None] & mmask[None, :],
+                         other=0.0).to(tl.float32)
+            acc += val[:, None] * xo
+    tl.store(y_ptr + ms[None, :] * stride_ym + rows[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=rmask[:, None] & mmask[None, :])
+
+
+BLOCK_N, BLOCK_K = 32, 64
+
+
+def qgemv(x: torch.Tensor, m) -> torch.Tensor:
+    """x (M, K) fp16/fp32 with M <= 8; m: runtime.quant_linear.QuantLinear -> y (M, N) in x's dtype."""
+    M, K = x.shape
+    if M > 8 or K != m.in_features:
+        raise ValueError(f"qgemv takes (M <= 8, {m.in_features}) activations, got {tuple(x.shape)}")
+    N = m.out_features
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if m.n_outliers:
+        rowptr = m.outlier_rowptr
+        c = m.outlier_cols
+        cols = (c.to(torch.int32) & 0xFFFF) if c.dtype == torch.int16 else c.to(torch.int32)
+        vals, max_nnz = m.outlier_vals, int((rowptr[1:] - rowptr[:-1]).max())
+    else:
+        rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=x.device)
+        max_nnz = 0
+    grid = (triton.cdiv(N, BLOCK_N),)
+    qgemv_kernel[grid](x, m.codes, m.scales, m.zeros, rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
+                       m.codes.shape[1], m.zeros.shape[1], max_nnz, x.stride(0), y.stride(0),
+                       BITS=m.bits, GROUP=m.group_size, M_PAD=max(2, triton.next_power_of_2(M)),
+                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers))
+    return y

@@ -1,0 +1,81 @@
+"""Triton kernels under the CPU interpreter against the PyTorch reference, and their sm_75 AOT build."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from shrinkrt.plugins.kernels import aot  # noqa: E402
+from shrinkrt.plugins.kernels.qgemv import qgemv  # noqa: E402
+from tests.test_export_ops import quant_layer  # noqa: E402
+
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group,n_out", [(64, 0), (128, 11)])
+def test_qgemv_matches_reference(bits, group, n_out):
+    # odd shapes: N not a multiple of the row block, K not a multiple of the group, of 32 or of BLOCK_K
+    m = quant_layer(45, 200, bits, group, n_out, seed=bits + group)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 200, generator=torch.Generator().manual_seed(M))
+        y, ref = qgemv(x, m), m(x)
+        # fp32 both sides; the kernel sums in its own order: ~1e-6 relative
+        assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-5
+
+
+@pytest.mark.model
+def test_qgemv_on_the_embedded_weights(embedded):
+    """A real SmolLM2 projection (layers.0.self_attn.k_proj, 192 x 576) quantized at 3 bits with outliers."""
+    from shrinkrt.calib import quantize as qz
+    from shrinkrt.calib.mq import select_outliers, to_csr
+    from shrinkrt.runtime.quant_linear import QuantLinear
+
+    w = embedded.model.layers[0].self_attn.k_proj.weight.detach().float()
+    keep = select_outliers(w, torch.ones(w.shape[1]), 200)
+    q, s, z, _ = qz.quantize_rtn(w, 3, 64, keep=keep)
+    p = qz.pack(q, s, z, 3, 64)
+    m = QuantLinear(w.shape[1], w.shape[0], 3, 64, p.codes, p.scales, p.zeros, to_csr(keep, w))
+    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+    assert (qgemv(x, m) - m(x)).abs().max().item() < 1e-4
+
+
+def test_qgemv_rejects_bad_shapes():
+    m = quant_layer(8, 64, 4, 64, 0)
+    with pytest.raises(ValueError, match="M <= 8"):
+        qgemv(torch.randn(9, 64), m)
+
+
+def run_aot(out, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    subprocess.run([sys.executable, "-m", "shrinkrt.plugins.kernels.aot", "--out", str(out), *extra], env=env,
+                   check=True, capture_output=True, timeout=900)
+    return json.loads((out / "kernels.json").read_text())
+
+
+def test_aot_builds_every_kernel_for_sm75(tmp_path):
+    manifest = run_aot(tmp_path / "a")
+    names = [k["name"] for k in manifest["kernels"]]
+    assert len(names) == len(aot.specializations()) == 48 and len(set(names)) == 48
+    src = (tmp_path / "a" / "shrinkrt_kernels.gen.cpp").read_text()
+    assert "kNumKernels = 48" in src and all(f'"{n}"' in src for n in names)
+    for k in manifest["kernels"]:
+        cubin = tmp_path / "a" / f"{k['name']}.sm_75.cubin"
+        assert k["arch"] == "sm_75" and cubin.stat().st_size == k["cubin_bytes"] > 1000
+    # the bundled disassembler reads each ELF's architecture: every image is SM75 machine code
+    tool = os.path.join(NVIDIA_BIN, "nvdisasm")
+    for k in manifest["kernels"]:
+        out = subprocess.run([tool, "-c", str(tmp_path / "a" / f"{k['name']}.sm_75.cubin")], capture_output=True,
+                             text=True, timeout=60).stdout
+        assert "EF_CUDA_SM75" in out, k["name"]
+    # deterministic: a second build gives the same bytes
+    again = run_aot(tmp_path / "b", "--limit", "3")
+    assert [k["cubin_sha256"] for k in again["kernels"]] == [k["cubin_sha256"] for k in manifest["kernels"][:3]]
+    assert manifest["triton"] == triton.__version__
