@@ -63,9 +63,9 @@ def run_aot(out, *extra):
 def test_aot_builds_every_kernel_for_sm75(tmp_path):
     manifest = run_aot(tmp_path / "a")
     names = [k["name"] for k in manifest["kernels"]]
-    assert len(names) == len(aot.specializations()) == 48 and len(set(names)) == 48
+    assert len(names) == len(aot.specializations()) == 48 + 7 and len(set(names)) == 55
     src = (tmp_path / "a" / "shrinkrt_kernels.gen.cpp").read_text()
-    assert "kNumKernels = 48" in src and all(f'"{n}"' in src for n in names)
+    assert "kNumKernels = 55" in src and all(f'"{n}"' in src for n in names)
     for k in manifest["kernels"]:
         cubin = tmp_path / "a" / f"{k['name']}.sm_75.cubin"
         assert k["arch"] == "sm_75" and cubin.stat().st_size == k["cubin_bytes"] > 1000
@@ -79,3 +79,46 @@ def test_aot_builds_every_kernel_for_sm75(tmp_path):
     again = run_aot(tmp_path / "b", "--limit", "3")
     assert [k["cubin_sha256"] for k in again["kernels"]] == [k["cubin_sha256"] for k in manifest["kernels"][:3]]
     assert manifest["triton"] == triton.__version__
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_bibranch_decode_matches_cskv_attention(key_mode, bits):
+    """The split + reduce kernels, fed the cache as CSKVAttention leaves it after appending a token,
+    give that layer's output (through o_proj) at several positions: before the feature branch is
+    reached, at the window boundary, and with the sequence split unevenly."""
+    from shrinkrt.plugins.kernels.bibranch_attn import bibranch_decode
+    from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+    from shrinkrt.runtime.model import apply_rope
+    from tests.conftest import tiny_hf_model
+    from tests.test_model import ours_from
+
+    model = ours_from(tiny_hf_model("qwen2"))  # K/V biases, GQA (4 query heads, 2 KV heads)
+    a = model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(1)
+    W, S = 6, 40
+    in_k = a.n_kv_heads * a.head_dim if key_mode == "post-rope" else 64
+    layer = CSKVAttention(a, CSKVConfig(key_mode, W, bits), torch.randn(in_k, 5, generator=gen),
+                          torch.randn(5, 32, generator=gen) * 0.3, torch.randn(64, 37, generator=gen),
+                          torch.randn(37, 32, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    layer.setup_cache(1, S, torch.float32, "cpu")
+    H, G, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    x_all = torch.randn(1, S, 64, generator=gen)
+    c = layer.cache
+    with torch.no_grad():
+        layer(x_all[:, :3], model.rope_cos[:3], model.rope_sin[:3], 0)
+        for p in range(3, 29):
+            x = x_all[:, p:p + 1]
+            cos, sin = model.rope_cos[p:p + 1], model.rope_sin[p:p + 1]
+            ref = layer(x, cos, sin, p)
+            if p not in (4, W, W + 1, 17, 28):
+                continue
+            q = apply_rope(a.q_proj(x).view(1, 1, H, D).transpose(1, 2), cos, sin)[:, :, 0]
+            fk, fv = c.feat_k, c.feat_v
+            codes = lambda f: f.codes.view(torch.int8) if bits == 4 else f.codes  # noqa: E731
+            y = bibranch_decode(q, c.win_k, c.win_v, codes(fk), fk.scales if bits < 16 else None, codes(fv),
+                                fv.scales if bits < 16 else None, layer.k_up, layer.v_up, a.k_proj.bias.detach(),
+                                a.v_proj.bias.detach(), model.rope_cos, model.rope_sin, p, bits,
+                                key_mode == "post-rope", split_len=5, block_j=4)
+            out = a.o_proj(y.reshape(1, 1, H * D))
+            assert (out - ref).abs().max().item() < 1e-4, (p, (out - ref).abs().max().item())

@@ -27,8 +27,30 @@ QGEMV_SIGNATURE = {
     "HAS_OUTLIERS": "constexpr"}
 
 
+SMOLLM2_ATTN = {"H": 9, "G": 3, "D": 64, "W": 64}  # the default model's attention shape (window 64)
+
+
+def _split_signature(bits: int) -> dict:
+    feat = "*fp16" if bits == 16 else "*i8"
+    sig = {n: "*fp16" for n in ("q_ptr", "win_k_ptr", "win_v_ptr")}
+    sig.update({"fk_ptr": feat, "fks_ptr": "*fp16", "fv_ptr": feat, "fvs_ptr": "*fp16", "k_up_ptr": "*fp16",
+                "k_bias_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16", "part_ml_ptr": "*fp32",
+                "part_w_ptr": "*fp32", "part_c_ptr": "*fp32"})
+    sig.update({n: "i32" for n in ("p", "S", "n_splits", "split_len", "RK", "RV", "CK", "CV")})
+    sig.update({n: "constexpr" for n in ("H", "G", "D", "W", "RK_PAD", "RV_PAD", "BITS", "POST_ROPE", "W_PAD",
+                                         "BLOCK_J")})
+    return sig
+
+
+REDUCE_SIGNATURE = {"part_ml_ptr": "*fp32", "part_w_ptr": "*fp32", "part_c_ptr": "*fp32", "v_up_ptr": "*fp16",
+                    "v_bias_ptr": "*fp16", "y_ptr": "*fp16", "n_splits": "i32", "RV": "i32", "H": "constexpr",
+                    "G": "constexpr", "D": "constexpr", "RV_PAD": "constexpr", "NS_PAD": "constexpr"}
+
+
 def specializations() -> list[dict]:
-    """Every (kernel, constexprs) the plugins launch, in a fixed order."""
+    """Every (kernel, constexprs) the plugins launch, in a fixed order. The attention kernels are
+    specialised for the default model's shape (ranks are runtime values up to R_PAD)."""
+    from .bibranch_attn import NS_PAD, R_PAD
     from .qgemv import BLOCK_K, BLOCK_N
 
     out = []
@@ -40,6 +62,16 @@ def specializations() -> list[dict]:
                              "HAS_OUTLIERS": outliers}
                     out.append({"kernel": "qgemv", "name": f"qgemv_b{bits}_g{group}_m{m_pad}_o{int(outliers)}",
                                 "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1"})
+    shape = SMOLLM2_ATTN
+    for bits in (16, 8, 4):
+        for post in (False, True):
+            const = {**shape, "RK_PAD": R_PAD, "RV_PAD": R_PAD, "BITS": bits, "POST_ROPE": post, "W_PAD": shape["W"],
+                     "BLOCK_J": 16}
+            out.append({"kernel": "bibranch_split", "name": f"bibranch_split_b{bits}_{'post' if post else 'pre'}",
+                        "const": const, "grid": "B*H x n_splits+1 x 1", "signature": _split_signature(bits)})
+    out.append({"kernel": "bibranch_reduce", "name": "bibranch_reduce",
+                "const": {"H": shape["H"], "G": shape["G"], "D": shape["D"], "RV_PAD": R_PAD, "NS_PAD": NS_PAD},
+                "grid": "B*H x 1 x 1", "signature": REDUCE_SIGNATURE})
     return out
 
 
@@ -47,9 +79,12 @@ def compile_one(spec: dict, arch: int = 75):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as tcompile
 
+    from .bibranch_attn import bibranch_reduce_kernel, bibranch_split_kernel
     from .qgemv import qgemv_kernel
 
-    fn, sig = {"qgemv": (qgemv_kernel, QGEMV_SIGNATURE)}[spec["kernel"]]
+    fn = {"qgemv": qgemv_kernel, "bibranch_split": bibranch_split_kernel,
+          "bibranch_reduce": bibranch_reduce_kernel}[spec["kernel"]]
+    sig = spec.get("signature", QGEMV_SIGNATURE)
     k = tcompile(ASTSource(fn, sig, spec["const"]), target=GPUTarget("cuda", arch, 32))
     return k.asm["cubin"], k.asm["ptx"], k.metadata
 
@@ -68,7 +103,7 @@ def build(out: Path, arch: int = 75, limit: int = 0) -> dict:
         parts.append(f"static const unsigned char kCubin{i}[] = {{{_c_bytes(cubin)}}};\n"
                      f"static const char kPtx{i}[] = {json.dumps(ptx)};\n")
         rows.append({"name": spec["name"], "entry": meta.name, "num_warps": meta.num_warps, "shared": meta.shared,
-                     "grid": spec["grid"], "const": spec["const"], "cubin_bytes": len(cubin),
+                     "grid": spec["grid"], "const": {k: v for k, v in spec["const"].items()}, "cubin_bytes": len(cubin),
                      "cubin_sha256": hashlib.sha256(cubin).hexdigest(), "arch": f"sm_{arch}"})
         (out / f"{spec['name']}.sm_{arch}.cubin").write_bytes(cubin)
     table = ",\n".join(f'  {{"{r["name"]}", "{r["entry"]}", kCubin{i}, sizeof(kCubin{i}), kPtx{i}, {r["num_warps"]}, '
