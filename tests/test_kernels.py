@@ -102,7 +102,7 @@ def test_bibranch_decode_matches_cskv_attention(key_mode, bits):
                           torch.randn(5, 32, generator=gen) * 0.3, torch.randn(64, 37, generator=gen),
                           torch.randn(37, 32, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
     layer.setup_cache(1, S, torch.float32, "cpu")
-    H, G, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    H, D = layer.n_heads, layer.head_dim
     x_all = torch.randn(1, S, 64, generator=gen)
     c = layer.cache
     with torch.no_grad():
