@@ -85,16 +85,21 @@ def worker_llamacpp(context: int, steps: int, threads: int) -> dict:
     ids = prompt_tokens(tok, context)
     llm = Llama(model_path=str(gguf), n_ctx=context + steps + 8, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, verbose=False, logits_all=False)
+    import numpy as np
+
+    def last_logits():  # without logits_all, llama-cpp-python keeps only the context's last row
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     t0 = time.perf_counter()
     llm.eval(ids)
+    first = int(np.argmax(last_logits()))
     ttft = time.perf_counter() - t0
-    import numpy as np
 
     def step(t):
         llm.eval([t])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(last_logits()))
 
-    times, _ = _timed_decode(step, int(np.argmax(llm.scores[llm.n_tokens - 1])), steps)
+    times, _ = _timed_decode(step, first, steps)
     args = json.loads((load(progress=False).model_dir / "config.json").read_text())
     kv_dim = args["num_key_value_heads"] * (args["hidden_size"] // args["num_attention_heads"])
     kv = 2 * args["num_hidden_layers"] * kv_dim * 2 * llm.n_ctx()  # f16 K/V allocated for n_ctx

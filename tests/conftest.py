@@ -9,6 +9,10 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU the Triton kernels run under the interpreter (set before anything imports triton);
+# with one they are compiled, and tests/gpu checks them on the device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_hf_config(model_type: str = "llama", **over):
