@@ -1,12 +1,11 @@
 """Triton kernels under the CPU interpreter against the PyTorch reference, and their sm_75 AOT build."""
+import json
 import os
+import subprocess
+import sys
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it where there is no GPU
