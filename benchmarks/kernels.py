@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from shrinkrt.evaluate.harness import save_figure, write_atomic
+
 
 def bench(fn) -> float:
     from triton.testing import do_bench
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy, "gemv": gemv_rows(copy),
               "attention": attention_rows()}
     out = Path(a.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(json.dumps(result, indent=2) + "\n", out.with_suffix(".json"))
     md = [f"# Kernels on {result['device']}", "", f"Copy bandwidth {copy:.0f} GB/s.", "",
           "| bits | n x k | ours us | torch fp16 us | GB/s | of copy | vs fp16 |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['bits']} | {r['n']}x{r['k']} | {r['ours_us']:.1f} | {r['torch_fp16_us']:.1f} | "
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     md += ["", "| context | KV bytes | ours us | SDPA fp16 us | vs SDPA |", "|---|---|---|---|---|"]
     md += [f"| {r['context']} | {r['kv_bytes_fraction']:.2f} | {r['ours_us']:.1f} | {r['sdpa_us']:.1f} | "
            f"{r['speedup_vs_sdpa']:.2f} |" for r in result["attention"]]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_atomic("\n".join(md) + "\n", out.with_suffix(".md"))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     ax[1].set_xscale("log", base=2)
     ax[1].set_ylabel("speedup vs SDPA fp16")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=100)
+    save_figure(fig, out.with_suffix(".png"))
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 
 from shrinkrt.calib.cskv import apply_kv, calibrate_kv, collect_inputs
 from shrinkrt.evaluate import corpus
-from shrinkrt.evaluate.harness import write_atomic
+from shrinkrt.evaluate.harness import save_figure, write_atomic
 from shrinkrt.evaluate.memory import fp16_full_kv_bytes
 from shrinkrt.evaluate.passkey import passkey, trials
 from shrinkrt.evaluate.perplexity import perplexity
@@ -186,9 +186,7 @@ def write_report(result, out: Path):
         ax.set_ylabel(yl)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.png.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(out.with_suffix(".png"))
+    save_figure(fig, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

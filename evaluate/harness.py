@@ -70,6 +70,14 @@ def table(r: dict) -> str:
     return "\n".join([*lines, *(f"| {k.ljust(w)} | {v}" for k, v in rows)])
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    tmp.replace(path)
+
+
 def write_atomic(text: str, path: Path) -> None:
     """A temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)

@@ -76,7 +76,7 @@ def write_report(result: dict, out, title: str = "Latency") -> None:
     import json
     from pathlib import Path
 
-    from shrinkrt.evaluate.harness import write_atomic
+    from shrinkrt.evaluate.harness import save_figure, write_atomic
 
     out = Path(out)
     write_atomic(json.dumps(result, indent=2) + "\n", out.with_suffix(".json"))
@@ -106,6 +106,4 @@ def write_report(result: dict, out, title: str = "Latency") -> None:
         ax.set_ylabel(yl)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.png.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(out.with_suffix(".png"))
+    save_figure(fig, out.with_suffix(".png"))
