@@ -63,9 +63,9 @@ def run_aot(out, *extra):
 def test_aot_builds_every_kernel_for_sm75(tmp_path):
     manifest = run_aot(tmp_path / "a")
     names = [k["name"] for k in manifest["kernels"]]
-    assert len(names) == len(aot.specializations()) == 48 + 7 and len(set(names)) == 55
+    assert len(names) == len(aot.specializations()) == 48 + 11 and len(set(names)) == 59
     src = (tmp_path / "a" / "shrinkrt_kernels.gen.cpp").read_text()
-    assert "kNumKernels = 55" in src and all(f'"{n}"' in src for n in names)
+    assert "kNumKernels = 59" in src and all(f'"{n}"' in src for n in names)
     for k in manifest["kernels"]:
         cubin = tmp_path / "a" / f"{k['name']}.sm_75.cubin"
         assert k["arch"] == "sm_75" and cubin.stat().st_size == k["cubin_bytes"] > 1000
@@ -122,3 +122,80 @@ def test_bibranch_decode_matches_cskv_attention(key_mode, bits):
                                 key_mode == "post-rope", split_len=5, block_j=4)
             out = a.o_proj(y.reshape(1, 1, H * D))
             assert (out - ref).abs().max().item() < 1e-4, (p, (out - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("r", [5, 37, 64])
+def test_feature_quant_is_bit_identical_to_the_runtime(bits, r):
+    """The cache-append quantization kernel stores exactly the bytes runtime/kv_quant.py stores,
+    including rounding ties (half to even) and a rank not a multiple of the group or of 2."""
+    from shrinkrt.plugins.kernels.bibranch_attn import quantize_features
+    from shrinkrt.runtime import kv_quant
+
+    gen = torch.Generator().manual_seed(r)
+    c = torch.randn(2, 3, r, generator=gen)
+    c[0, 0, :4] = torch.tensor([2.5, -1.5, 0.5, 127.0])[: min(4, r)]  # ties for the int8 grid
+    got, scales = quantize_features(c, bits)
+    if bits == 16:
+        assert scales is None and torch.equal(got, c.half())
+        return
+    codes, ref_scales = kv_quant.quantize(c, bits)
+    assert torch.equal(scales, ref_scales)
+    assert torch.equal(got.view(torch.uint8) if bits == 4 else got, codes)
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_bibranch_op_from_kernels_matches_cskv_attention(key_mode, bits):
+    """The whole op as the plugin runs it (feature quantization, window append, split + reduce per
+    query token) reproduces CSKVAttention call by call: a prompt longer than the window, decode at
+    the window boundary (token W+1), and a chunk crossing it; the stored rows match byte for byte."""
+    from shrinkrt.plugins.kernels.bibranch_attn import bibranch_attention
+    from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+    from shrinkrt.runtime.model import apply_rope
+    from tests.conftest import tiny_hf_model
+    from tests.test_model import ours_from
+
+    model = ours_from(tiny_hf_model("qwen2"))
+    a = model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(2)
+    W, S = 6, 24
+    in_k = a.n_kv_heads * a.head_dim if key_mode == "post-rope" else 64
+    layer = CSKVAttention(a, CSKVConfig(key_mode, W, bits), torch.randn(in_k, 5, generator=gen),
+                          torch.randn(5, 32, generator=gen) * 0.3, torch.randn(64, 37, generator=gen),
+                          torch.randn(37, 32, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    layer.setup_cache(1, S, torch.float32, "cpu")
+    H, G, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    cache = layer.cache
+    win = {n: torch.zeros(1, G, W, D, dtype=torch.float16) for n in ("win_k", "win_v")}
+    fdt = torch.float16 if bits == 16 else torch.int8
+    store = {f"feat_{kv}": torch.zeros(getattr(cache, f"feat_{kv}").codes.shape, dtype=fdt) for kv in "kv"}
+    store.update({f"feat_{kv}_scales": torch.zeros(getattr(cache, f"feat_{kv}").scales.shape, dtype=torch.float16)
+                  for kv in "kv"} if bits < 16 else {})
+    x_all = torch.randn(1, S, 64, generator=gen)
+    start = 0
+    for T in (8, 1, 5, 1):  # prompt > W; decode at token W+1... ; a chunk crossing the window
+        x = x_all[:, start:start + T]
+        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+        with torch.no_grad():
+            q = apply_rope(a.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
+            v = a.v_proj(x).view(1, T, G, D).transpose(1, 2)
+            c_k, c_v = layer.features(x, k.half().float())
+            ref = layer(x, cos, sin, start)
+            flat = lambda t: t.transpose(1, 2).reshape(1, T, -1)  # noqa: E731
+            got = bibranch_attention(flat(q), flat(k), flat(v), c_k, c_v, win["win_k"], win["win_v"],
+                                     store["feat_k"], store["feat_v"], layer.k_up, layer.v_up, a.k_proj.bias.detach(),
+                                     a.v_proj.bias.detach(), model.rope_cos, model.rope_sin,
+                                     torch.tensor([start]), bits, int(key_mode == "post-rope"),
+                                     store.get("feat_k_scales"), store.get("feat_v_scales"), split_len=4, block_j=4)
+            out = a.o_proj(got["y"])
+        assert (out - ref).abs().max().item() < 1e-4, (T, start, (out - ref).abs().max().item())
+        win = {"win_k": got["win_k_out"], "win_v": got["win_v_out"]}
+        for name in store:
+            store[name][:, start:start + T] = got[name + "_new"]
+        start += T
+    for kv in "kv":
+        fs = getattr(cache, f"feat_{kv}")
+        codes = store[f"feat_{kv}"][:, :start]
+        assert torch.equal(codes.view(torch.uint8) if bits == 4 else codes, fs.codes[:, :start])

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # pin the default Triton
 QGEMV_SIGNATURE = {
     "x_ptr": "*fp16", "codes_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*i32", "rowptr_ptr": "*i32",
     "cols_ptr": "*i32", "vals_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "G": "i32",
-    "words_per_row": "i32", "zwords_per_row": "i32", "max_row_nnz": "i32", "stride_xm": "i32", "stride_ym": "i32",
+    "words_per_row": "i32", "zwords_per_row": "i32", "stride_xm": "i32", "stride_ym": "i32",
     "BITS": "constexpr", "GROUP": "constexpr", "M_PAD": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
     "HAS_OUTLIERS": "constexpr"}
 
@@ -33,18 +34,26 @@ SMOLLM2_ATTN = {"H": 9, "G": 3, "D": 64, "W": 64}  # the default model's attenti
 def _split_signature(bits: int) -> dict:
     feat = "*fp16" if bits == 16 else "*i8"
     sig = {n: "*fp16" for n in ("q_ptr", "win_k_ptr", "win_v_ptr")}
-    sig.update({"fk_ptr": feat, "fks_ptr": "*fp16", "fv_ptr": feat, "fvs_ptr": "*fp16", "k_up_ptr": "*fp16",
-                "k_bias_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16", "part_ml_ptr": "*fp32",
-                "part_w_ptr": "*fp32", "part_c_ptr": "*fp32"})
-    sig.update({n: "i32" for n in ("p", "S", "n_splits", "split_len", "RK", "RV", "CK", "CV")})
+    for new in ("", "n"):
+        sig.update({f"fk{new}_ptr": feat, f"fks{new}_ptr": "*fp16", f"fv{new}_ptr": feat, f"fvs{new}_ptr": "*fp16"})
+    sig.update({"k_up_ptr": "*fp16", "k_bias_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
+                "part_ml_ptr": "*fp32", "part_w_ptr": "*fp32", "part_c_ptr": "*fp32", "past_ptr": "*i64"})
+    sig.update({n: "i32" for n in ("t", "T", "S", "n_splits", "split_len", "RK", "RV", "CK", "CV")})
     sig.update({n: "constexpr" for n in ("H", "G", "D", "W", "RK_PAD", "RV_PAD", "BITS", "POST_ROPE", "W_PAD",
                                          "BLOCK_J")})
     return sig
 
 
 REDUCE_SIGNATURE = {"part_ml_ptr": "*fp32", "part_w_ptr": "*fp32", "part_c_ptr": "*fp32", "v_up_ptr": "*fp16",
-                    "v_bias_ptr": "*fp16", "y_ptr": "*fp16", "n_splits": "i32", "RV": "i32", "H": "constexpr",
-                    "G": "constexpr", "D": "constexpr", "RV_PAD": "constexpr", "NS_PAD": "constexpr"}
+                    "v_bias_ptr": "*fp16", "y_ptr": "*fp16", "t": "i32", "T": "i32", "n_splits": "i32", "RV": "i32",
+                    "H": "constexpr", "G": "constexpr", "D": "constexpr", "RV_PAD": "constexpr", "NS_PAD": "constexpr"}
+APPEND_SIGNATURE = {"k_ptr": "*fp16", "v_ptr": "*fp16", "win_k_ptr": "*fp16", "win_v_ptr": "*fp16", "past_ptr": "*i64",
+                    "t": "i32", "T": "i32", "G": "constexpr", "D": "constexpr", "W": "constexpr"}
+
+
+def _quant_signature(bits: int) -> dict:
+    return {"c_ptr": "*fp16", "out_ptr": "*fp16" if bits == 16 else "*i8", "scales_ptr": "*fp16", "R": "i32",
+            "C": "i32", "BITS": "constexpr", "R_PAD": "constexpr"}
 
 
 def specializations() -> list[dict]:
@@ -63,15 +72,22 @@ def specializations() -> list[dict]:
                     out.append({"kernel": "qgemv", "name": f"qgemv_b{bits}_g{group}_m{m_pad}_o{int(outliers)}",
                                 "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1"})
     shape = SMOLLM2_ATTN
+    hg = f"h{shape['H']}g{shape['G']}d{shape['D']}"  # the plugins look kernels up by their fields
     for bits in (16, 8, 4):
         for post in (False, True):
             const = {**shape, "RK_PAD": R_PAD, "RV_PAD": R_PAD, "BITS": bits, "POST_ROPE": post, "W_PAD": shape["W"],
                      "BLOCK_J": 16}
-            out.append({"kernel": "bibranch_split", "name": f"bibranch_split_b{bits}_{'post' if post else 'pre'}",
+            out.append({"kernel": "bibranch_split", "name": f"bibranch_split_b{bits}_{'post' if post else 'pre'}_{hg}w{shape['W']}",
                         "const": const, "grid": "B*H x n_splits+1 x 1", "signature": _split_signature(bits)})
-    out.append({"kernel": "bibranch_reduce", "name": "bibranch_reduce",
+    out.append({"kernel": "bibranch_reduce", "name": f"bibranch_reduce_{hg}",
                 "const": {"H": shape["H"], "G": shape["G"], "D": shape["D"], "RV_PAD": R_PAD, "NS_PAD": NS_PAD},
                 "grid": "B*H x 1 x 1", "signature": REDUCE_SIGNATURE})
+    out.append({"kernel": "bibranch_append", "name": f"bibranch_append_g{shape['G']}d{shape['D']}w{shape['W']}",
+                "const": {"G": shape["G"], "D": shape["D"], "W": shape["W"]}, "grid": "B*G x 1 x 1",
+                "signature": APPEND_SIGNATURE})
+    for bits in (16, 8, 4):
+        out.append({"kernel": "feature_quant", "name": f"feature_quant_b{bits}", "const": {"BITS": bits, "R_PAD": R_PAD},
+                    "grid": "B*T x 1 x 1", "signature": _quant_signature(bits)})
     return out
 
 
@@ -79,14 +95,21 @@ def compile_one(spec: dict, arch: int = 75):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as tcompile
 
-    from .bibranch_attn import bibranch_reduce_kernel, bibranch_split_kernel
+    from .bibranch_attn import (bibranch_append_kernel, bibranch_reduce_kernel, bibranch_split_kernel,
+                                feature_quant_kernel)
     from .qgemv import qgemv_kernel
 
-    fn = {"qgemv": qgemv_kernel, "bibranch_split": bibranch_split_kernel,
-          "bibranch_reduce": bibranch_reduce_kernel}[spec["kernel"]]
+    fn = {"qgemv": qgemv_kernel, "bibranch_split": bibranch_split_kernel, "bibranch_reduce": bibranch_reduce_kernel,
+          "bibranch_append": bibranch_append_kernel, "feature_quant": feature_quant_kernel}[spec["kernel"]]
     sig = spec.get("signature", QGEMV_SIGNATURE)
     k = tcompile(ASTSource(fn, sig, spec["const"]), target=GPUTarget("cuda", arch, 32))
     return k.asm["cubin"], k.asm["ptx"], k.metadata
+
+
+def n_params(ptx: str) -> int:
+    """Parameters of the PTX entry (the kernel's non-constexpr arguments plus Triton's scratch pointers)."""
+    entry = re.search(r"\.entry\s+\w+\s*\(([^)]*)\)", ptx, re.S)
+    return len(re.findall(r"\.param\b", entry.group(1))) if entry else 0
 
 
 def _c_bytes(data: bytes) -> str:
@@ -103,14 +126,15 @@ def build(out: Path, arch: int = 75, limit: int = 0) -> dict:
         parts.append(f"static const unsigned char kCubin{i}[] = {{{_c_bytes(cubin)}}};\n"
                      f"static const char kPtx{i}[] = {json.dumps(ptx)};\n")
         rows.append({"name": spec["name"], "entry": meta.name, "num_warps": meta.num_warps, "shared": meta.shared,
+                     "num_params": n_params(ptx), "global_scratch_size": getattr(meta, "global_scratch_size", 0),
                      "grid": spec["grid"], "const": {k: v for k, v in spec["const"].items()}, "cubin_bytes": len(cubin),
                      "cubin_sha256": hashlib.sha256(cubin).hexdigest(), "arch": f"sm_{arch}"})
         (out / f"{spec['name']}.sm_{arch}.cubin").write_bytes(cubin)
     table = ",\n".join(f'  {{"{r["name"]}", "{r["entry"]}", kCubin{i}, sizeof(kCubin{i}), kPtx{i}, {r["num_warps"]}, '
-                       f'{r["shared"]}}}' for i, r in enumerate(rows))
-    src = ("// Generated by plugins/kernels/aot.py: do not edit, do not commit.\n#include <cstddef>\n\n"
-           "namespace shrinkrt {\nstruct KernelImage { const char* name; const char* entry; const unsigned char* cubin; "
-           "size_t cubin_size; const char* ptx; int num_warps; int shared_bytes; };\n\n" + "".join(parts)
+                       f'{r["shared"]}, {r["num_params"]}}}' for i, r in enumerate(rows))
+    # the struct is declared once, in plugins/tensorrt/kernel_images.h (the plugins' side of the contract)
+    src = ("// Generated by plugins/kernels/aot.py: do not edit, do not commit.\n#include \"kernel_images.h\"\n\n"
+           "namespace shrinkrt {\n" + "".join(parts)
            + f"\nextern const KernelImage kKernels[] = {{\n{table}\n}};\n"
            f"extern const int kNumKernels = {len(rows)};\n}}  // namespace shrinkrt\n")
     import triton

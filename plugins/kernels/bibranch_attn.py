@@ -1,13 +1,21 @@
-"""Bi-branch decode attention (docs/ops.md BiBranchAttention, one query token per sequence), split
-over the sequence (flash-decoding): each program takes one (batch, query head) and one split of the
-feature branch, or the window, and writes its partial max, sum and weighted sums; a reduce kernel
-merges the splits and applies the value up-projection once.
+"""Bi-branch cache attention kernels (docs/ops.md BiBranchAttention) and the op built from them.
 
-Cache state as the op leaves it after appending the new token at position p: the window ring holds
-positions max(0, p-W+1)..p (slot = position mod W); features rows 0..p exist, rows j <= p - W are
-attended. Features: fp16, int8, or int4 (two's-complement nibbles, low = even feature) with fp16
-scales per 32 features. Keys: pre-RoPE K_j = RoPE(c_j @ k_up[:, g] + b_k, j) rebuilt per key;
-post-RoPE scores (q @ k_up_g^T) . c_j with the folded query computed once per program.
+Per query token t of a call (positions p = past_length + t), in stream order:
+  1. `bibranch_append_kernel` writes token t's key/value into the window ring (slot p mod W);
+  2. `bibranch_split_kernel`: each program takes one (batch, query head) and one split of the
+     feature branch, or the window, and writes its partial max, sum and weighted sums
+     (flash-decoding); the feature rows are the stored ones (j < past_length) or this call's own
+     (quantized by `feature_quant_kernel` first, as a later call would read them);
+  3. `bibranch_reduce_kernel` merges the splits and applies the value up-projection once.
+past_length is read on the device and the grid is sized by the feature store's capacity (splits
+past the last attended row exit at once), so a decode step launches the same grid every time
+(CUDA-graph friendly) and the host never reads a device value.
+
+Features: fp16, int8, or int4 (two's-complement nibbles, low = even feature) with fp16 scales per
+32 features. Keys: pre-RoPE K_j = RoPE(c_j @ k_up[:, g] + b_k, j) rebuilt per key; post-RoPE scores
+(q @ k_up_g^T) . c_j with the folded query computed once per program. Decode is one token per
+call; a prompt runs token by token through the same kernels (the plugin's prefill path is correct,
+not fast: a blocked prefill kernel is future work).
 """
 from __future__ import annotations
 
@@ -36,9 +44,62 @@ def _load_features(ptr, scale_ptr, row_off, scale_off, rs, jmask, R, BITS: tl.co
 
 
 @triton.jit
-def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, fvs_ptr, k_up_ptr, k_bias_ptr,
-                          cos_ptr, sin_ptr, part_ml_ptr, part_w_ptr, part_c_ptr,
-                          p, S, n_splits, split_len, RK, RV, CK, CV,
+def bibranch_append_kernel(k_ptr, v_ptr, win_k_ptr, win_v_ptr, past_ptr, t, T,
+                           G: tl.constexpr, D: tl.constexpr, W: tl.constexpr):
+    """Token t's key/value (B, T, G*D) -> ring slot (past + t) mod W of (B, G, W, D), as float16."""
+    bg = tl.program_id(0)
+    b = bg // G
+    g = bg % G
+    p = tl.load(past_ptr).to(tl.int32) + t
+    ds = tl.arange(0, D)
+    src = (b * T + t) * (G * D) + g * D + ds
+    dst = ((b * G + g) * W + p % W) * D + ds
+    tl.store(win_k_ptr + dst, tl.load(k_ptr + src).to(tl.float16))
+    tl.store(win_v_ptr + dst, tl.load(v_ptr + src).to(tl.float16))
+
+
+@triton.jit
+def feature_quant_kernel(c_ptr, out_ptr, scales_ptr, R, C, BITS: tl.constexpr, R_PAD: tl.constexpr):
+    """One feature row (R values) -> its stored form: fp16 (C = R), or per 32 features a symmetric
+    scale max|c| / qmax (fp16) and codes round-half-even(c / scale) (int8, C = R; int4 packed two
+    per byte, C = ceil(R/2)); bit-identical to runtime/kv_quant.py."""
+    row = tl.program_id(0)
+    if BITS == 16:
+        rs = tl.arange(0, R_PAD)
+        x = tl.load(c_ptr + row * R + rs, mask=rs < R, other=0.0)
+        tl.store(out_ptr + row * C + rs, x.to(tl.float16), mask=rs < R)
+    else:
+        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+        i = tl.arange(0, 16)
+        for gi in tl.static_range(R_PAD // 32):
+            ev = gi * 32 + 2 * i
+            od = ev + 1
+            xe = tl.load(c_ptr + row * R + ev, mask=ev < R, other=0.0).to(tl.float32)
+            xo = tl.load(c_ptr + row * R + od, mask=od < R, other=0.0).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
+            scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8).to(tl.float16)
+            sf = scale.to(tl.float32)
+            if gi * 32 < R:
+                tl.store(scales_ptr + row * ((R + 31) // 32) + gi, scale)
+            # (y + 1.5 * 2^23) - 1.5 * 2^23 rounds half to even, like torch.round
+            qe = tl.minimum(tl.maximum((tl.math.div_rn(xe, sf) + 12582912.0) - 12582912.0, -QMAX - 1.0), QMAX * 1.0)
+            qo = tl.minimum(tl.maximum((tl.math.div_rn(xo, sf) + 12582912.0) - 12582912.0, -QMAX - 1.0), QMAX * 1.0)
+            qe = qe.to(tl.int32)
+            qo = qo.to(tl.int32)
+            if BITS == 8:
+                tl.store(out_ptr + row * C + ev, qe.to(tl.int8), mask=ev < R)
+                tl.store(out_ptr + row * C + od, qo.to(tl.int8), mask=od < R)
+            else:
+                byte = (qe & 15) | ((qo & 15) << 4)
+                byte = tl.where(byte >= 128, byte - 256, byte)
+                tl.store(out_ptr + row * C + gi * 16 + i, byte.to(tl.int8), mask=gi * 16 + i < C)
+
+
+@triton.jit
+def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, fvs_ptr,
+                          fkn_ptr, fksn_ptr, fvn_ptr, fvsn_ptr, k_up_ptr, k_bias_ptr,
+                          cos_ptr, sin_ptr, part_ml_ptr, part_w_ptr, part_c_ptr, past_ptr,
+                          t, T, S, n_splits, split_len, RK, RV, CK, CV,
                           H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                           RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, BITS: tl.constexpr, POST_ROPE: tl.constexpr,
                           W_PAD: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -47,8 +108,10 @@ def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, 
     b = bh // H
     h = bh % H
     g = h // (H // G)
+    past = tl.load(past_ptr).to(tl.int32)
+    p = past + t
     ds = tl.arange(0, D)
-    q = tl.load(q_ptr + bh * D + ds).to(tl.float32) / tl.sqrt(D * 1.0)  # (D,)
+    q = tl.load(q_ptr + ((b * T + t) * H + h) * D + ds).to(tl.float32) / tl.sqrt(D * 1.0)  # (D,)
     base = (bh * (n_splits + 1) + sp)
     m_i = -float("inf")
     l_i = 0.0
@@ -73,6 +136,8 @@ def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, 
         j0 = sp * split_len
         rk = tl.arange(0, RK_PAD)
         rv = tl.arange(0, RV_PAD)
+        gk = (RK + 31) // 32
+        gv = (RV + 31) // 32
         if POST_ROPE:  # fold the query through this head's up-projection once: qf[r] = q . k_up[r, g]
             up = tl.load(k_up_ptr + rk[:, None] * (G * D) + g * D + ds[None, :], mask=(rk < RK)[:, None],
                          other=0.0).to(tl.float32)
@@ -80,8 +145,12 @@ def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, 
         for jb in range(j0, tl.minimum(j0 + split_len, n_c), BLOCK_J):
             js = jb + tl.arange(0, BLOCK_J)
             jmask = (js < n_c) & (js < j0 + split_len)
+            stored = jmask & (js < past)  # rows of the store, else this call's new rows
+            fresh = jmask & (js >= past)
             row = b * S + js
-            ck = _load_features(fk_ptr, fks_ptr, row * CK, row * ((RK + 31) // 32), rk, jmask, RK, BITS)
+            nrow = b * T + (js - past)
+            ck = (_load_features(fk_ptr, fks_ptr, row * CK, row * gk, rk, stored, RK, BITS)
+                  + _load_features(fkn_ptr, fksn_ptr, nrow * CK, nrow * gk, rk, fresh, RK, BITS))
             if POST_ROPE:
                 s = tl.sum(ck * qf[None, :], axis=1)
             else:  # rebuild the keys of this block, then rotate them at their positions
@@ -109,7 +178,8 @@ def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, 
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.where(m_new == -float("inf"), 1.0, tl.exp(m_i - m_new))
             e = tl.where(jmask, tl.exp(s - m_new), 0.0)
-            cv = _load_features(fv_ptr, fvs_ptr, row * CV, row * ((RV + 31) // 32), rv, jmask, RV, BITS)
+            cv = (_load_features(fv_ptr, fvs_ptr, row * CV, row * gv, rv, stored, RV, BITS)
+                  + _load_features(fvn_ptr, fvsn_ptr, nrow * CV, nrow * gv, rv, fresh, RV, BITS))
             acc_c = acc_c * alpha + tl.sum(e[:, None] * cv, axis=0)
             l_i = l_i * alpha + tl.sum(e, axis=0)
             m_i = m_new
@@ -120,10 +190,11 @@ def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, 
 
 
 @triton.jit
-def bibranch_reduce_kernel(part_ml_ptr, part_w_ptr, part_c_ptr, v_up_ptr, v_bias_ptr, y_ptr, n_splits, RV,
+def bibranch_reduce_kernel(part_ml_ptr, part_w_ptr, part_c_ptr, v_up_ptr, v_bias_ptr, y_ptr, t, T, n_splits, RV,
                            H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                            RV_PAD: tl.constexpr, NS_PAD: tl.constexpr):
     bh = tl.program_id(0)
+    b = bh // H
     h = bh % H
     g = h // (H // G)
     sps = tl.arange(0, NS_PAD)
@@ -144,36 +215,101 @@ def bibranch_reduce_kernel(part_ml_ptr, part_w_ptr, part_c_ptr, v_up_ptr, v_bias
     up = tl.load(v_up_ptr + rv[:, None] * (G * D) + g * D + ds[None, :], mask=(rv < RV)[:, None],
                  other=0.0).to(tl.float32)
     y = acc_w + tl.sum(acc_c[:, None] * up, axis=0) + l_c * tl.load(v_bias_ptr + g * D + ds).to(tl.float32)
-    tl.store(y_ptr + bh * D + ds, (y / denom).to(y_ptr.dtype.element_ty))
+    tl.store(y_ptr + ((b * T + t) * H + h) * D + ds, (y / denom).to(y_ptr.dtype.element_ty))
 
 
-NS_PAD = 64  # splits the AOT reduce kernel merges at most (64 x split_len tokens)
+NS_PAD = 64  # splits the AOT reduce kernel merges at most
 R_PAD = 256  # feature ranks the AOT kernels take at most (>= n_kv * head_dim of the default model)
+MIN_SPLIT = 256
+
+
+def split_plan(capacity: int, window: int) -> tuple[int, int]:
+    """(n_splits, split_len) covering every feature row a capacity-`capacity` cache can attend,
+    at most NS_PAD - 1 splits (the reduce kernel's width; the window takes the last slot)."""
+    rows = max(1, capacity - window + 1)
+    split_len = max(MIN_SPLIT, math.ceil(rows / (NS_PAD - 1)))
+    return math.ceil(rows / split_len), split_len
+
+
+def _launch_token(q, win_k, win_v, feats, k_up, v_up, k_bias, v_bias, rope_cos, rope_sin, past, t, T, y,
+                  bits, post_rope, n_splits, split_len, block_j):
+    (fk, fks, fv, fvs), (fkn, fksn, fvn, fvsn) = feats
+    B, G, W, D = win_k.shape
+    H = q.shape[-1] // D
+    RK, RV = k_up.shape[0], v_up.shape[0]
+    rv_pad = max(16, triton.next_power_of_2(RV))
+    dev = q.device
+    part_ml = torch.empty(B * H * (n_splits + 1) * 2, dtype=torch.float32, device=dev)
+    part_w = torch.empty(B * H * (n_splits + 1) * D, dtype=torch.float32, device=dev)
+    part_c = torch.empty(B * H * (n_splits + 1) * rv_pad, dtype=torch.float32, device=dev)
+    bibranch_split_kernel[(B * H, n_splits + 1)](
+        q, win_k, win_v, fk, fks, fv, fvs, fkn, fksn, fvn, fvsn, k_up, k_bias, rope_cos, rope_sin,
+        part_ml, part_w, part_c, past, t, T, fk.shape[1], n_splits, split_len, RK, RV, fk.shape[2], fv.shape[2],
+        H=H, G=G, D=D, W=W, RK_PAD=max(16, triton.next_power_of_2(RK)), RV_PAD=rv_pad, BITS=bits,
+        POST_ROPE=post_rope, W_PAD=triton.next_power_of_2(W), BLOCK_J=block_j)
+    bibranch_reduce_kernel[(B * H,)](part_ml, part_w, part_c, v_up, v_bias, y, t, T, n_splits, RV, H=H, G=G, D=D,
+                                     RV_PAD=rv_pad, NS_PAD=max(NS_PAD, triton.next_power_of_2(n_splits + 1)))
+
+
+def quantize_features(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """c (B, T, r) -> stored rows (B, T, C) and fp16 scales (B, T, ceil(r/32)) (None at 16 bits)."""
+    B, T, r = c.shape
+    C = r if bits != 4 else (r + 1) // 2
+    out = torch.empty(B, T, C, dtype=torch.float16 if bits == 16 else torch.int8, device=c.device)
+    scales = torch.empty(B, T, (r + 31) // 32, dtype=torch.float16, device=c.device)
+    if B * T:
+        feature_quant_kernel[(B * T,)](c.contiguous(), out, scales, r, C, BITS=bits,
+                                       R_PAD=max(32, triton.next_power_of_2(r)))
+    return out, (scales if bits < 16 else None)
+
+
+def bibranch_attention(q, k, v, c_k, c_v, win_k, win_v, feat_k, feat_v, k_up, v_up, k_bias, v_bias,
+                       rope_cos, rope_sin, past_length, bits: int, key_mode: int, feat_k_scales=None,
+                       feat_v_scales=None, split_len: int | None = None, block_j: int = 16) -> dict:
+    """The whole BiBranchAttention op (docs/ops.md) from the kernels, in the order the TensorRT
+    plugin launches them. past_length: int64 tensor (1,) on the device. Returns the op's outputs by name."""
+    B, T, _ = q.shape
+    W = win_k.shape[2]
+    S = feat_k.shape[1]
+    dummy = torch.zeros(1, dtype=torch.float16, device=q.device)
+    fk_new, fks_new = quantize_features(c_k, bits)
+    fv_new, fvs_new = quantize_features(c_v, bits)
+    win_k_out, win_v_out = win_k.clone(), win_v.clone()
+    if split_len is None:
+        n_splits, split_len = split_plan(S, W)
+    else:
+        n_splits = max(1, math.ceil(max(1, S - W + 1) / split_len))
+    feats = ((feat_k, feat_k_scales if feat_k_scales is not None else dummy, feat_v,
+              feat_v_scales if feat_v_scales is not None else dummy),
+             (fk_new, fks_new if fks_new is not None else dummy, fv_new, fvs_new if fvs_new is not None else dummy))
+    y = torch.empty_like(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    G, D = win_k.shape[1], win_k.shape[3]
+    for t in range(T):
+        bibranch_append_kernel[(B * G,)](k, v, win_k_out, win_v_out, past_length, t, T, G=G, D=D, W=W)
+        _launch_token(q, win_k_out, win_v_out, feats, k_up, v_up, k_bias, v_bias, rope_cos, rope_sin, past_length,
+                      t, T, y, bits, key_mode == 1, n_splits, split_len, block_j)
+    out = {"y": y, "win_k_out": win_k_out, "win_v_out": win_v_out, "feat_k_new": fk_new, "feat_v_new": fv_new}
+    if bits < 16:
+        out.update(feat_k_scales_new=fks_new, feat_v_scales_new=fvs_new)
+    return out
 
 
 def bibranch_decode(q, win_k, win_v, feat_k, feat_k_scales, feat_v, feat_v_scales, k_up, v_up, k_bias, v_bias,
                     rope_cos, rope_sin, p: int, bits: int, post_rope: bool, split_len: int = 256,
                     block_j: int = 16) -> torch.Tensor:
-    """q (B, H, D) rotated; caches as described above -> y (B, H, D) (before o_proj), q's dtype."""
+    """One decode step over a cache that already holds position p (ring slot written, features of
+    rows < p stored): q (B, H, D) rotated -> y (B, H, D) (before o_proj), q's dtype."""
     B, H, D = q.shape
-    G, W = win_k.shape[1], win_k.shape[2]
+    W = win_k.shape[2]
     S = feat_k.shape[1]
-    RK, RV = k_up.shape[0], v_up.shape[0]
-    n_c = max(0, p - W + 1)
-    n_splits = max(1, math.ceil(n_c / split_len))
-    rk_pad, rv_pad = triton.next_power_of_2(RK), triton.next_power_of_2(RV)
-    dev = q.device
-    part_ml = torch.empty(B * H * (n_splits + 1) * 2, dtype=torch.float32, device=dev)
-    part_w = torch.empty(B * H * (n_splits + 1) * D, dtype=torch.float32, device=dev)
-    part_c = torch.empty(B * H * (n_splits + 1) * rv_pad, dtype=torch.float32, device=dev)
-    dummy = torch.zeros(1, dtype=torch.float16, device=dev)
+    n_splits = max(1, math.ceil(max(1, S - W + 1) / split_len))
+    dummy = torch.zeros(1, dtype=torch.float16, device=q.device)
+    past = torch.tensor([p], dtype=torch.int64, device=q.device)
     fks = feat_k_scales if feat_k_scales is not None else dummy
     fvs = feat_v_scales if feat_v_scales is not None else dummy
-    bibranch_split_kernel[(B * H, n_splits + 1)](
-        q.contiguous(), win_k, win_v, feat_k, fks, feat_v, fvs, k_up, k_bias, rope_cos, rope_sin,
-        part_ml, part_w, part_c, p, S, n_splits, split_len, RK, RV, feat_k.shape[2], feat_v.shape[2],
-        H=H, G=G, D=D, W=W, RK_PAD=rk_pad, RV_PAD=rv_pad, BITS=bits, POST_ROPE=post_rope, W_PAD=triton.next_power_of_2(W), BLOCK_J=block_j)
-    y = torch.empty(B, H, D, dtype=q.dtype, device=dev)
-    bibranch_reduce_kernel[(B * H,)](part_ml, part_w, part_c, v_up, v_bias, y, n_splits, RV, H=H, G=G, D=D,
-                                     RV_PAD=rv_pad, NS_PAD=max(NS_PAD, triton.next_power_of_2(n_splits + 1)))
-    return y
+    feats = ((feat_k, fks, feat_v, fvs), (feat_k, fks, feat_v, fvs))  # no rows of this call are attended
+    y = torch.empty(B, 1, H * D, dtype=q.dtype, device=q.device)
+    _launch_token(q.reshape(B, 1, H * D).contiguous(), win_k, win_v, feats, k_up, v_up, k_bias, v_bias,
+                  rope_cos, rope_sin, past, 0, 1, y, bits, post_rope, n_splits, split_len, block_j)
+    return y.view(B, H, D)

@@ -31,7 +31,7 @@ def _bits_at(base_ptr, row_off, bitpos, mask, BITS: tl.constexpr):
 
 @triton.jit
 def qgemv_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr,
-                 M, N, K, G, words_per_row, zwords_per_row, max_row_nnz, stride_xm, stride_ym,
+                 M, N, K, G, words_per_row, zwords_per_row, stride_xm, stride_ym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
     pid = tl.program_id(0)
@@ -55,7 +55,9 @@ def qgemv_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, 
     if HAS_OUTLIERS:
         start = tl.load(rowptr_ptr + rows, mask=rmask, other=0)
         count = tl.load(rowptr_ptr + rows + 1, mask=rmask, other=0) - start
-        for j in range(0, max_row_nnz):
+        # the loop bound is this block's longest row, read on the device: the launcher (a plugin
+        # fed device-resident CSR arrays) never needs the outlier counts on the host
+        for j in range(0, tl.max(count, axis=0)):
             om = rmask & (j < count)
             col = tl.load(cols_ptr + start + j, mask=om, other=0)
             val = tl.load(vals_ptr + start + j, mask=om, other=0.0).to(tl.float32)
@@ -81,13 +83,12 @@ def qgemv(x: torch.Tensor, m) -> torch.Tensor:
         rowptr = m.outlier_rowptr
         c = m.outlier_cols
         cols = (c.to(torch.int32) & 0xFFFF) if c.dtype == torch.int16 else c.to(torch.int32)
-        vals, max_nnz = m.outlier_vals, int((rowptr[1:] - rowptr[:-1]).max())
+        vals = m.outlier_vals
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=x.device)
-        max_nnz = 0
     grid = (triton.cdiv(N, BLOCK_N),)
     qgemv_kernel[grid](x, m.codes, m.scales, m.zeros, rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
-                       m.codes.shape[1], m.zeros.shape[1], max_nnz, x.stride(0), y.stride(0),
+                       m.codes.shape[1], m.zeros.shape[1], x.stride(0), y.stride(0),
                        BITS=m.bits, GROUP=m.group_size, M_PAD=max(2, triton.next_power_of_2(M)),
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers))
     return y
