@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kv_quant
+from . import kernels, kv_quant
 from .model import apply_rope, attend
 
 KEY_MODES = ("pre-rope", "post-rope")
@@ -159,6 +159,9 @@ class CSKVAttention(nn.Module):
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
         c_k, c_v = self.features(x, k)
         ring_k, ring_v, ring_pos = self.cache.append(start, k, v, c_k, c_v)
+        if T == 1 and not self.cfg.sinks and kernels.enabled(x):  # decode on a GPU: the split + reduce kernels
+            y = kernels.cskv_decode(self, q, start)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
         end, W = start + T, self.cfg.window
         qpos = torch.arange(start, end, device=x.device)
         q = q / math.sqrt(hd)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shrinkrt.calib.quantize import dequantize
+from shrinkrt.runtime import kernels
 
 
 class QuantLinear(nn.Module):
@@ -52,6 +53,8 @@ class QuantLinear(nn.Module):
                    if n != "bias" and not n.startswith("_"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(x):
+            return kernels.quant_linear(self, x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight().to(x.dtype), bias)
 

@@ -199,3 +199,32 @@ def test_bibranch_op_from_kernels_matches_cskv_attention(key_mode, bits):
         fs = getattr(cache, f"feat_{kv}")
         codes = store[f"feat_{kv}"][:, :start]
         assert torch.equal(codes.view(torch.uint8) if bits == 4 else codes, fs.codes[:, :start])
+
+
+@pytest.mark.parametrize("bits,group,n_out", [(2, 64, 0), (3, 128, 9), (4, 128, 5), (8, 64, 3)])
+def test_dequant_matches_the_reference_weight(bits, group, n_out):
+    """The prefill path's dequantization kernel gives QuantLinear.weight() (outliers included) in fp16,
+    with rows and columns that are not multiples of the tile."""
+    from shrinkrt.plugins.kernels.dequant import dequant
+
+    m = quant_layer(70, 200, bits, group, n_out, seed=bits)
+    ref = m.weight()
+    assert torch.equal(dequant(m), ref.half())
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+def test_runtime_with_kernels_swapped_in(key_mode, monkeypatch):
+    """The reference runtime's kernel dispatch (runtime/kernels.py: qgemv for decode, dequant +
+    matmul for prefill, the bi-branch decode kernels), forced on under the interpreter, gives the
+    reference logits and greedy tokens (tests/gpu runs the same on a CUDA device)."""
+    from shrinkrt.runtime import kernels
+    from tests.kernel_swap import compare, compressed_tiny, forced_logits
+
+    model = compressed_tiny("cpu", key_mode)
+    tokens = torch.randint(0, 97, (1, 22), generator=torch.Generator().manual_seed(3))
+    ref = forced_logits(model, tokens, prefill=10)
+    monkeypatch.setattr(kernels, "enabled", lambda t: True)
+    got = forced_logits(model, tokens, prefill=10)
+    rel, flips = compare(ref, got)
+    assert rel < 1e-2 and flips == [], (rel, flips)
+    assert not torch.equal(ref, got)  # the kernels really ran (fp16 activations round differently)

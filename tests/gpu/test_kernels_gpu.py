@@ -59,7 +59,7 @@ def test_aot_ptx_runs_through_the_driver(tmp_path):
     y = torch.zeros(2, 256, device="cuda", dtype=torch.float16)
     dummy = torch.zeros(1, dtype=torch.int32, device="cuda")
     ptrs = [x, m.codes, m.scales, m.zeros, dummy, dummy, dummy.half(), y]
-    ints = [2, 256, 512, m.scales.shape[1], m.codes.shape[1], m.zeros.shape[1], 0, x.stride(0), y.stride(0)]
+    ints = [2, 256, 512, m.scales.shape[1], m.codes.shape[1], m.zeros.shape[1], x.stride(0), y.stride(0)]
     args = [ctypes.c_void_p(t.data_ptr()) for t in ptrs] + [ctypes.c_int32(v) for v in ints]
     args.append(ctypes.c_void_p(0))  # global scratch pointer that Triton kernels take last
     args.append(ctypes.c_void_p(0))  # profile scratch
@@ -69,3 +69,20 @@ def test_aot_ptx_runs_through_the_driver(tmp_path):
     torch.cuda.synchronize()
     ref = m(x.float()).half()
     assert (y - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+def test_greedy_tokens_with_kernels_swapped_in(key_mode, monkeypatch):
+    """The compressed tiny model on the GPU: kernels (JIT) vs the PyTorch reference on the same
+    device (SHRINKRT_KERNELS=0), teacher-forced; greedy tokens identical where the reference is not
+    a near tie (top-2 margin > 0.05)."""
+    from tests.kernel_swap import compare, compressed_tiny, forced_logits
+
+    model = compressed_tiny("cuda", key_mode)
+    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    monkeypatch.setenv("SHRINKRT_KERNELS", "0")
+    ref = forced_logits(model, tokens, prefill=20)
+    monkeypatch.setenv("SHRINKRT_KERNELS", "1")
+    got = forced_logits(model, tokens, prefill=20)
+    rel, flips = compare(ref, got)
+    assert rel < 1e-2 and flips == [], (rel, flips)
