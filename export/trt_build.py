@@ -6,6 +6,11 @@ standard layers; the quantized linears enter as FP16 weights dequantized at expo
 plugin). Works with TensorRT-RTX (`tensorrt_rtx`, builds SM75 engines on a machine without a GPU)
 and with standard TensorRT (`tensorrt`), whose Python APIs match for what is used here.
 
+With `plugins` (the library built from plugins/tensorrt), the custom ops stay nodes and TensorRT's
+parser maps them to the registered plugins (node op_type + plugin_namespace/plugin_version); the
+quantized linears keep their packed weights. That needs standard TensorRT: TensorRT-RTX 1.7 aborts
+the process once a plugin layer joins a network (FACTS.md), so it is refused here with a message.
+
 Two optimization profiles: 0 = prefill (seq 1..max_prefill), 1 = decode (seq 1), both over caches
 of up to `capacity` tokens.
 """
@@ -40,20 +45,47 @@ def inline(model: onnx.ModelProto) -> onnx.ModelProto:
     return inliner.inline_local_functions(model)
 
 
+PLUGIN_OPS = ("QuantMatMul", "BiBranchAttention")
+
+
+def check_plugins(trt, lib: Path) -> None:
+    """The library exists, TensorRT loads it, and it registers every op of docs/ops.md."""
+    if trt.__name__ == "tensorrt_rtx":
+        raise ShrinkError("--plugins needs standard TensorRT (--trt-module tensorrt): TensorRT-RTX 1.7 aborts when a "
+                          "network holds a plugin layer; without --plugins it builds the inlined reference graph")
+    lib = Path(lib)
+    if not lib.is_file():
+        raise ShrinkError(f"plugin library {lib} not found (build it: cmake -S . -B build -DTensorRT_ROOT=...)")
+    registry = trt.get_plugin_registry()
+    if registry.load_library(str(lib.resolve())) is None:
+        raise ShrinkError(f"TensorRT refused the plugin library {lib} (already loaded, or not a TensorRT plugin library)")
+    missing = [op for op in PLUGIN_OPS if registry.get_creator(op, "1", "shrinkrt") is None]
+    if missing:
+        raise ShrinkError(f"plugin library {lib} does not register {', '.join(missing)} (namespace shrinkrt, version 1)")
+
+
 def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: int = 2048, max_prefill: int = 512,
-          trt_module: str | None = None) -> dict:
+          trt_module: str | None = None, plugins: Path | None = None) -> dict:
     if target not in TARGETS:
         raise ShrinkError(f"unknown build target '{target}' (use {', '.join(TARGETS)})")
     trt = import_trt(trt_module)
-    model = inline(onnx.load(str(onnx_path)))
+    if plugins:
+        check_plugins(trt, plugins)
+        model = onnx.load(str(onnx_path))  # custom-op nodes -> plugins
+    else:
+        model = inline(onnx.load(str(onnx_path)))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
+    if plugins and hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)  # the plugin, not the function body
     if not parser.parse(model.SerializeToString()):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ShrinkError(f"build: TensorRT could not parse the model: {errs[0] if errs else '?'}")
     config = builder.create_builder_config()
+    if plugins and hasattr(trt.BuilderFlag, "FP16"):
+        config.set_flag(trt.BuilderFlag.FP16)  # the plugins take FP16 linear tensors
     rtx = trt.__name__ == "tensorrt_rtx"
     if rtx:
         cc = getattr(trt.ComputeCapability, target.upper())
@@ -92,6 +124,7 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
     tmp.replace(engine_path)
     layers = network.num_layers
     return {"trt_module": trt.__name__, "trt_version": trt.__version__, "target": target,
+            "plugins": str(Path(plugins).resolve()) if plugins else None,
             "engine_bytes": engine_path.stat().st_size, "layers": layers, "build_s": round(build_s, 2),
             "profiles": {"prefill": {"seq": [1, max_prefill // 2, max_prefill]}, "decode": {"seq": [1, 1, 1]},
                          "capacity": [capacity // 4, capacity // 2, capacity]}}

@@ -33,9 +33,10 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt with streamed output",
                        description="Generate text with the reference PyTorch runtime, streamed to stdout.")
     g.add_argument("prompt", help="the user message (wrapped in the model's chat template unless --raw)")
-    g.add_argument("--backend", default="torch", choices=["torch", "ort"],
+    g.add_argument("--backend", default="torch", choices=["torch", "ort", "trt"],
                    help="torch: the reference PyTorch runtime (default); ort: ONNX Runtime on an export "
-                        "directory given as --model (written by `shrinkrt export`)")
+                        "directory given as --model (written by `shrinkrt export`); trt: a TensorRT engine, "
+                        "--model = the --out directory of `shrinkrt build` (needs an NVIDIA GPU)")
     add_model_args(g)
     add_checkpoint_arg(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
@@ -135,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--max-prefill", type=int, default=512, help="largest prefill chunk in tokens")
     bd.add_argument("--trt-module", default=None, choices=["tensorrt_rtx", "tensorrt"],
                     help="TensorRT Python module (default: tensorrt_rtx, then tensorrt)")
+    bd.add_argument("--plugins", default=None, metavar="LIB",
+                    help="libshrinkrt_trt_plugins.so: custom ops run as plugins (packed weights, compressed cache) "
+                         "instead of inlined reference bodies; needs standard TensorRT")
     kn = sub.add_parser("kernels", help="compile every Triton kernel specialization ahead of time (sm_75)",
                         description="Compile the kernels for a GPU architecture without a GPU: cubin + PTX embedded "
                                     "in a generated C++ source, plus kernels.json (what CMake runs too).")
@@ -145,8 +149,10 @@ def parser() -> argparse.ArgumentParser:
                                     "and cache bytes per context, each context in a fresh process.")
     add_model_args(pr)
     add_checkpoint_arg(pr)
-    pr.add_argument("--backend", default="torch", choices=["torch", "ort"],
-                    help="torch: reference runtime; ort: ONNX Runtime on an export directory given as --model")
+    pr.add_argument("--backend", default="torch", choices=["torch", "ort", "trt"],
+                    help="torch: reference runtime; ort: ONNX Runtime on an export directory given as --model; "
+                         "trt: a TensorRT engine built by `shrinkrt build` (--model = its directory; adds "
+                         "per-layer times)")
     pr.add_argument("--contexts", default="512,2048,4096,8192", help="prompt lengths in tokens")
     pr.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per context (default 32)")
     pr.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk in tokens (default 512)")
@@ -170,7 +176,9 @@ def cmd_build(a) -> int:
 
     if a.target not in trt_build.TARGETS:
         raise ShrinkError(f"unknown build target '{a.target}' (use {', '.join(trt_build.TARGETS)})")
-    trt_build.import_trt(a.trt_module)  # a missing TensorRT fails before any work
+    trt = trt_build.import_trt(a.trt_module)  # a missing TensorRT fails before any work
+    if a.plugins:
+        trt_build.check_plugins(trt, Path(a.plugins))
     setup_torch(a.threads)
     lm = load_with_checkpoint(a)
     capacity = min(a.capacity, lm.model.args.max_seq_len)
@@ -178,9 +186,10 @@ def cmd_build(a) -> int:
         raise ShrinkError(f"--max-prefill must be in [1, {capacity // 2}] (half the capacity {capacity})")
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
     out = Path(a.out)
-    artifact.export(lm, out, "float16", "tensorrt", checkpoint.base_identity(lm), ck)
+    # with plugins the graph keeps the custom ops (generic target); without, bodies TensorRT can parse
+    artifact.export(lm, out, "float16", "generic" if a.plugins else "tensorrt", checkpoint.base_identity(lm), ck)
     info = trt_build.build(out / "model.onnx", out / f"engine.{a.target}.plan", a.target, capacity, a.max_prefill,
-                           a.trt_module)
+                           trt.__name__, a.plugins)
     write_atomic(json.dumps(info, indent=2) + "\n", out / "build.json")
     print(f"[shrinkrt] built {out}/engine.{a.target}.plan: {info['layers']} layers, "
           f"{info['engine_bytes'] / 2**20:.1f} MiB, {info['build_s']:.1f} s ({info['trt_module']} {info['trt_version']})")
@@ -198,9 +207,24 @@ def cmd_kernels(a) -> int:
         raise ShrinkError(str(e)) from None
 
 
+def load_trt(a):
+    from transformers import AutoTokenizer
+
+    from shrinkrt.runtime.trt_model import TrtModel
+
+    if a.model is None:
+        raise ShrinkError("--backend trt needs --model DIR: the --out directory of `shrinkrt build`")
+    if a.checkpoint is not None:
+        raise ShrinkError("--backend trt runs an engine, which already holds its checkpoint: drop --checkpoint")
+    model = TrtModel(Path(a.model), layer_times=a.command == "_profile-one")
+    return model, AutoTokenizer.from_pretrained(a.model)
+
+
 def load_backend(a):
     if a.backend == "ort":
         return load_ort(a)
+    if a.backend == "trt":
+        return load_trt(a)
     lm = load_with_checkpoint(a)
     return lm.model, lm.tokenizer
 
@@ -216,6 +240,8 @@ def cmd_profile_one(a) -> int:
         raise ShrinkError(f"context {a.context} + {a.decode_steps} decode steps exceed the model's "
                           f"{model.args.max_seq_len} tokens")
     row = measure(model, prompt_tokens(tok, a.context), a.decode_steps, a.prefill_chunk)
+    if getattr(model, "times", None):  # TensorRT: where the time went, per layer (all timed runs)
+        row["layer_ms_top"] = [[name, round(ms, 3)] for name, ms in model.times.top()]
     print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row}))
     return 0
 
@@ -234,6 +260,10 @@ def cmd_profile(a) -> int:
         if a.model is None:
             raise ShrinkError("--backend ort needs --model DIR: an export directory written by `shrinkrt export`")
         read_meta(Path(a.model))
+    if a.backend == "trt":
+        from shrinkrt.runtime.trt_model import check_device
+
+        check_device("")  # no GPU: fail here, not in each context's subprocess
     base = [f"--{k.replace('_', '-')}={v}" for k, v in (("model", a.model), ("checkpoint", a.checkpoint))
             if v is not None] + [f"--backend={a.backend}", f"--threads={a.threads}", f"--dtype={a.dtype}",
                                  f"--device={a.device}", f"--decode-steps={a.decode_steps}",
@@ -415,11 +445,7 @@ def cmd_generate(a) -> int:
     if a.max_new_tokens < 1:
         raise ShrinkError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     setup_torch(a.threads)
-    if a.backend == "ort":
-        model, tokenizer = load_ort(a)
-    else:
-        lm = load_with_checkpoint(a)
-        model, tokenizer = lm.model, lm.tokenizer
+    model, tokenizer = load_backend(a)
     ids = (tokenizer.encode(a.prompt, add_special_tokens=True) if a.raw
            else chat_prompt(tokenizer, a.prompt, a.system))
     g = generate(model, tokenizer, ids, a.max_new_tokens, sampling, a.stop,

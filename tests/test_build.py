@@ -44,3 +44,30 @@ def test_missing_tensorrt_is_named(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_trt)
     assert main(["build", "--model", str(tiny_dir), "--out", str(tmp_path / "b")]) == 2
     assert "pip install tensorrt-rtx-cu12" in capsys.readouterr().err
+
+
+def test_plugin_build_refusals_name_the_problem(tiny_dir, tmp_path, capsys):
+    """`build --plugins` with TensorRT-RTX (which aborts on plugin layers) or a missing library is
+    one clear error before any export is written."""
+    from shrinkrt.cli import main
+
+    out = tmp_path / "b"
+    assert main(["build", "--model", str(tiny_dir), "--out", str(out), "--plugins", str(tmp_path / "none.so")]) == 2
+    err = capsys.readouterr().err
+    assert "--plugins needs standard TensorRT (--trt-module tensorrt)" in err and not out.exists()
+
+
+def test_trt_backend_without_gpu_is_named(tiny_dir, tmp_path, capsys):
+    """The trt backend names what is missing: a build directory, then a GPU."""
+    import torch
+
+    from shrinkrt.cli import main
+
+    assert main(["generate", "hi", "--backend", "trt", "--model", str(tiny_dir)]) == 2
+    assert "has no build.json: pass the --out directory of `shrinkrt build`" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        (tmp_path / "build.json").write_text(json.dumps({"target": "sm75", "trt_module": "tensorrt_rtx"}))
+        assert main(["generate", "hi", "--backend", "trt", "--model", str(tmp_path)]) == 2
+        assert "runs a TensorRT engine on an NVIDIA GPU: no CUDA device" in capsys.readouterr().err
+        assert main(["profile", "--backend", "trt", "--model", str(tmp_path), "--contexts", "64"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

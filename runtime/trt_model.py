@@ -1,0 +1,174 @@
+"""A TensorRT engine built by `shrinkrt build` run behind the reference runtime's model interface
+(setup_caches / forward(tokens, start, last_only) / cache_length / cache_nbytes / clear_caches).
+
+Buffers are torch CUDA tensors allocated once at setup_caches and bound by address (no per-step
+allocation for the caches); the graph returns this call's cache rows, written into the buffers at
+the call's positions on the same stream; the CSKV ring comes back whole and is copied into its
+buffer. Profile 0 serves prefill (T > 1), profile 1 decode (T = 1). `past_length` is a shape input of
+the no-plugin engine (it sizes the cache slices), read from host memory, so a decode step cannot be
+replayed as a CUDA graph there; the plugin engine's attention reads it on the device.
+
+Written for the TensorRT 10 Python API (`tensorrt`, or `tensorrt_rtx` which shares it). No machine of
+this project has run it: the lent GPU has no TensorRT, and this machine has no GPU (docs/deploy.md).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime.config import ModelArgs
+
+FIXED_INPUTS = ("input_ids", "past_length")
+
+
+class LayerTimes:
+    """Per-layer times of the last runs (TensorRT IProfiler), for `shrinkrt profile --backend trt`."""
+
+    def __init__(self, trt):
+        class _P(trt.IProfiler):
+            def __init__(inner):
+                trt.IProfiler.__init__(inner)
+                inner.ms = {}
+
+            def report_layer_time(inner, name, ms):
+                inner.ms[name] = inner.ms.get(name, 0.0) + ms
+
+        self.profiler = _P()
+
+    def top(self, n: int = 20) -> list[tuple[str, float]]:
+        return sorted(self.profiler.ms.items(), key=lambda kv: -kv[1])[:n]
+
+
+def check_device(target: str) -> None:
+    from shrinkrt.export.trt_build import TARGETS
+
+    if not torch.cuda.is_available():
+        raise ShrinkError("--backend trt runs a TensorRT engine on an NVIDIA GPU: no CUDA device is visible "
+                          "(torch.cuda.is_available() is False)")
+    cc = torch.cuda.get_device_capability()
+    if target in TARGETS and TARGETS[target] != cc:
+        raise ShrinkError(f"the engine was built for {target} (compute capability {TARGETS[target]}), this GPU is "
+                          f"{cc[0]}.{cc[1]}: rebuild with `shrinkrt build --target sm{cc[0]}{cc[1]}`")
+
+
+class TrtModel:
+    def __init__(self, build_dir: Path, trt_module: str | None = None, layer_times: bool = False):
+        from shrinkrt.export.trt_build import import_trt
+
+        build_dir = Path(build_dir)
+        info_path = build_dir / "build.json"
+        if not info_path.is_file():
+            raise ShrinkError(f"{build_dir} has no build.json: pass the --out directory of `shrinkrt build`")
+        info = json.loads(info_path.read_text())
+        check_device(info["target"])
+        trt = import_trt(trt_module or info.get("trt_module"))
+        self.meta = json.loads((build_dir / "export.json").read_text())
+        self.args = ModelArgs(**self.meta["model_args"])
+        logger = trt.Logger(trt.Logger.WARNING)
+        if info.get("plugins"):
+            lib = Path(info["plugins"])
+            if not lib.is_file():
+                raise ShrinkError(f"the engine uses the plugin library {lib}, which is missing")
+            trt.get_plugin_registry().load_library(str(lib))
+        runtime = trt.Runtime(logger)
+        engine_path = build_dir / f"engine.{info['target']}.plan"
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise ShrinkError(f"TensorRT could not load {engine_path} (built by {info['trt_module']} "
+                              f"{info['trt_version']}: rebuild it with this TensorRT)")
+        self.trt = trt
+        self.context = self.engine.create_execution_context()
+        self.times = LayerTimes(trt) if layer_times else None
+        if self.times:
+            self.context.profiler = self.times.profiler
+        self.device = torch.device("cuda")
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.state_inputs = [n for n in self.inputs if n not in FIXED_INPUTS]
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.length = self.capacity = 0
+        self.profile = -1
+
+    def _dtype(self, name):
+        return {self.trt.float16: torch.float16, self.trt.float32: torch.float32, self.trt.int8: torch.int8,
+                self.trt.int64: torch.int64, self.trt.int32: torch.int32}[self.engine.get_tensor_dtype(name)]
+
+    def setup_caches(self, batch: int, max_seq_len: int, dtype=None) -> None:
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"cache of {max_seq_len} tokens exceeds the model's context {self.args.max_seq_len}")
+        self.buffers = {}
+        for name in self.state_inputs:
+            shape = list(self.engine.get_tensor_shape(name))
+            # dynamic dims of a state input: batch first, capacity (cache rows) elsewhere
+            shape = [batch if (d == -1 and i == 0) else max_seq_len if d == -1 else d for i, d in enumerate(shape)]
+            self.buffers[name] = torch.zeros(shape, dtype=self._dtype(name), device="cuda")
+        self.past = torch.zeros(1, dtype=torch.int64)  # host: a shape input
+        self.length, self.capacity, self.batch = 0, max_seq_len, batch
+
+    def clear_caches(self) -> None:
+        self.buffers, self.length, self.capacity = {}, 0, 0
+
+    def cache_length(self) -> int:
+        return self.length
+
+    def cache_nbytes(self) -> int:
+        total = 0
+        for name, buf in self.buffers.items():
+            if name.startswith(("past_key", "past_value")):
+                total += buf[:, :, :1].nbytes * self.length
+            elif name.startswith("win_"):
+                total += buf[:, :, :1].nbytes * min(self.length, buf.shape[2])
+            else:
+                total += buf[:, :1].nbytes * self.length
+        return total
+
+    def __call__(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
+        return self.forward(tokens, start, last_only)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
+        T = tokens.shape[1]
+        if not self.capacity:
+            raise ValueError("call setup_caches before running the model")
+        if start != self.length:
+            raise ValueError(f"the cache holds {self.length} tokens; a call at position {start} would leave a gap")
+        if start + T > self.capacity:
+            raise ValueError(f"positions up to {start + T} exceed the cache of {self.capacity} tokens")
+        ctx, s = self.context, self.stream
+        profile = 1 if T == 1 else 0
+        if profile != self.profile:
+            ctx.set_optimization_profile_async(profile, s.cuda_stream)
+            self.profile = profile
+        ids = tokens.to("cuda", torch.int64).contiguous()
+        self.past[0] = start
+        ctx.set_input_shape("input_ids", tuple(ids.shape))
+        ctx.set_tensor_address("input_ids", ids.data_ptr())
+        ctx.set_input_shape("past_length", (1,))
+        ctx.set_tensor_address("past_length", self.past.data_ptr())
+        for name in self.state_inputs:
+            ctx.set_input_shape(name, tuple(self.buffers[name].shape))
+            ctx.set_tensor_address(name, self.buffers[name].data_ptr())
+        outs = {}
+        for name in self.outputs:
+            outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
+            ctx.set_tensor_address(name, outs[name].data_ptr())
+        with torch.cuda.stream(s):
+            if not ctx.execute_async_v3(s.cuda_stream):
+                raise RuntimeError("TensorRT enqueue failed (see the log above)")
+            for name, rows in outs.items():
+                if name == "logits":
+                    continue
+                if name.startswith("win_"):
+                    self.buffers[name.replace("_out", "")].copy_(rows)
+                elif name.startswith(("key.", "value.")):
+                    self.buffers["past_" + name][:, :, start:start + T] = rows
+                else:
+                    self.buffers[name.replace("_new", "")][:, start:start + T] = rows
+        s.synchronize()
+        self.length = start + T
+        return outs["logits"].float().cpu()
