@@ -4,6 +4,7 @@ GEMV: Llama-7B shapes at batch 1 for each bit width, achieved DRAM bandwidth (by
 weight + activations / time) as a ratio of measured copy bandwidth, next to torch FP16 matmul.
 Attention decode at 1k/4k/16k/32k tokens: ours over a 20%-bytes CSKV cache (int4 features) next to
 torch SDPA over an FP16 full cache, same heads (32 query heads, 8 KV heads, head_dim 128).
+Prefill: chunked GEMV vs dequantize + tensor-core matmul at M = 16..2048.
 """
 from __future__ import annotations
 
@@ -51,6 +52,30 @@ def gemv_rows(copy_gbs: float) -> list[dict]:
     return rows
 
 
+def prefill_rows() -> list[dict]:
+    """Prefill GEMM (M activation rows, 4-bit 4096x4096): the GEMV kernel in chunks of 8 rows (what
+    the QuantMatMul plugin launches) vs the dequantize kernel + torch FP16 matmul (what the runtime
+    runs for M > 8), next to torch FP16 on a dense weight."""
+    from shrinkrt.plugins.kernels.dequant import dequant
+    from shrinkrt.plugins.kernels.qgemv import qgemv
+    from tests.gpu.test_kernels_gpu import to
+    from tests.test_export_ops import quant_layer
+
+    n = k = 4096
+    m = to(quant_layer(n, k, 4, 128, 0, seed=4), "cuda")
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    rows = []
+    for M in (16, 128, 512, 2048):
+        x = torch.randn(M, k, device="cuda", dtype=torch.float16)
+        chunked = bench(lambda: [qgemv(x[i:i + 8], m) for i in range(0, M, 8)])
+        deq = bench(lambda: x @ dequant(m).T)
+        t16 = bench(lambda: x @ w16.T)
+        rows.append({"bits": 4, "n": n, "k": k, "m": M, "gemv_chunked_us": chunked, "dequant_matmul_us": deq,
+                     "torch_fp16_us": t16, "winner": "gemv" if chunked < deq else "dequant+matmul"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def attention_rows() -> list[dict]:
     import torch.nn.functional as F
 
@@ -90,7 +115,7 @@ def main(argv=None) -> int:
         return 2
     copy = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy, "gemv": gemv_rows(copy),
-              "attention": attention_rows()}
+              "attention": attention_rows(), "prefill": prefill_rows()}
     out = Path(a.out)
     write_atomic(json.dumps(result, indent=2) + "\n", out.with_suffix(".json"))
     md = [f"# Kernels on {result['device']}", "", f"Copy bandwidth {copy:.0f} GB/s.", "",
@@ -100,6 +125,10 @@ def main(argv=None) -> int:
     md += ["", "| context | KV bytes | ours us | SDPA fp16 us | vs SDPA |", "|---|---|---|---|---|"]
     md += [f"| {r['context']} | {r['kv_bytes_fraction']:.2f} | {r['ours_us']:.1f} | {r['sdpa_us']:.1f} | "
            f"{r['speedup_vs_sdpa']:.2f} |" for r in result["attention"]]
+    md += ["", "| prefill M (4-bit 4096x4096) | GEMV x M/8 us | dequant + matmul us | torch fp16 us | winner |",
+           "|---|---|---|---|---|"]
+    md += [f"| {r['m']} | {r['gemv_chunked_us']:.1f} | {r['dequant_matmul_us']:.1f} | {r['torch_fp16_us']:.1f} | "
+           f"{r['winner']} |" for r in result["prefill"]]
     write_atomic("\n".join(md) + "\n", out.with_suffix(".md"))
     import matplotlib
 
