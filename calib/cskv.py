@@ -394,7 +394,7 @@ def apply_kv(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
                     raise ShrinkError(f"checkpoint: tensor kv.layers.{i}.{name} is missing")
                 if tuple(t.shape) != shape:
                     raise ShrinkError(f"checkpoint: kv.layers.{i}.{name} has shape {tuple(t.shape)}, the plan needs {shape}")
-                parts[name] = t
+                parts[name] = t.to(model.rope_cos.device)  # the factors live where the model does (--device)
         built.append(parts)
     for layer, parts in zip(model.layers, built):
         layer.self_attn = CSKVAttention(layer.self_attn, cfg, rope_cos=model.rope_cos, rope_sin=model.rope_sin,
