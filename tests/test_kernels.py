@@ -63,9 +63,9 @@ def run_aot(out, *extra):
 def test_aot_builds_every_kernel_for_sm75(tmp_path):
     manifest = run_aot(tmp_path / "a")
     names = [k["name"] for k in manifest["kernels"]]
-    assert len(names) == len(aot.specializations()) == 48 + 11 and len(set(names)) == 59
+    assert len(names) == len(aot.specializations()) == 48 + 8 + 11 and len(set(names)) == 67
     src = (tmp_path / "a" / "shrinkrt_kernels.gen.cpp").read_text()
-    assert "kNumKernels = 59" in src and all(f'"{n}"' in src for n in names)
+    assert "kNumKernels = 67" in src and all(f'"{n}"' in src for n in names)
     for k in manifest["kernels"]:
         cubin = tmp_path / "a" / f"{k['name']}.sm_75.cubin"
         assert k["arch"] == "sm_75" and cubin.stat().st_size == k["cubin_bytes"] > 1000

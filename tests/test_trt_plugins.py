@@ -44,8 +44,11 @@ def plugin_lib(tmp_path_factory):
         pytest.skip("no TensorRT Python module (tensorrt or tensorrt_rtx)")
     build = tmp_path_factory.mktemp("cmake")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    extra = [f"-DSHRINKRT_CUBLASLT_ROOT={os.environ['SHRINKRT_CUBLASLT_ROOT']}"] \
+        if os.environ.get("SHRINKRT_CUBLASLT_ROOT") else []  # the prefill GEMM path compiled in too
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DTensorRT_INCLUDE_DIR={headers}",
-                    f"-DSHRINKRT_PYTHON={sys.executable}"], check=True, capture_output=True, env=env, timeout=300)
+                    f"-DSHRINKRT_PYTHON={sys.executable}", *extra], check=True, capture_output=True, env=env,
+                   timeout=300)
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True, env=env, timeout=1200)
     lib = build / "plugins" / "tensorrt" / "libshrinkrt_trt_plugins.so"
     assert lib.is_file()

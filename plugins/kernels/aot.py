@@ -28,6 +28,13 @@ QGEMV_SIGNATURE = {
     "HAS_OUTLIERS": "constexpr"}
 
 
+DEQUANT_SIGNATURE = {
+    "codes_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*i32", "rowptr_ptr": "*i32", "cols_ptr": "*i32",
+    "vals_ptr": "*fp16", "w_ptr": "*fp16", "N": "i32", "K": "i32", "G": "i32", "words_per_row": "i32",
+    "zwords_per_row": "i32", "BITS": "constexpr", "GROUP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    "HAS_OUTLIERS": "constexpr"}
+
+
 SMOLLM2_ATTN = {"H": 9, "G": 3, "D": 64, "W": 64}  # the default model's attention shape (window 64)
 
 
@@ -60,6 +67,7 @@ def specializations() -> list[dict]:
     """Every (kernel, constexprs) the plugins launch, in a fixed order. The attention kernels are
     specialised for the default model's shape (ranks are runtime values up to R_PAD)."""
     from .bibranch_attn import NS_PAD, R_PAD
+    from .dequant import BLOCK_K as DQ_BLOCK_K, BLOCK_N as DQ_BLOCK_N
     from .qgemv import BLOCK_K, BLOCK_N
 
     out = []
@@ -71,6 +79,12 @@ def specializations() -> list[dict]:
                              "HAS_OUTLIERS": outliers}
                     out.append({"kernel": "qgemv", "name": f"qgemv_b{bits}_g{group}_m{m_pad}_o{int(outliers)}",
                                 "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1"})
+    for bits in (2, 3, 4, 8):  # prefill: packed -> dense FP16 tiles, then cuBLASLt (outliers read on the device)
+        for group in (64, 128):
+            out.append({"kernel": "dequant", "name": f"dequant_b{bits}_g{group}",
+                        "const": {"BITS": bits, "GROUP": group, "BLOCK_N": DQ_BLOCK_N, "BLOCK_K": DQ_BLOCK_K,
+                                  "HAS_OUTLIERS": True},
+                        "grid": f"ceil(N / {DQ_BLOCK_N}) x ceil(K / {DQ_BLOCK_K}) x 1", "signature": DEQUANT_SIGNATURE})
     shape = SMOLLM2_ATTN
     hg = f"h{shape['H']}g{shape['G']}d{shape['D']}"  # the plugins look kernels up by their fields
     for bits in (16, 8, 4):
@@ -97,9 +111,10 @@ def compile_one(spec: dict, arch: int = 75):
 
     from .bibranch_attn import (bibranch_append_kernel, bibranch_reduce_kernel, bibranch_split_kernel,
                                 feature_quant_kernel)
+    from .dequant import dequant_kernel
     from .qgemv import qgemv_kernel
 
-    fn = {"qgemv": qgemv_kernel, "bibranch_split": bibranch_split_kernel, "bibranch_reduce": bibranch_reduce_kernel,
+    fn = {"qgemv": qgemv_kernel, "dequant": dequant_kernel, "bibranch_split": bibranch_split_kernel, "bibranch_reduce": bibranch_reduce_kernel,
           "bibranch_append": bibranch_append_kernel, "feature_quant": feature_quant_kernel}[spec["kernel"]]
     sig = spec.get("signature", QGEMV_SIGNATURE)
     k = tcompile(ASTSource(fn, sig, spec["const"]), target=GPUTarget("cuda", arch, 32))

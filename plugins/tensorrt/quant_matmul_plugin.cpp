@@ -7,7 +7,12 @@ namespace shrinkrt
 namespace
 {
 constexpr int32_t kBlockN = 32; // qgemv.py BLOCK_N: one program per 32 output features
-constexpr int64_t kMaxRows = 8; // the widest GEMV specialization (M_PAD 8); larger M is chunked
+constexpr int64_t kMaxRows = 8; // the widest GEMV specialization (M_PAD 8)
+constexpr int32_t kDequantBlockN = 32, kDequantBlockK = 64; // dequant.py BLOCK_N, BLOCK_K
+struct dim3Like
+{
+    unsigned x, y;
+};
 enum Input
 {
     kX,
@@ -44,6 +49,19 @@ std::string QuantMatMulPlugin::kernelName(int64_t m) const
     // Outliers are device data: the o1 kernel also serves layers without any (rowptr all zero).
     return "qgemv_b" + std::to_string(mFields["bits"]) + "_g" + std::to_string(mFields["group_size"]) + "_m"
         + std::to_string(pad) + "_o1";
+}
+
+std::string QuantMatMulPlugin::dequantName() const
+{
+    return "dequant_b" + std::to_string(mFields["bits"]) + "_g" + std::to_string(mFields["group_size"]);
+}
+
+size_t QuantMatMulPlugin::getWorkspaceSize(
+    DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*, int32_t) const noexcept
+{
+    // the dense FP16 weight for prefill, when a call can have more rows than the GEMV takes
+    int64_t const maxRows = volume(inputs[kX].max) / mFields["in_features"];
+    return maxRows > kMaxRows ? static_cast<size_t>(mFields["out_features"]) * mFields["in_features"] * 2 : 0;
 }
 
 IPluginCapability* QuantMatMulPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
@@ -125,16 +143,20 @@ IPluginV3* QuantMatMulPlugin::attachToContext(IPluginResourceContext*) noexcept
     auto* p = static_cast<QuantMatMulPlugin*>(clone());
     p->mKernels = std::make_unique<KernelSet>();
     std::string error;
-    if (!p->mKernels->load({p->kernelName(2), p->kernelName(4), p->kernelName(8)}, error))
+    if (!p->mKernels->load({p->kernelName(2), p->kernelName(4), p->kernelName(8), p->dequantName()}, error))
     {
         reportError("QuantMatMul", error);
         p->mKernels.reset();
+        return p;
     }
+    p->mGemm = std::make_unique<CublasLtGemm>();
+    if (!p->mGemm->load(error))
+        p->mGemm.reset(); // prefill runs the GEMV in chunks: correct, without tensor cores
     return p;
 }
 
 int32_t QuantMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
-    void const* const* inputs, void* const* outputs, void*, cudaStream_t stream) noexcept
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     if (!mKernels)
     {
@@ -150,7 +172,21 @@ int32_t QuantMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
     uint64_t codes = dev(inputs[kCodes]), scales = dev(inputs[kScales]), zeros = dev(inputs[kZeros]);
     uint64_t rowptr = dev(inputs[kRowptr]), cols = dev(inputs[kCols]), vals = dev(inputs[kVals]);
     std::string error;
-    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) // prefill: chunks of 8 rows through the GEMV
+    if (rows > kMaxRows && mGemm && workspace)
+    {
+        uint64_t w = dev(workspace);
+        dim3Like const grid{static_cast<unsigned>((N + kDequantBlockN - 1) / kDequantBlockN),
+            static_cast<unsigned>((K + kDequantBlockK - 1) / kDequantBlockK)};
+        if (!(*mKernels)[dequantName()].launch(grid.x, grid.y, 1,
+                {&codes, &scales, &zeros, &rowptr, &cols, &vals, &w, &N, &K, &G, &words, &zwords}, stream, error)
+            || !mGemm->run(dev(inputs[kX]), w, dev(outputs[0]), rows, N, K, stream, error))
+        {
+            reportError("QuantMatMul", error);
+            return -1;
+        }
+        return 0;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) // chunks of 8 rows through the GEMV
     {
         int32_t M = static_cast<int32_t>(std::min(kMaxRows, rows - r0));
         uint64_t x = dev(inputs[kX]) + 2 * r0 * K, y = dev(outputs[0]) + 2 * r0 * N;

@@ -1,7 +1,10 @@
-// shrinkrt::QuantMatMul v1 (docs/ops.md): Y = X @ W^T for an LLM-MQ packed weight, by the fused
-// dequant-GEMV kernel (plugins/kernels/qgemv.py) in chunks of up to 8 rows.
+// shrinkrt::QuantMatMul v1 (docs/ops.md): Y = X @ W^T for an LLM-MQ packed weight: the fused
+// dequant-GEMV kernel (plugins/kernels/qgemv.py) for up to 8 rows; more rows (prefill) dequantize the
+// weight into the workspace (plugins/kernels/dequant.py) and multiply on tensor cores (cuBLASLt),
+// or, where cuBLASLt is missing, run the GEMV in chunks of 8 rows.
 #pragma once
 
+#include "cublaslt_gemm.h"
 #include "kernel_images.h"
 #include "plugin_common.h"
 
@@ -38,6 +41,8 @@ public:
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
     int32_t getNbOutputs() const noexcept override { return 1; }
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     // IPluginV3OneRuntime
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs) noexcept override;
@@ -48,11 +53,13 @@ public:
 
     // The kernel specialization for a call with M activation rows (M <= 8 per launch).
     std::string kernelName(int64_t m) const;
+    std::string dequantName() const;
 
 private:
     QuantMatMulPlugin() : mFields(fieldNames()) {}
     IntFields mFields;
     std::unique_ptr<KernelSet> mKernels;
+    std::unique_ptr<CublasLtGemm> mGemm; // prefill (M > 8): dequant kernel + cuBLASLt; null: chunked GEMV
 };
 
 class QuantMatMulCreator : public nvinfer1::IPluginCreatorV3One
