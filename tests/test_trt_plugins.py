@@ -55,6 +55,24 @@ def plugin_lib(tmp_path_factory):
     return lib
 
 
+@pytest.fixture(scope="module")
+def probe(plugin_lib):
+    """tests/plugin_probe.cpp built against the same headers: drives a plugin's build phase."""
+    exe = plugin_lib.parent / "plugin_probe"
+    subprocess.run(["c++", "-std=c++17", "-O1", "-Wall", "-Wno-deprecated-declarations", "-isystem", str(_headers()),
+                    "-isystem", "/usr/local/cuda/include", "-isystem", "/usr/local/cuda-13.0/include",
+                    str(ROOT / "tests" / "plugin_probe.cpp"), "-o", str(exe), "-ldl"], check=True, capture_output=True,
+                   timeout=300)
+
+    def run(op, fields, inputs):
+        spec = ";".join(f"{t}:{'x'.join(map(str, shape))}" for t, shape in inputs)
+        r = subprocess.run([str(exe), str(plugin_lib), op, ",".join(f"{k}={v}" for k, v in fields.items()), spec],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout), r.stderr
+    return run
+
+
 CHECK = r"""
 import json, sys
 import numpy as np
@@ -109,3 +127,38 @@ def test_create_plugin_with_exported_node_fields(plugin_lib):
     assert "QuantMatMul: bits must be 2, 3, 4 or 8 (got 5)" in log
     assert "no kernel bibranch_split_b4_post_h9g3d64w32" in log
     assert "missing field 'rank_v'" in log
+
+
+def test_quant_matmul_build_phase(probe):
+    """Shapes, dtypes, formats, workspace and serialised fields as TensorRT's builder would query
+    them; without a GPU driver the runtime says so and enqueue fails cleanly."""
+    fields = dict(bits=3, group_size=64, in_features=576, out_features=1536)
+    packed = [("i", (1536, 54)), ("h", (1536, 9)), ("i", (1536, 1)), ("i", (1537,)), ("i", (4,)), ("h", (4,))]
+    got, err = probe("QuantMatMul", fields, [("h", (1, 5, 576))] + packed)
+    assert got["out_shapes"] == [[1, 5, 1536]] and got["out_types"] == "h" and got["supported"]
+    assert not got["fp32_supported"] and got["serialized"] == fields
+    assert got["workspace"] == 0  # <= 8 rows: the fused GEMV needs none
+    assert got["rc_enqueue_without_gpu"] == -1 and "libcuda.so.1 not found" in err
+    got, _ = probe("QuantMatMul", fields, [("h", (2, 32, 576))] + packed)
+    assert got["out_shapes"] == [[2, 32, 1536]] and got["workspace"] == 1536 * 576 * 2  # dense fp16 weight
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_bibranch_attention_build_phase(probe, bits):
+    H, G, D, W, rk, rv, B, T, S = 9, 3, 64, 64, 48, 96, 2, 5, 2048
+    fields = dict(num_heads=H, num_kv_heads=G, head_dim=D, window=W, rank_k=rk, rank_v=rv, bits=bits, key_mode=1)
+    f, C = ("h", lambda r: r) if bits == 16 else ("b", lambda r: (r + 1) // 2)
+    ins = [("h", (B, T, H * D)), ("h", (B, T, G * D)), ("h", (B, T, G * D)), ("h", (B, T, rk)), ("h", (B, T, rv)),
+           ("h", (B, G, W, D)), ("h", (B, G, W, D)), (f, (B, S, C(rk))), (f, (B, S, C(rv))), ("h", (rk, G * D)),
+           ("h", (rv, G * D)), ("h", (G * D,)), ("h", (G * D,)), ("h", (S, D)), ("h", (S, D)), ("l", (1,))]
+    outs = [[B, T, H * D], [B, G, W, D], [B, G, W, D], [B, T, C(rk)], [B, T, C(rv)]]
+    if bits < 16:
+        ins += [("h", (B, S, 2)), ("h", (B, S, 3))]
+        outs += [[B, T, 2], [B, T, 3]]
+    assert len(ins) == len(ops.bi_branch_io(bits)[0]) and len(outs) == len(ops.bi_branch_io(bits)[1])
+    got, err = probe("BiBranchAttention", fields, ins)
+    assert got["nb_outputs"] == len(outs) and got["out_shapes"] == outs and got["supported"]
+    assert got["out_types"] == "hhh" + f * 2 + ("hh" if bits < 16 else "")
+    assert got["serialized"] == fields and got["rc_configure"] == 0 and not got["fp32_supported"]
+    assert got["workspace"] == B * H * 64 * (2 + D + 256) * 4 + 256  # split partials + the scales dummy
+    assert got["rc_enqueue_without_gpu"] == -1 and "libcuda.so.1 not found" in err
