@@ -2,6 +2,8 @@
 # Everything that needs a GPU, in one call (for a session lent a GPU machine, which has PyTorch with
 # CUDA, nvcc and onnxruntime but no network): the GPU tests, then the kernel benchmarks.
 # Results: build/gpu/pytest.txt and docs/results/kernels.{json,md,png}.
+# The plugin enqueue tests (tests/gpu/test_plugins_gpu.py) also need TensorRT headers: put include/ of a
+# NVIDIA/TensorRT checkout (search tool `fetch`) in build/trt_headers/include and carry that path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build/gpu

@@ -4,10 +4,15 @@
 // one JSON object. Compiled against the TensorRT headers only; needs no GPU and no TensorRT library.
 //
 //   plugin_probe LIB OP "k=v,k=v" "h:1x5x576;i:1536x72;..."   (h half, f float, b int8, i int32, l int64)
+//   plugin_probe ... DIR    additionally, on a GPU: inputs from DIR/in<i>.bin, one enqueue on the
+//                           device (no TensorRT involved), outputs to DIR/out<o>.bin
 #include "NvInferRuntime.h"
 
 #include <cstdio>
 #include <dlfcn.h>
+#include <algorithm>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -68,6 +73,47 @@ DataType parseType(char c)
     }
 }
 
+size_t elemSize(DataType t)
+{
+    switch (t)
+    {
+    case DataType::kHALF: return 2;
+    case DataType::kINT8: return 1;
+    case DataType::kINT64: return 8;
+    default: return 4;
+    }
+}
+
+// The driver API, for the GPU run (the plugin resolves its own copy).
+struct Cuda
+{
+    int (*init)(unsigned) = nullptr;
+    int (*deviceGet)(int*, int) = nullptr;
+    int (*retain)(void**, int) = nullptr;
+    int (*setCurrent)(void*) = nullptr;
+    int (*alloc)(uint64_t*, size_t) = nullptr;
+    int (*htod)(uint64_t, void const*, size_t) = nullptr;
+    int (*dtoh)(void*, uint64_t, size_t) = nullptr;
+    int (*sync)() = nullptr;
+    bool load()
+    {
+        void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (!h)
+            return false;
+        init = reinterpret_cast<decltype(init)>(dlsym(h, "cuInit"));
+        deviceGet = reinterpret_cast<decltype(deviceGet)>(dlsym(h, "cuDeviceGet"));
+        retain = reinterpret_cast<decltype(retain)>(dlsym(h, "cuDevicePrimaryCtxRetain"));
+        setCurrent = reinterpret_cast<decltype(setCurrent)>(dlsym(h, "cuCtxSetCurrent"));
+        alloc = reinterpret_cast<decltype(alloc)>(dlsym(h, "cuMemAlloc_v2"));
+        htod = reinterpret_cast<decltype(htod)>(dlsym(h, "cuMemcpyHtoD_v2"));
+        dtoh = reinterpret_cast<decltype(dtoh)>(dlsym(h, "cuMemcpyDtoH_v2"));
+        sync = reinterpret_cast<decltype(sync)>(dlsym(h, "cuCtxSynchronize"));
+        int dev = 0;
+        void* ctx = nullptr;
+        return init && init(0) == 0 && deviceGet(&dev, 0) == 0 && retain(&ctx, dev) == 0 && setCurrent(ctx) == 0;
+    }
+};
+
 char typeName(DataType t)
 {
     switch (t)
@@ -79,6 +125,14 @@ char typeName(DataType t)
     case DataType::kINT64: return 'l';
     default: return '?';
     }
+}
+
+int64_t volumeOf(Dims const& d)
+{
+    int64_t v = 1;
+    for (int32_t i = 0; i < d.nbDims; ++i)
+        v *= d.d[i];
+    return v;
 }
 
 std::vector<std::string> split(std::string const& s, char sep)
@@ -94,8 +148,14 @@ std::vector<std::string> split(std::string const& s, char sep)
 
 int main(int argc, char** argv)
 {
-    if (argc != 5)
+    if (argc != 5 && argc != 6)
         return 2;
+    Cuda cuda;
+    if (argc == 6 && !cuda.load())
+    {
+        std::printf("{\"error\": \"no CUDA device\"}\n");
+        return 1;
+    }
     void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
     if (!lib)
     {
@@ -196,16 +256,67 @@ int main(int argc, char** argv)
         serial += std::string(i ? "," : "") + "\"" + ser->fields[i].name
             + "\":" + std::to_string(*static_cast<int32_t const*>(ser->fields[i].data));
     serial += "}";
-    // no GPU driver here: the per-context kernel load fails, and enqueue says so instead of crashing
+    // without a GPU driver the per-context kernel load fails, and enqueue says so instead of crashing
     IPluginV3* attached = runtime->attachToContext(nullptr);
-    auto* rt2 = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    IPluginV3OneRuntime* rt2 = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     std::vector<PluginTensorDesc> pin(nIn);
     for (int32_t i = 0; i < nIn; ++i)
         pin[i] = descs[i].desc;
-    int32_t const rcEnqueue = rt2->enqueue(pin.data(), nullptr, nullptr, nullptr, nullptr, nullptr);
+    int32_t rcEnqueue = -1;
+    if (argc == 6) // on the GPU: real buffers, one enqueue on the default stream
+    {
+        std::string const dir = argv[5];
+        std::vector<uint64_t> bufs(nIn + nOut);
+        std::vector<PluginTensorDesc> pout(nOut);
+        for (int32_t i = 0; i < nIn + nOut; ++i)
+        {
+            size_t const bytes = static_cast<size_t>(std::max<int64_t>(1, volumeOf(descs[i].desc.dims)))
+                * elemSize(descs[i].desc.type);
+            cuda.alloc(&bufs[i], bytes);
+            if (i < nIn)
+            {
+                std::ifstream f(dir + "/in" + std::to_string(i) + ".bin", std::ios::binary);
+                std::vector<char> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+                if (data.size() != bytes)
+                {
+                    std::printf("{\"error\": \"in%d.bin holds %zu bytes, expected %zu\"}\n", i, data.size(), bytes);
+                    return 1;
+                }
+                cuda.htod(bufs[i], data.data(), bytes);
+            }
+            else
+                pout[i - nIn] = descs[i].desc;
+        }
+        uint64_t wsBuf = 0;
+        if (ws)
+            cuda.alloc(&wsBuf, ws);
+        std::vector<void const*> ins(nIn);
+        std::vector<void*> outs(nOut);
+        for (int32_t i = 0; i < nIn; ++i)
+            ins[i] = reinterpret_cast<void const*>(bufs[i]);
+        for (int32_t o = 0; o < nOut; ++o)
+            outs[o] = reinterpret_cast<void*>(bufs[nIn + o]);
+        // attach again now that a context is current: the kernels load
+        delete attached;
+        attached = runtime->attachToContext(nullptr);
+        rt2 = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        rcEnqueue = rt2->enqueue(pin.data(), pout.data(), ins.data(), outs.data(), reinterpret_cast<void*>(wsBuf), nullptr);
+        int const rcSync = cuda.sync();
+        for (int32_t o = 0; o < nOut && rcEnqueue == 0 && rcSync == 0; ++o)
+        {
+            size_t const bytes = static_cast<size_t>(volumeOf(pout[o].dims)) * elemSize(pout[o].type);
+            std::vector<char> data(bytes);
+            cuda.dtoh(data.data(), bufs[nIn + o], bytes);
+            std::ofstream(dir + "/out" + std::to_string(o) + ".bin", std::ios::binary).write(data.data(), bytes);
+        }
+        if (rcSync != 0)
+            rcEnqueue = 1000 + rcSync;
+    }
+    else
+        rcEnqueue = rt2->enqueue(pin.data(), nullptr, nullptr, nullptr, nullptr, nullptr);
     std::printf("{\"created\": true, \"nb_outputs\": %d, \"rc_types\": %d, \"out_types\": \"%s\", \"rc_shapes\": %d, "
                 "\"out_shapes\": %s, \"supported\": %s, \"fp32_supported\": %s, \"rc_configure\": %d, "
-                "\"workspace\": %zu, \"serialized\": %s, \"rc_enqueue_without_gpu\": %d}\n",
+                "\"workspace\": %zu, \"serialized\": %s, \"rc_enqueue\": %d}\n",
         nOut, rcTypes, types.c_str(), rcShapes, shapes.c_str(), supported ? "true" : "false", fp32 ? "true" : "false",
         rcConfigure, ws, serial.c_str(), rcEnqueue);
     delete attached;

@@ -33,16 +33,13 @@ def _trt_module() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def plugin_lib(tmp_path_factory):
+def build_plugins(build: Path) -> Path:
+    """libshrinkrt_trt_plugins.so built by the project's CMake (skips the test when it cannot be)."""
     headers = _headers()
     if headers is None:
         pytest.skip("no TensorRT headers: set TensorRT_INCLUDE_DIR (e.g. include/ of a NVIDIA/TensorRT checkout)")
     if not shutil.which("cmake") or not shutil.which("c++"):
         pytest.skip("cmake and a C++ compiler are needed to build the plugin library")
-    if _trt_module() is None:
-        pytest.skip("no TensorRT Python module (tensorrt or tensorrt_rtx)")
-    build = tmp_path_factory.mktemp("cmake")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     extra = [f"-DSHRINKRT_CUBLASLT_ROOT={os.environ['SHRINKRT_CUBLASLT_ROOT']}"] \
         if os.environ.get("SHRINKRT_CUBLASLT_ROOT") else []  # the prefill GEMM path compiled in too
@@ -55,22 +52,34 @@ def plugin_lib(tmp_path_factory):
     return lib
 
 
-@pytest.fixture(scope="module")
-def probe(plugin_lib):
-    """tests/plugin_probe.cpp built against the same headers: drives a plugin's build phase."""
-    exe = plugin_lib.parent / "plugin_probe"
+def build_probe(lib: Path):
+    """tests/plugin_probe.cpp built against the same headers: drives a plugin's build phase, and on a
+    GPU one enqueue. Returns run(op, fields, inputs, data_dir=None) -> (json, stderr)."""
+    exe = lib.parent / "plugin_probe"
     subprocess.run(["c++", "-std=c++17", "-O1", "-Wall", "-Wno-deprecated-declarations", "-isystem", str(_headers()),
                     "-isystem", "/usr/local/cuda/include", "-isystem", "/usr/local/cuda-13.0/include",
                     str(ROOT / "tests" / "plugin_probe.cpp"), "-o", str(exe), "-ldl"], check=True, capture_output=True,
                    timeout=300)
 
-    def run(op, fields, inputs):
+    def run(op, fields, inputs, data_dir=None):
         spec = ";".join(f"{t}:{'x'.join(map(str, shape))}" for t, shape in inputs)
-        r = subprocess.run([str(exe), str(plugin_lib), op, ",".join(f"{k}={v}" for k, v in fields.items()), spec],
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        r = subprocess.run([str(exe), str(lib), op, ",".join(f"{k}={v}" for k, v in fields.items()), spec]
+                           + ([str(data_dir)] if data_dir else []), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
         return json.loads(r.stdout), r.stderr
     return run
+
+
+@pytest.fixture(scope="module")
+def plugin_lib(tmp_path_factory):
+    if _trt_module() is None:
+        pytest.skip("no TensorRT Python module (tensorrt or tensorrt_rtx)")
+    return build_plugins(tmp_path_factory.mktemp("cmake"))
+
+
+@pytest.fixture(scope="module")
+def probe(plugin_lib):
+    return build_probe(plugin_lib)
 
 
 CHECK = r"""
@@ -138,7 +147,7 @@ def test_quant_matmul_build_phase(probe):
     assert got["out_shapes"] == [[1, 5, 1536]] and got["out_types"] == "h" and got["supported"]
     assert not got["fp32_supported"] and got["serialized"] == fields
     assert got["workspace"] == 0  # <= 8 rows: the fused GEMV needs none
-    assert got["rc_enqueue_without_gpu"] == -1 and "libcuda.so.1 not found" in err
+    assert got["rc_enqueue"] == -1 and "libcuda.so.1 not found" in err
     got, _ = probe("QuantMatMul", fields, [("h", (2, 32, 576))] + packed)
     assert got["out_shapes"] == [[2, 32, 1536]] and got["workspace"] == 1536 * 576 * 2  # dense fp16 weight
 
@@ -161,4 +170,4 @@ def test_bibranch_attention_build_phase(probe, bits):
     assert got["out_types"] == "hhh" + f * 2 + ("hh" if bits < 16 else "")
     assert got["serialized"] == fields and got["rc_configure"] == 0 and not got["fp32_supported"]
     assert got["workspace"] == B * H * 64 * (2 + D + 256) * 4 + 256  # split partials + the scales dummy
-    assert got["rc_enqueue_without_gpu"] == -1 and "libcuda.so.1 not found" in err
+    assert got["rc_enqueue"] == -1 and "libcuda.so.1 not found" in err
