@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shrinkrt.runtime.config import ModelArgs
+from shrinkrt.runtime.exported import ExportedCaches
 
 NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
             "tensor(int64)": np.int64}
@@ -34,7 +35,7 @@ def session(path: Path, threads: int = 0, providers: list[str] | None = None):
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
-class OrtModel:
+class OrtModel(ExportedCaches):
     def __init__(self, export_dir: Path, threads: int = 0, providers: list[str] | None = None):
         export_dir = Path(export_dir)
         meta = json.loads((export_dir / "export.json").read_text())
@@ -64,36 +65,10 @@ class OrtModel:
             self.binding.bind_ortvalue_input(name, v)
         self.length, self.capacity, self.batch = 0, max_seq_len, batch
 
-    def clear_caches(self) -> None:
-        self.buffers, self.bound, self.length, self.capacity = {}, {}, 0, 0
-
-    def cache_length(self) -> int:
-        return self.length
-
-    def cache_nbytes(self) -> int:
-        """Bytes held for the stored tokens: rows of capacity-sized buffers, rings up to their size."""
-        total = 0
-        for name, buf in self.buffers.items():
-            if name.startswith(("past_key", "past_value")):
-                total += buf[:, :, :1].nbytes * self.length
-            elif name.startswith("win_"):
-                total += buf[:, :, :1].nbytes * min(self.length, buf.shape[2])
-            else:  # feature rows (and their scales)
-                total += buf[:, :1].nbytes * self.length
-        return total
-
-    def __call__(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
-        return self.forward(tokens, start, last_only)
-
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         """Logits of the last position, (B, 1, vocab) float32 (the graph computes only that row)."""
         T = tokens.shape[1]
-        if not self.capacity:
-            raise ValueError("call setup_caches before running the model")
-        if start != self.length:
-            raise ValueError(f"the cache holds {self.length} tokens; a call at position {start} would leave a gap")
-        if start + T > self.capacity:
-            raise ValueError(f"positions up to {start + T} exceed the cache of {self.capacity} tokens")
+        self.check_call(start, T)
         self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)))
         self.binding.bind_cpu_input("past_length", np.array([start], np.int64))
         self.binding.clear_binding_outputs()  # outputs are this call's rows: their shapes follow T
@@ -101,14 +76,5 @@ class OrtModel:
             self.binding.bind_output(name, "cpu")
         self.sess.run_with_iobinding(self.binding)
         outs = dict(zip(self.outputs, self.binding.copy_outputs_to_cpu()))
-        for name, rows in outs.items():
-            if name == "logits":
-                continue
-            if name.startswith("win_"):  # win_k_out.i -> win_k.i
-                np.copyto(self.buffers[name.replace("_out", "")], rows)
-            elif name.startswith(("key.", "value.")):
-                self.buffers["past_" + name][:, :, start:start + T] = rows
-            else:  # feat_k_new.i -> feat_k.i
-                self.buffers[name.replace("_new", "")][:, start:start + T] = rows
-        self.length = start + T
+        self.store_outputs(outs, start, T)
         return torch.from_numpy(outs["logits"])

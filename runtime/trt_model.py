@@ -20,6 +20,7 @@ import torch
 
 from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
+from shrinkrt.runtime.exported import ExportedCaches
 
 FIXED_INPUTS = ("input_ids", "past_length")
 
@@ -54,7 +55,7 @@ def check_device(target: str) -> None:
                           f"{cc[0]}.{cc[1]}: rebuild with `shrinkrt build --target sm{cc[0]}{cc[1]}`")
 
 
-class TrtModel:
+class TrtModel(ExportedCaches):
     def __init__(self, build_dir: Path, trt_module: str | None = None, layer_times: bool = False):
         from shrinkrt.export.trt_build import import_trt
 
@@ -111,34 +112,9 @@ class TrtModel:
         self.past = torch.zeros(1, dtype=torch.int64)  # host: a shape input
         self.length, self.capacity, self.batch = 0, max_seq_len, batch
 
-    def clear_caches(self) -> None:
-        self.buffers, self.length, self.capacity = {}, 0, 0
-
-    def cache_length(self) -> int:
-        return self.length
-
-    def cache_nbytes(self) -> int:
-        total = 0
-        for name, buf in self.buffers.items():
-            if name.startswith(("past_key", "past_value")):
-                total += buf[:, :, :1].nbytes * self.length
-            elif name.startswith("win_"):
-                total += buf[:, :, :1].nbytes * min(self.length, buf.shape[2])
-            else:
-                total += buf[:, :1].nbytes * self.length
-        return total
-
-    def __call__(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
-        return self.forward(tokens, start, last_only)
-
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         T = tokens.shape[1]
-        if not self.capacity:
-            raise ValueError("call setup_caches before running the model")
-        if start != self.length:
-            raise ValueError(f"the cache holds {self.length} tokens; a call at position {start} would leave a gap")
-        if start + T > self.capacity:
-            raise ValueError(f"positions up to {start + T} exceed the cache of {self.capacity} tokens")
+        self.check_call(start, T)
         ctx, s = self.context, self.stream
         profile = 1 if T == 1 else 0
         if profile != self.profile:
@@ -160,15 +136,6 @@ class TrtModel:
         with torch.cuda.stream(s):
             if not ctx.execute_async_v3(s.cuda_stream):
                 raise RuntimeError("TensorRT enqueue failed (see the log above)")
-            for name, rows in outs.items():
-                if name == "logits":
-                    continue
-                if name.startswith("win_"):
-                    self.buffers[name.replace("_out", "")].copy_(rows)
-                elif name.startswith(("key.", "value.")):
-                    self.buffers["past_" + name][:, :, start:start + T] = rows
-                else:
-                    self.buffers[name.replace("_new", "")][:, start:start + T] = rows
+            self.store_outputs(outs, start, T)
         s.synchronize()
-        self.length = start + T
         return outs["logits"].float().cpu()

@@ -99,24 +99,6 @@ std::vector<std::string> BiBranchAttentionPlugin::kernelNames() const
         "feature_quant_b" + b};
 }
 
-IPluginCapability* BiBranchAttentionPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-IPluginV3* BiBranchAttentionPlugin::clone() noexcept
-{
-    auto* p = new BiBranchAttentionPlugin();
-    p->mFields = mFields;
-    return p;
-}
-
 int32_t BiBranchAttentionPlugin::configurePlugin(
     DynamicPluginTensorDesc const*, int32_t nbInputs, DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept
 {
@@ -179,11 +161,6 @@ size_t BiBranchAttentionPlugin::getWorkspaceSize(
     // split partials (max, sum, window sum, feature sum) for the largest batch, plus a small dummy
     // that stands for the scales pointers of a 16-bit branch
     return partBytes(inputs[kQ].max.d[0], mFields["num_heads"], mFields["head_dim"]) + 256;
-}
-
-int32_t BiBranchAttentionPlugin::onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*, int32_t) noexcept
-{
-    return 0;
 }
 
 IPluginV3* BiBranchAttentionPlugin::attachToContext(IPluginResourceContext*) noexcept
@@ -266,15 +243,6 @@ int32_t BiBranchAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plug
             return fail();
     }
     return 0;
-}
-
-IPluginV3* BiBranchAttentionCreator::createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept
-{
-    std::string error;
-    BiBranchAttentionPlugin* p = BiBranchAttentionPlugin::create(fc, error);
-    if (!p)
-        reportError("BiBranchAttention", error);
-    return p;
 }
 
 } // namespace shrinkrt

@@ -10,12 +10,10 @@
 namespace shrinkrt
 {
 
-class BiBranchAttentionPlugin : public nvinfer1::IPluginV3,
-                          public nvinfer1::IPluginV3OneCore,
-                          public nvinfer1::IPluginV3OneBuild,
-                          public nvinfer1::IPluginV3OneRuntime
+class BiBranchAttentionPlugin : public PluginBase<BiBranchAttentionPlugin>
 {
 public:
+    static constexpr char const* kName = "BiBranchAttention";
     static std::vector<std::string> fieldNames()
     {
         return {"num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"};
@@ -23,13 +21,6 @@ public:
     // nullptr (and `error`) when the fields are not a configuration the kernels support.
     static BiBranchAttentionPlugin* create(nvinfer1::PluginFieldCollection const* fc, std::string& error);
 
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override { return "BiBranchAttention"; }
-    char const* getPluginVersion() const noexcept override { return kVersion; }
-    char const* getPluginNamespace() const noexcept override { return kNamespace; }
     // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
@@ -44,35 +35,20 @@ public:
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override { return mFields.values(); }
 
     // The kernel specializations this configuration launches (split, reduce, append, feature quant).
     std::vector<std::string> kernelNames() const;
     int32_t expectedInputs() const { return mFields["bits"] < 16 ? 18 : 16; }
 
 private:
-    BiBranchAttentionPlugin() : mFields(fieldNames()) {}
-    IntFields mFields;
+    friend class PluginBase<BiBranchAttentionPlugin>;
+    BiBranchAttentionPlugin() = default;
     std::unique_ptr<KernelSet> mKernels;
 };
 
-class BiBranchAttentionCreator : public nvinfer1::IPluginCreatorV3One
-{
-public:
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return mFields.specs(); }
-    char const* getPluginName() const noexcept override { return "BiBranchAttention"; }
-    char const* getPluginVersion() const noexcept override { return kVersion; }
-    char const* getPluginNamespace() const noexcept override { return kNamespace; }
-
-private:
-    IntFields mFields{BiBranchAttentionPlugin::fieldNames()};
-};
+using BiBranchAttentionCreator = Creator<BiBranchAttentionPlugin>;
 
 } // namespace shrinkrt

@@ -86,6 +86,69 @@ private:
     std::map<std::string, int32_t> mValues;
 };
 
+// What an IPluginV3 of ours holds beyond its op: the capability casts, name/version/namespace,
+// fields (cloned, serialised) and no per-shape state.
+template <class Derived>
+class PluginBase : public nvinfer1::IPluginV3,
+                   public nvinfer1::IPluginV3OneCore,
+                   public nvinfer1::IPluginV3OneBuild,
+                   public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override
+    {
+        switch (type)
+        {
+        case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+        case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+        case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+        }
+        return nullptr;
+    }
+    nvinfer1::IPluginV3* clone() noexcept override
+    {
+        auto* p = new Derived();
+        p->mFields = mFields;
+        return p;
+    }
+    char const* getPluginName() const noexcept override { return Derived::kName; }
+    char const* getPluginVersion() const noexcept override { return kVersion; }
+    char const* getPluginNamespace() const noexcept override { return kNamespace; }
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const*, int32_t, nvinfer1::PluginTensorDesc const*,
+        int32_t) noexcept override
+    {
+        return 0; // everything shape-dependent is read from the descriptors at enqueue
+    }
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override { return mFields.values(); }
+
+protected:
+    PluginBase() : mFields(Derived::fieldNames()) {}
+    IntFields mFields;
+};
+
+// One creator per op: fields of docs/ops.md in, a plugin (or one error line) out.
+template <class Plugin>
+class Creator : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    nvinfer1::IPluginV3* createPlugin(
+        char const*, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase) noexcept override
+    {
+        std::string error;
+        Plugin* p = Plugin::create(fc, error);
+        if (!p)
+            reportError(Plugin::kName, error);
+        return p;
+    }
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return mFields.specs(); }
+    char const* getPluginName() const noexcept override { return Plugin::kName; }
+    char const* getPluginVersion() const noexcept override { return kVersion; }
+    char const* getPluginNamespace() const noexcept override { return kNamespace; }
+
+private:
+    IntFields mFields{Plugin::fieldNames()};
+};
+
 inline bool isLinear(nvinfer1::DynamicPluginTensorDesc const& d, nvinfer1::DataType t)
 {
     return d.desc.format == nvinfer1::TensorFormat::kLINEAR && d.desc.type == t;

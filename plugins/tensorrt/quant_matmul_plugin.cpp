@@ -64,24 +64,6 @@ size_t QuantMatMulPlugin::getWorkspaceSize(
     return maxRows > kMaxRows ? static_cast<size_t>(mFields["out_features"]) * mFields["in_features"] * 2 : 0;
 }
 
-IPluginCapability* QuantMatMulPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-IPluginV3* QuantMatMulPlugin::clone() noexcept
-{
-    auto* p = new QuantMatMulPlugin();
-    p->mFields = mFields;
-    return p;
-}
-
 int32_t QuantMatMulPlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept
 {
@@ -131,11 +113,6 @@ bool QuantMatMulPlugin::supportsFormatCombination(
     case kCols: return isLinear(inOut[pos], DataType::kINT32);
     default: return isLinear(inOut[pos], DataType::kHALF); // Y
     }
-}
-
-int32_t QuantMatMulPlugin::onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*, int32_t) noexcept
-{
-    return 0;
 }
 
 IPluginV3* QuantMatMulPlugin::attachToContext(IPluginResourceContext*) noexcept
@@ -200,15 +177,6 @@ int32_t QuantMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
         }
     }
     return 0;
-}
-
-IPluginV3* QuantMatMulCreator::createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept
-{
-    std::string error;
-    QuantMatMulPlugin* p = QuantMatMulPlugin::create(fc, error);
-    if (!p)
-        reportError("QuantMatMul", error);
-    return p;
 }
 
 } // namespace shrinkrt

@@ -13,23 +13,14 @@
 namespace shrinkrt
 {
 
-class QuantMatMulPlugin : public nvinfer1::IPluginV3,
-                          public nvinfer1::IPluginV3OneCore,
-                          public nvinfer1::IPluginV3OneBuild,
-                          public nvinfer1::IPluginV3OneRuntime
+class QuantMatMulPlugin : public PluginBase<QuantMatMulPlugin>
 {
 public:
+    static constexpr char const* kName = "QuantMatMul";
     static std::vector<std::string> fieldNames() { return {"bits", "group_size", "in_features", "out_features"}; }
     // nullptr (and `error`) when the fields are not a configuration the kernels support.
     static QuantMatMulPlugin* create(nvinfer1::PluginFieldCollection const* fc, std::string& error);
 
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override { return "QuantMatMul"; }
-    char const* getPluginVersion() const noexcept override { return kVersion; }
-    char const* getPluginNamespace() const noexcept override { return kNamespace; }
     // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
@@ -44,36 +35,21 @@ public:
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override { return mFields.values(); }
 
     // The kernel specialization for a call with M activation rows (M <= 8 per launch).
     std::string kernelName(int64_t m) const;
     std::string dequantName() const;
 
 private:
-    QuantMatMulPlugin() : mFields(fieldNames()) {}
-    IntFields mFields;
+    friend class PluginBase<QuantMatMulPlugin>;
+    QuantMatMulPlugin() = default;
     std::unique_ptr<KernelSet> mKernels;
     std::unique_ptr<CublasLtGemm> mGemm; // prefill (M > 8): dequant kernel + cuBLASLt; null: chunked GEMV
 };
 
-class QuantMatMulCreator : public nvinfer1::IPluginCreatorV3One
-{
-public:
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return mFields.specs(); }
-    char const* getPluginName() const noexcept override { return "QuantMatMul"; }
-    char const* getPluginVersion() const noexcept override { return kVersion; }
-    char const* getPluginNamespace() const noexcept override { return kNamespace; }
-
-private:
-    IntFields mFields{QuantMatMulPlugin::fieldNames()};
-};
+using QuantMatMulCreator = Creator<QuantMatMulPlugin>;
 
 } // namespace shrinkrt
