@@ -86,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated method names to run (default all)")
     ap.add_argument("--resume", action="store_true", help="keep runs already in the JSON and skip them")
     ap.add_argument("--out", default="docs/results/kv_compression")
+    ap.add_argument("--fp-from", default=None, metavar="JSON",
+                    help="take the FP row from this results file (same evaluation settings) instead of measuring it")
     a = ap.parse_args(argv)
     a.ratios = [float(x) for x in a.ratios.split(",") if x]
     a.key_modes = [x for x in a.key_modes.split(",") if x]
@@ -112,6 +114,12 @@ def main(argv=None):
         write_atomic(json.dumps(result, indent=2) + "\n", jpath)
         write_report(result, out)
 
+    if result["fp"] is None and a.fp_from:
+        other = json.loads(Path(a.fp_from).read_text())
+        same = ("max_segments", "passkey_lengths", "seed", "fraction_tokens")
+        if any(other["settings"].get(k) != settings[k] for k in same):
+            raise SystemExit(f"--fp-from {a.fp_from}: its evaluation settings differ from this run's")
+        result["fp"] = other["fp"]
     if result["fp"] is None:
         t = time.perf_counter()
         result["fp"] = {**measure(lm, eval_tokens, a), "eval_s": round(time.perf_counter() - t, 1)}
