@@ -142,6 +142,7 @@ def main(argv=None):
                                             collected=collected[mode], curve_cache=curves)
             apply_kv(lm.model, section, tensors)
             info = {"calibration_s": section["calibration_s"], "objective": section["objective"],
+                    "feature_basis": section["feature_basis"],
                     "allocation": section["allocation"],
                     "mean_rank_k": statistics.mean(r["rank_k"] for r in section["layers"]),
                     "mean_rank_v": statistics.mean(r["rank_v"] for r in section["layers"])}
@@ -166,13 +167,18 @@ def write_report(result, out: Path):
              "about 23% of the FP16 bytes at 1k. Compare perplexity at equal bytes with the sink-window row of "
              "target 0.08 (236 + 4 tokens: 23% of 1k); passkey is the long-context test at equal bytes. Decode "
              "times were measured beside other jobs on 2 cores: read them as rough.", "",
-             "| method | branch bits | target | KV bytes kept | perplexity | x FP | passkey | decode ms/tok |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| fp (full cache) | 16 | 1.00 | {fp['kv_bytes_fraction']:.3f} (as stored, fp32) | {fp['perplexity']:.3f} | "
+             "Feature basis (CSKV): `rotated` = whitened + seeded random orthogonal rotation of int8/int4 features "
+             "(calibration since 2026-11-25, session 4); `whitened` = rows calibrated before the rotation existed "
+             "(same settings otherwise). Rows are kept in the JSON until rerun (`--resume` skips them).", "",
+             "| method | branch bits | target | features | KV bytes kept | perplexity | x FP | passkey | decode ms/tok |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| fp (full cache) | 16 | 1.00 | - | {fp['kv_bytes_fraction']:.3f} (as stored, fp32) | {fp['perplexity']:.3f} | "
              f"1.000 | {fp['passkey_accuracy']:.2f} | {fp['decode_ms_per_token']:.1f} |"]
     for r in sorted(result["runs"], key=lambda r: (-r["kv_bytes_fraction"], r["method"])):
         tgt = f"{r['target_fraction']:.2f}" if r.get("target_fraction") else "-"
-        lines.append(f"| {r['method']} | {r['branch_bits']} | {tgt} | {r['kv_bytes_fraction']:.3f} | "
+        basis = "-" if not r["method"].startswith("cskv") else \
+            "rotated" if "rotation" in r.get("feature_basis", "") else "whitened"
+        lines.append(f"| {r['method']} | {r['branch_bits']} | {tgt} | {basis} | {r['kv_bytes_fraction']:.3f} | "
                      f"{r['perplexity']:.3f} | {r['perplexity'] / fp['perplexity']:.3f} | "
                      f"{r['passkey_accuracy']:.2f} | {r['decode_ms_per_token']:.1f} |")
     write_atomic("\n".join(lines) + "\n", out.with_suffix(".md"))

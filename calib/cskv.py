@@ -11,7 +11,10 @@
    softmax makes key errors cost far more than their energy share.
 4. Initialise: activation-aware (top eigenvectors U of Y^T Y: down = W^T U, up = U^T, the optimum
    of the plain reconstruction loss) or plain SVD of W. Features are whitened (unit variance on the
-   calibration data, folded into down/up) so per-token quantization treats them alike.
+   calibration data, folded into down/up) so per-token quantization treats them alike, and for an
+   int8/int4 branch turned by a seeded random orthogonal matrix (folded in too): the eigen-features
+   are decorrelated but a token's energy sits in a few of them, which per-token group scales
+   quantize badly; the rotation spreads it over all (incoherence, as QuIP/QuaRot do for weights).
 5. Fit: Adam on down/up minimising ||Y - Q(inputs @ down) @ up||^2 / ||Y||^2 with Q the branch's
    quantizer (straight-through), seeded minibatches: quantization-aware for int8/int4.
 """
@@ -133,7 +136,8 @@ def error_curves(attn, x, pos, key_mode: str, cos, sin, window: int, bits: int, 
         inputs = y if key_post else x
         errs = []
         for r in ranks:
-            down, up = whiten(*init_factors(w.float().T, vecs[j], r, "activation", key_post, sq, sq_inv), inputs)
+            down, up = prepare(*init_factors(w.float().T, vecs[j], r, "activation", key_post, sq, sq_inv), inputs,
+                               bits, r)
             y_hat = kv_quant.fake_quantize(inputs @ down, bits) @ up
             if kind == "k":
                 if key_post:
@@ -256,6 +260,22 @@ def whiten(down, up, inputs):
 
 
 @torch.no_grad()
+def rotate(down, up, seed: int):
+    """Fold a seeded Haar-random orthogonal r x r matrix into the factors: same product, turned features."""
+    r = down.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    q, rr = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
+    q = (q * torch.sign(torch.diagonal(rr))).float()
+    return down @ q, q.T @ up
+
+
+def prepare(down, up, inputs, bits: int, seed: int):  # seed = the rank: curves and fit turn alike
+    """Whiten, then (quantized branch) rotate the features."""
+    down, up = whiten(down, up, inputs)
+    return rotate(down, up, seed) if bits < 16 else (down, up)
+
+
+@torch.no_grad()
 def rel_error(inputs, y, down, up, bits):
     c = kv_quant.fake_quantize(inputs @ down, bits)
     return float(((c @ up - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)))
@@ -342,7 +362,8 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
             y, y_w = ys[i][j], ys[i][j] @ sq  # errors are measured and fitted in the weighted space
             key_post = post and kind == "k"
             inputs = y if key_post else xs[i]
-            down0, up0 = whiten(*init_factors(w.float().T, vecs[2 * i + j], r, init, key_post, sq, sq_inv), inputs)
+            down0, up0 = prepare(*init_factors(w.float().T, vecs[2 * i + j], r, init, key_post, sq, sq_inv), inputs,
+                                 kv_bits, r)
             err_init = rel_error(inputs, y_w, down0, up0 @ sq, kv_bits)
             down, up_w = fit(inputs, y_w, down0, up0 @ sq, kv_bits, fit_steps, seed + 2 * i + j)
             err_fit = rel_error(inputs, y_w, down, up_w, kv_bits)
@@ -361,6 +382,7 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         "method": "cskv", "key_mode": key_mode, "window": window, "sinks": sinks, "bits": kv_bits,
         "quant": {"scheme": "symmetric per token", "group": kv_quant.GROUP, "scale_dtype": "float16"}
         if kv_bits < 16 else None,
+        "feature_basis": "whitened" + (", seeded random orthogonal rotation (seed = rank)" if kv_bits < 16 else ""),
         "init": init, "objective": objective, "allocation": allocation, "fit_steps": fit_steps,
         "fit_loss": ("attention-output-weighted" if objective == "attention" else "plain")
         + " K/V reconstruction, quantization-aware",

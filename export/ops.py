@@ -164,6 +164,17 @@ def bi_branch_overload(num_heads, num_kv_heads, head_dim, window, rank_k, rank_v
             f"_{'post' if key_mode else 'pre'}_{dtype}")
 
 
+# int4 features: a stored byte is two two's-complement nibbles, low nibble = even feature.
+# Lookup tables instead of integer arithmetic: one Gather per direction instead of ~10 elementwise
+# nodes (ONNX Runtime spends more per node than per element at decode), indexed by byte + 128 and
+# (lo + 8) + 16 * (hi + 8) so no index is negative (TensorRT's Gather).
+_BYTES = np.arange(-128, 128)
+_NIBBLES = np.stack([((_BYTES & 0xF) ^ 8) - 8, _BYTES >> 4], axis=-1).astype(np.float32)  # (256, 2): lo, hi
+_PACK = np.array([(((lo & 0xF) | ((hi & 0xF) << 4)) ^ 0x80) - 0x80
+                  for hi in range(-8, 8) for lo in range(-8, 8)], np.int32)  # [(lo+8) + 16 (hi+8)] -> byte
+# (int32, cast after the Gather: TensorRT takes int8 constants only as quantized weights)
+
+
 def _quantize_features(b: Body, c: str, r: int, bits: int):
     """float32 (B, T, r) -> (stored codes, fp16 scales or None, the dequantized float32 features)."""
     if bits == 16:
@@ -171,55 +182,50 @@ def _quantize_features(b: Body, c: str, r: int, bits: int):
         return stored, None, b("Cast", stored, to=TensorProto.FLOAT)
     qmax = 2 ** (bits - 1) - 1
     ng = math.ceil(r / 32)
-    padded = b("Pad", c, b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
+    padded = c if ng * 32 == r else b("Pad", c, b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
     groups = b("Reshape", padded, b.const([0, 0, ng, 32], np.int64))
-    amax = b("ReduceMax", b("Abs", groups), b.const([-1], np.int64), keepdims=0)
+    amax = b("ReduceMax", b("Abs", groups), b.const([-1], np.int64), keepdims=1)
     scale16 = b("Cast", b("Max", b("Div", amax, b.const(np.float32(qmax))), b.const(np.float32(1e-8))),
-                to=TensorProto.FLOAT16)
-    scale = b("Unsqueeze", b("Cast", scale16, to=TensorProto.FLOAT), b.const([-1], np.int64))
+                to=TensorProto.FLOAT16)  # (B, T, ng, 1)
+    scale = b("Cast", scale16, to=TensorProto.FLOAT)
     q = b("Clip", b("Round", b("Div", groups, scale)), b.const(np.float32(-qmax - 1)), b.const(np.float32(qmax)))
-    deq = b("Slice", b("Reshape", b("Mul", q, scale), b.const([0, 0, ng * 32], np.int64)),
-            b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
-    codes = b("Slice", b("Reshape", q, b.const([0, 0, ng * 32], np.int64)), b.const([0], np.int64),
-              b.const([r], np.int64), b.const([2], np.int64))
+
+    def first(x, n):  # (B, T, ng, 32) -> (B, T, n)
+        flat = b("Reshape", x, b.const([0, 0, ng * 32], np.int64))
+        return flat if n == ng * 32 else b("Slice", flat, b.const([0], np.int64), b.const([n], np.int64),
+                                           b.const([2], np.int64))
+
+    deq = first(b("Mul", q, scale), r)
+    scales = b("Squeeze", scale16, b.const([-1], np.int64))
     if bits == 8:
-        return b("Cast", codes, to=TensorProto.INT8), scale16, deq
-    # int4: two two's-complement nibbles per byte, low nibble = even feature
-    even = r + r % 2
-    ci = b("Cast", b("Pad", codes, b.const([0, 0, 0, 0, 0, even - r], np.int64)), to=TensorProto.INT32)
-    nib = b("Mod", b("Add", b("Reshape", ci, b.const([0, 0, even // 2, 2], np.int64)), b.const(np.int32(16))),
-            b.const(np.int32(16)))
-    lo, hi = b("Split", nib, b.const([1, 1], np.int64), axis=-1, n_out=2)
-    byte = b("Squeeze", b("Add", lo, b("Mul", hi, b.const(np.int32(16)))), b.const([-1], np.int64))
-    signed = b("Where", b("GreaterOrEqual", byte, b.const(np.int32(128))), b("Sub", byte, b.const(np.int32(256))), byte)
-    return b("Cast", signed, to=TensorProto.INT8), scale16, deq
+        return b("Cast", first(q, r), to=TensorProto.INT8), scales, deq
+    pairs = b("Reshape", q, b.const([0, 0, ng * 16, 2], np.int64))
+    # (lo + 8) + 16 (hi + 8); a weighted ReduceSum, not a MatMul: no FP32 GEMM on Turing (TensorRT)
+    idx = b("ReduceSum", b("Mul", pairs, b.const(np.array([1.0, 16.0], np.float32))), b.const([-1], np.int64),
+            keepdims=0)
+    idx = b("Cast", b("Add", idx, b.const(np.float32(136))), to=TensorProto.INT32)
+    byte = b("Cast", b("Gather", b.const(_PACK), idx, axis=0), to=TensorProto.INT8)  # (B, T, ng * 16)
+    C = (r + 1) // 2
+    codes = byte if C == ng * 16 else b("Slice", byte, b.const([0], np.int64), b.const([C], np.int64),
+                                          b.const([2], np.int64))
+    return codes, scales, deq
 
 
 def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: int) -> str:
     """Stored (B, L, C) codes (+ scales) -> float32 (B, L, r)."""
     if bits == 16:
         return b("Cast", codes, to=TensorProto.FLOAT)
-    ng = math.ceil(r / 32)
     if bits == 4:
-        # float arithmetic on the signed byte x = 16*hi + lo_u: hi = floor(x/16) is the sign-extended
-        # high nibble, lo_u in [0, 16) the low one; cheaper in ONNX Runtime than integer Mod/Where
-        x = b("Cast", codes, to=TensorProto.FLOAT)
-        sixteen = b.const(np.float32(16))
-        hi = b("Floor", b("Div", x, sixteen))
-        lo_u = b("Sub", x, b("Mul", hi, sixteen))
-        lo = b("Sub", lo_u, b("Mul", b("Floor", b("Div", lo_u, b.const(np.float32(8)))), sixteen))
-        pair = b("Concat", b("Unsqueeze", lo, b.const([-1], np.int64)), b("Unsqueeze", hi, b.const([-1], np.int64)),
-                 axis=-1)
-        nib = b("Reshape", pair, b.const([0, 0, 2 * ((r + 1) // 2)], np.int64))  # no -1: L may be 0
-        q = b("Slice", nib, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
+        idx = b("Add", b("Cast", codes, to=TensorProto.INT32), b.const(np.int32(128)))
+        pairs = b("Gather", b.const(_NIBBLES), idx, axis=0)  # (B, L, C, 2)
+        q = b("Reshape", pairs, b.const([0, 0, 2 * ((r + 1) // 2)], np.int64))  # no -1: L may be 0
+        if r % 2:
+            q = b("Slice", q, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
     else:
-        q = codes
-    qf = b("Pad", b.cast(q, TensorProto.FLOAT, TensorProto.FLOAT if bits == 4 else None),
-           b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
-    groups = b("Reshape", qf, b.const([0, 0, ng, 32], np.int64))
-    s = b("Unsqueeze", b("Cast", scales, to=TensorProto.FLOAT), b.const([-1], np.int64))
-    full = b("Reshape", b("Mul", groups, s), b.const([0, 0, ng * 32], np.int64))
-    return b("Slice", full, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
+        q = b("Cast", codes, to=TensorProto.FLOAT)
+    # each feature's group scale, gathered per feature: (B, L, ng) -> (B, L, r)
+    s = b("Gather", b("Cast", scales, to=TensorProto.FLOAT), b.const(np.arange(r, dtype=np.int64) // 32), axis=2)
+    return b("Mul", q, s)
 
 
 def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,

@@ -107,7 +107,8 @@ def bi_branch_model(attn, cfg, dtype="float32"):
 
 @pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
 @pytest.mark.parametrize("bits", [16, 8, 4])
-def test_bi_branch_body_matches_runtime(key_mode, bits):
+@pytest.mark.parametrize("ranks", [(5, 37), (32, 64)])  # odd / padded groups, and whole groups (no Pad, no Slice)
+def test_bi_branch_body_matches_runtime(key_mode, bits, ranks):
     """The body, fed the layer's q/k/v/features and the cache state it returns, reproduces
     CSKVAttention call by call (prefill, decode, chunk), including the stored feature rows."""
     from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
@@ -120,8 +121,9 @@ def test_bi_branch_body_matches_runtime(key_mode, bits):
     gen = torch.Generator().manual_seed(0)
     cfg = CSKVConfig(key_mode, 6, bits)
     in_k = a.n_kv_heads * a.head_dim if key_mode == "post-rope" else a.q_proj.weight.shape[1]
-    layer = CSKVAttention(a, cfg, torch.randn(in_k, 5, generator=gen), torch.randn(5, 32, generator=gen) * 0.3,
-                          torch.randn(64, 37, generator=gen), torch.randn(37, 32, generator=gen) * 0.3,
+    rk, rv = ranks
+    layer = CSKVAttention(a, cfg, torch.randn(in_k, rk, generator=gen), torch.randn(rk, 32, generator=gen) * 0.3,
+                          torch.randn(64, rv, generator=gen), torch.randn(rv, 32, generator=gen) * 0.3,
                           model.rope_cos, model.rope_sin)
     S = 40
     layer.setup_cache(1, S, torch.float32, "cpu")
