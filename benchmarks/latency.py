@@ -106,6 +106,38 @@ def worker_llamacpp(context: int, steps: int, threads: int) -> dict:
     return _row("llama.cpp", context, ttft, times, kv, steps)
 
 
+def worker_ort_ops(export: str, context: int, steps: int, threads: int) -> dict:
+    """Where shrinkrt-ort's decode time goes: ONNX Runtime's node trace over `steps` decode steps,
+    summed per op type (the trace itself slows every node, so read shares, not absolute times)."""
+    import collections
+    import tempfile
+
+    import torch
+
+    from shrinkrt.runtime.ort_model import OrtModel
+    from shrinkrt.runtime.profile import prompt_tokens
+    from shrinkrt.runtime.loader import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = OrtModel(Path(export), threads=threads, profile_prefix=str(Path(tmp) / "ort"))
+        ids = prompt_tokens(load_tokenizer(Path(export)), context)
+        m.setup_caches(1, context + steps + 1)
+        for a in range(0, context, 512):
+            m.forward(torch.tensor([ids[a:a + 512]]), a)
+        for i in range(steps):
+            m.forward(torch.tensor([[ids[-1]]]), context + i)
+        events = json.loads(Path(m.sess.end_profiling()).read_text())
+    first_decode = [e for e in events if e.get("name") == "model_run"][-steps]["ts"]
+    ms, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_decode:
+            ms[e["args"]["op_name"]] += e["dur"] / 1000 / steps
+            count[e["args"]["op_name"]] += 1 / steps
+    return {"context": context, "decode_steps": steps, "nodes_per_step": round(sum(count.values())),
+            "kernel_ms_per_step": sum(ms.values()),
+            "by_op": [{"op": op, "ms_per_step": t, "nodes_per_step": round(count[op])} for op, t in ms.most_common()]}
+
+
 def run_one(backend: str, context: int, a) -> dict:
     if backend.startswith("shrinkrt-"):
         argv = ["_profile-one", f"--context={context}", f"--decode-steps={a.decode_steps}", f"--threads={a.threads}",
@@ -128,6 +160,10 @@ def main(argv=None):
         fn = {"transformers": worker_transformers, "llama.cpp": worker_llamacpp}[backend]
         print(json.dumps(fn(int(context), int(steps), int(threads))))
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--ort-ops-worker":
+        _, _, export, context, steps, threads = sys.argv
+        print(json.dumps(worker_ort_ops(export, int(context), int(steps), int(threads))))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", default="build/main/export-ort", help="shrinkrt export directory for shrinkrt-ort")
     ap.add_argument("--contexts", default="512,2048,4096,8000")
@@ -135,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default="docs/results/latency")
+    ap.add_argument("--ort-op-profile", default="512,2048", metavar="CONTEXTS",
+                    help="contexts at which to trace shrinkrt-ort's decode per op type ('' = none)")
     a = ap.parse_args(argv)
     from shrinkrt.runtime.profile import write_report
 
@@ -166,13 +204,30 @@ def main(argv=None):
             md.append(f"| {r['backend']} | {r['context']} | {f(lc, 'decode_tokens_per_s')} | "
                       f"{f(hf, 'decode_tokens_per_s')} | {f(hf, 'prefill_tokens_per_s')} | "
                       f"{f(lc, 'prefill_tokens_per_s')} | {f(lc, 'kv_bytes')} |")
+    profiles = []
+    for c in [int(x) for x in a.ort_op_profile.split(",") if x] if "shrinkrt-ort" in a.backends else []:
+        p = subprocess.run([sys.executable, __file__, "--ort-ops-worker", a.export, str(c), "16", str(a.threads)],
+                           capture_output=True, text=True, timeout=3600)
+        if p.returncode != 0:
+            failures.append(f"ort op profile at {c}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        profiles.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    for prof in profiles:
+        top = prof["by_op"][:10]
+        md += ["", f"Where shrinkrt-ort's decode goes at context {prof['context']} (ONNX Runtime node trace, "
+                   f"{prof['nodes_per_step']} nodes per step, {prof['kernel_ms_per_step']:.1f} ms of node time per step "
+                   f"with the trace on; shares matter, the trace slows every node):", "",
+               "| op type | nodes/step | ms/step | share |", "|---|---|---|---|"]
+        md += [f"| {o['op']} | {o['nodes_per_step']} | {o['ms_per_step']:.2f} | "
+               f"{o['ms_per_step'] / prof['kernel_ms_per_step']:.0%} |" for o in top]
     if failures:
         md += ["", "Failed runs: " + "; ".join(failures)]
     note = (f"shrinkrt-ort runs {a.export} (target {meta.get('target')}, {meta.get('dtype')}, checkpoint sections "
             f"{(meta.get('checkpoint') or {}).get('sections')}); shrinkrt-torch is the FP32 reference with a full "
             f"cache; prefill in 512-token chunks for shrinkrt, whole prompt for transformers, n_batch 512 for "
             f"llama.cpp; {a.decode_steps} greedy decode steps after 2 warm-up steps.")
-    write_report({"threads": a.threads, "runs": runs, "note": note, "md_extra": md, "export": meta},
+    write_report({"threads": a.threads, "runs": runs, "note": note, "md_extra": md, "export": meta,
+                  "ort_op_profile": profiles},
                  Path(a.out), "Latency and memory vs peers (CPU)")
     return 1 if failures else 0
 

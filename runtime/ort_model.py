@@ -24,10 +24,12 @@ NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(
 FIXED_INPUTS = ("input_ids", "past_length")
 
 
-def session(path: Path, threads: int = 0, providers: list[str] | None = None):
+def session(path: Path, threads: int = 0, providers: list[str] | None = None, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_prefix:  # ONNX Runtime's per-node trace (benchmarks/latency.py --ort-op-profile)
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -36,12 +38,13 @@ def session(path: Path, threads: int = 0, providers: list[str] | None = None):
 
 
 class OrtModel(ExportedCaches):
-    def __init__(self, export_dir: Path, threads: int = 0, providers: list[str] | None = None):
+    def __init__(self, export_dir: Path, threads: int = 0, providers: list[str] | None = None,
+                 profile_prefix: str | None = None):
         export_dir = Path(export_dir)
         meta = json.loads((export_dir / "export.json").read_text())
         self.meta = meta
         self.args = ModelArgs(**meta["model_args"])
-        self.sess = session(export_dir / "model.onnx", threads, providers)
+        self.sess = session(export_dir / "model.onnx", threads, providers, profile_prefix)
         self.device = torch.device("cpu")
         self.state_inputs = [i for i in self.sess.get_inputs() if i.name not in FIXED_INPUTS]
         self.outputs = [o.name for o in self.sess.get_outputs()]
