@@ -148,9 +148,14 @@ def run_one(backend: str, context: int, a) -> dict:
         argv = ["--worker", backend, str(context), str(a.decode_steps), str(a.threads)]
         code = None
     cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, __file__, *argv]
+    return _json_from(cmd, f"{backend} at {context}")
+
+
+def _json_from(cmd: list[str], what: str) -> dict:
+    """Run a worker process (fresh process: its own peak RSS) and read the JSON of its last line."""
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
-        raise RuntimeError(f"{backend} at {context}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise RuntimeError(f"{what}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -206,12 +211,11 @@ def main(argv=None):
                       f"{f(lc, 'prefill_tokens_per_s')} | {f(lc, 'kv_bytes')} |")
     profiles = []
     for c in [int(x) for x in a.ort_op_profile.split(",") if x] if "shrinkrt-ort" in a.backends else []:
-        p = subprocess.run([sys.executable, __file__, "--ort-ops-worker", a.export, str(c), "16", str(a.threads)],
-                           capture_output=True, text=True, timeout=3600)
-        if p.returncode != 0:
-            failures.append(f"ort op profile at {c}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-            continue
-        profiles.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        try:
+            profiles.append(_json_from([sys.executable, __file__, "--ort-ops-worker", a.export, str(c), "16",
+                                        str(a.threads)], f"ort op profile at {c}"))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            failures.append(str(e))
     for prof in profiles:
         top = prof["by_op"][:10]
         md += ["", f"Where shrinkrt-ort's decode goes at context {prof['context']} (ONNX Runtime node trace, "

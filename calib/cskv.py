@@ -137,7 +137,7 @@ def error_curves(attn, x, pos, key_mode: str, cos, sin, window: int, bits: int, 
         errs = []
         for r in ranks:
             down, up = prepare(*init_factors(w.float().T, vecs[j], r, "activation", key_post, sq, sq_inv), inputs,
-                               bits, r)
+                               bits)
             y_hat = kv_quant.fake_quantize(inputs @ down, bits) @ up
             if kind == "k":
                 if key_post:
@@ -260,19 +260,20 @@ def whiten(down, up, inputs):
 
 
 @torch.no_grad()
-def rotate(down, up, seed: int):
-    """Fold a seeded Haar-random orthogonal r x r matrix into the factors: same product, turned features."""
+def rotate(down, up, seed: int | None = None):
+    """Fold a seeded Haar-random orthogonal r x r matrix into the factors: same product, turned features.
+    The seed defaults to the rank r, so error curves and fit turn a rank-r basis alike."""
     r = down.shape[1]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(r if seed is None else seed)
     q, rr = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
     q = (q * torch.sign(torch.diagonal(rr))).float()
     return down @ q, q.T @ up
 
 
-def prepare(down, up, inputs, bits: int, seed: int):  # seed = the rank: curves and fit turn alike
+def prepare(down, up, inputs, bits: int):
     """Whiten, then (quantized branch) rotate the features."""
     down, up = whiten(down, up, inputs)
-    return rotate(down, up, seed) if bits < 16 else (down, up)
+    return rotate(down, up) if bits < 16 else (down, up)
 
 
 @torch.no_grad()
@@ -363,7 +364,7 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
             key_post = post and kind == "k"
             inputs = y if key_post else xs[i]
             down0, up0 = prepare(*init_factors(w.float().T, vecs[2 * i + j], r, init, key_post, sq, sq_inv), inputs,
-                                 kv_bits, r)
+                                 kv_bits)
             err_init = rel_error(inputs, y_w, down0, up0 @ sq, kv_bits)
             down, up_w = fit(inputs, y_w, down0, up0 @ sq, kv_bits, fit_steps, seed + 2 * i + j)
             err_fit = rel_error(inputs, y_w, down, up_w, kv_bits)

@@ -168,10 +168,17 @@ def bi_branch_overload(num_heads, num_kv_heads, head_dim, window, rank_k, rank_v
 # Packing by a lookup table (one Gather for ~10 integer nodes) on this call's rows only: ONNX
 # Runtime's Gather copies element by element, so reading the whole store back stays elementwise
 # (a table there made decode at 2k context 1.6x slower). Indexed by (lo + 8) + 16 * (hi + 8), never
-# negative (TensorRT's Gather).
+# negative (TensorRT's Gather); int32, cast after the Gather (TensorRT takes int8 constants only as
+# quantized weights).
 _PACK = np.array([(((lo & 0xF) | ((hi & 0xF) << 4)) ^ 0x80) - 0x80
                   for hi in range(-8, 8) for lo in range(-8, 8)], np.int32)  # [(lo+8) + 16 (hi+8)] -> byte
-# (int32, cast after the Gather: TensorRT takes int8 constants only as quantized weights)
+
+
+def _first(b: Body, x: str, width: int, n: int) -> str:
+    """(B, T, ...) -> (B, T, width) -> its first n columns (no Slice when n == width)."""
+    flat = b("Reshape", x, b.const([0, 0, width], np.int64))
+    return flat if n == width else b("Slice", flat, b.const([0], np.int64), b.const([n], np.int64),
+                                     b.const([2], np.int64))
 
 
 def _quantize_features(b: Body, c: str, r: int, bits: int):
@@ -188,26 +195,17 @@ def _quantize_features(b: Body, c: str, r: int, bits: int):
                 to=TensorProto.FLOAT16)  # (B, T, ng, 1)
     scale = b("Cast", scale16, to=TensorProto.FLOAT)
     q = b("Clip", b("Round", b("Div", groups, scale)), b.const(np.float32(-qmax - 1)), b.const(np.float32(qmax)))
-
-    def first(x, n):  # (B, T, ng, 32) -> (B, T, n)
-        flat = b("Reshape", x, b.const([0, 0, ng * 32], np.int64))
-        return flat if n == ng * 32 else b("Slice", flat, b.const([0], np.int64), b.const([n], np.int64),
-                                           b.const([2], np.int64))
-
-    deq = first(b("Mul", q, scale), r)
+    deq = _first(b, b("Mul", q, scale), ng * 32, r)
     scales = b("Squeeze", scale16, b.const([-1], np.int64))
     if bits == 8:
-        return b("Cast", first(q, r), to=TensorProto.INT8), scales, deq
+        return b("Cast", _first(b, q, ng * 32, r), to=TensorProto.INT8), scales, deq
     pairs = b("Reshape", q, b.const([0, 0, ng * 16, 2], np.int64))
     # (lo + 8) + 16 (hi + 8); a weighted ReduceSum, not a MatMul: no FP32 GEMM on Turing (TensorRT)
     idx = b("ReduceSum", b("Mul", pairs, b.const(np.array([1.0, 16.0], np.float32))), b.const([-1], np.int64),
             keepdims=0)
     idx = b("Cast", b("Add", idx, b.const(np.float32(136))), to=TensorProto.INT32)
     byte = b("Cast", b("Gather", b.const(_PACK), idx, axis=0), to=TensorProto.INT8)  # (B, T, ng * 16)
-    C = (r + 1) // 2
-    codes = byte if C == ng * 16 else b("Slice", byte, b.const([0], np.int64), b.const([C], np.int64),
-                                          b.const([2], np.int64))
-    return codes, scales, deq
+    return _first(b, byte, ng * 16, (r + 1) // 2), scales, deq
 
 
 def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: int) -> str:
