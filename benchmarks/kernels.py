@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from shrinkrt.evaluate.harness import save_figure, write_atomic
+from shrinkrt.atomic import save_figure, write_atomic
 
 
 def bench(fn) -> float:

@@ -21,7 +21,7 @@ import torch
 
 from shrinkrt.calib.cskv import apply_kv, calibrate_kv, collect_inputs
 from shrinkrt.evaluate import corpus
-from shrinkrt.evaluate.harness import save_figure, write_atomic
+from shrinkrt.atomic import save_figure, write_atomic
 from shrinkrt.evaluate.memory import fp16_full_kv_bytes
 from shrinkrt.evaluate.passkey import passkey, trials
 from shrinkrt.evaluate.perplexity import perplexity

@@ -44,6 +44,15 @@ def base_identity(lm) -> dict:
             "model_type": lm.model.args.model_type, "n_layers": lm.model.args.n_layers}
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A directory this tool wrote as a checkpoint (its manifest says so): the only kind `save` replaces."""
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
 def save(path: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write atomically. `manifest` holds base_model, calibration and one entry per section."""
     path = Path(path)
@@ -59,7 +68,7 @@ def save(path: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> Path:
         save_file(tensors, tmp / TENSORS, metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
 
-    write_dir(path, fill)
+    write_dir(path, fill, is_checkpoint, "--out")
     return path
 
 
@@ -73,10 +82,11 @@ def load(path: Path, base: dict | None = None) -> tuple[dict, dict[str, torch.Te
         raise ShrinkError(f"checkpoint '{path}' has no {MANIFEST}")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ShrinkError(f"{mpath} is not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise ShrinkError(f"{mpath} is not a ShrinkRT checkpoint (format '{manifest.get('format')}')")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShrinkError(f"{mpath} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShrinkError(f"{mpath} is not a ShrinkRT checkpoint (format "
+                          f"'{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__}')")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShrinkError(f"checkpoint format version {manifest.get('format_version')} is not supported "
                           f"(this ShrinkRT reads version {FORMAT_VERSION})")
@@ -89,18 +99,32 @@ def load(path: Path, base: dict | None = None) -> tuple[dict, dict[str, torch.Te
     tpath = path / TENSORS
     if not tpath.is_file():
         raise ShrinkError(f"checkpoint '{path}' has no {TENSORS}")
+    specs = manifest.get("tensors", {})
+    if not isinstance(specs, dict) or not all(isinstance(v, dict) and isinstance(v.get("shape"), list)
+                                              and isinstance(v.get("dtype"), str) for v in specs.values()):
+        raise ShrinkError(f"{mpath}: 'tensors' must map each name to its dtype and shape")
+    for key in SECTIONS:
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise ShrinkError(f"{mpath}: section '{key}' must be an object")
     tensors = {}
-    with safe_open(tpath, framework="pt") as f:
-        have = set(f.keys())
-        for name, spec in manifest.get("tensors", {}).items():
-            if name not in have:
-                raise ShrinkError(f"checkpoint '{path}': tensor '{name}' listed in the manifest is missing")
-            t = f.get_tensor(name)
-            if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
-                raise ShrinkError(f"checkpoint '{path}': tensor '{name}' is {str(t.dtype).removeprefix('torch.')}"
-                                  f"{list(t.shape)}, the manifest says {spec['dtype']}{spec['shape']}")
-            tensors[name] = t
-    extra = have - set(manifest.get("tensors", {}))
+    try:
+        with safe_open(tpath, framework="pt") as f:
+            have = set(f.keys())
+            for name, spec in specs.items():
+                if name not in have:
+                    raise ShrinkError(f"checkpoint '{path}': tensor '{name}' listed in the manifest is missing")
+                t = f.get_tensor(name)
+                if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+                    raise ShrinkError(f"checkpoint '{path}': tensor '{name}' is "
+                                      f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}, the manifest says "
+                                      f"{spec['dtype']}{spec['shape']}")
+                tensors[name] = t
+    except ShrinkError:
+        raise
+    except Exception as e:  # safetensors' own errors: truncated, garbled header, bad offsets
+        raise ShrinkError(f"{tpath} is not a readable safetensors file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else '?'})") from None
+    extra = have - set(specs)
     if extra:
         raise ShrinkError(f"checkpoint '{path}': tensor '{sorted(extra)[0]}' is not in the manifest")
     return manifest, tensors

@@ -403,12 +403,19 @@ def apply_kv(model, section: dict, tensors: dict[str, torch.Tensor]) -> None:
     if section.get("method") != "cskv" or section.get("key_mode") not in KEY_MODES or \
             section.get("bits") not in (16, 8, 4) or len(section.get("layers", [])) != args.n_layers:
         raise ShrinkError("checkpoint kv section does not describe a CSKV cache for this model")
-    cfg = CSKVConfig(section["key_mode"], int(section["window"]), int(section["bits"]), int(section.get("sinks", 0)))
+    window, sinks = section.get("window"), section.get("sinks", 0)
+    for name, v in (("window", window), ("sinks", sinks)):  # range checks at load, never inside a forward
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= args.max_seq_len:
+            raise ShrinkError(f"checkpoint kv section: {name} must be an integer in [0, {args.max_seq_len}] (got {v!r})")
+    cfg = CSKVConfig(section["key_mode"], window, int(section["bits"]), sinks)
     built = []
     for i, row in enumerate(section["layers"]):
         parts = {}
         for kind in ("k", "v"):
-            r = row[f"rank_{kind}"]
+            r = row.get(f"rank_{kind}") if isinstance(row, dict) else None
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= args.kv_dim:
+                raise ShrinkError(f"checkpoint kv section: layer {i} rank_{kind} must be an integer in "
+                                  f"[1, {args.kv_dim}] (got {r!r})")
             in_dim = args.kv_dim if (kind == "k" and cfg.key_mode == "post-rope") else args.dim
             want = {f"{kind}_down": (in_dim, r), f"{kind}_up": (r, args.kv_dim)}
             for name, shape in want.items():

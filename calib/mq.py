@@ -328,6 +328,18 @@ def assemble(model, plan: dict[str, Candidate], *, group_size: int, quantizer: s
     return section, tensors
 
 
+def check_budget(model, budget: str, bits: tuple[int, ...], group_size: int) -> int:
+    """The budget in bytes, or one line when no plan can meet it (checked before any calibration work)."""
+    n_weights = sum(m.weight.numel() for _, m in target_linears(model))
+    budget_bytes = parse_budget(budget, n_weights)
+    floor = floor_bytes(model, bits, group_size)
+    if budget_bytes < floor:
+        raise ShrinkError(f"weight budget '{budget}' ({budget_bytes} bytes, {8 * budget_bytes / n_weights:.3f} bpw) is "
+                          f"below the floor of {floor} bytes ({8 * floor / n_weights:.3f} bpw: every linear at "
+                          f"{min(bits)} bits, scales and zeros included)")
+    return budget_bytes
+
+
 def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4, 8), group_size: int = 128,
                       quantizer: str = "gptq", outlier_fraction: float = 0.005, seed: int = 0,
                       progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -336,13 +348,7 @@ def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4
     the same inputs give the same plan and tensors."""
     bits = check_options(bits, group_size, quantizer, outlier_fraction)
     model = lm.model
-    n_weights = sum(m.weight.numel() for _, m in target_linears(model))
-    budget_bytes = parse_budget(budget, n_weights)
-    floor = floor_bytes(model, bits, group_size)
-    if budget_bytes < floor:
-        raise ShrinkError(f"weight budget '{budget}' ({budget_bytes} bytes, {8 * budget_bytes / n_weights:.3f} bpw) is "
-                          f"below the floor of {floor} bytes ({8 * floor / n_weights:.3f} bpw: every linear at "
-                          f"{min(bits)} bits, scales and zeros included)")
+    budget_bytes = check_budget(model, budget, bits, group_size)
     if len(calib_tokens) < 2:
         raise ShrinkError("LLM-MQ calibration needs at least 2 calibration tokens")
     torch.manual_seed(seed)

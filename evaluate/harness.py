@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from shrinkrt.atomic import MD_MARKER, results_file_is_ours, write_file
+
 from . import corpus
 from .memory import memory_report
 from .passkey import passkey, trials
 from .perplexity import perplexity
+
+
+RESULTS_FORMAT = "shrinkrt-eval"
 
 
 def evaluate(lm, context: int = 1024, max_segments: int = 0, passkey_lengths=(1024, 2048, 3072),
@@ -32,6 +35,7 @@ def evaluate(lm, context: int = 1024, max_segments: int = 0, passkey_lengths=(10
     for r in pk["trials"]:
         by_len.setdefault(str(r["length"]), []).append(r["correct"])
     return {
+        "format": RESULTS_FORMAT,
         "model": lm.name,
         "model_dir": str(lm.model_dir),
         "dtype": str(lm.model.embed_tokens.weight.dtype).removeprefix("torch."),
@@ -70,34 +74,21 @@ def table(r: dict) -> str:
     return "\n".join([*lines, *(f"| {k.ljust(w)} | {v}" for k, v in rows)])
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """A matplotlib figure as PNG, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    tmp.replace(path)
-
-
-def write_atomic(text: str, path: Path) -> None:
-    """A temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def markdown_path(path: Path) -> Path:
+    """The report beside a results JSON: NAME.json -> NAME.md (never the JSON's own path)."""
+    return Path(path).with_suffix(".md")
 
 
 def write_results(r: dict, path: Path, command: str) -> None:
-    """JSON with every figure and trial, and a markdown table beside it (same stem)."""
-    write_atomic(json.dumps(r, indent=2) + "\n", path)
-    md = (f"# Evaluation: {r['model']}\n\n{table(r)}\n\nReproduce: `{command}`\n\n"
+    """JSON with every figure and trial, and a markdown table beside it (same stem). `path` must end
+    in .json (the CLI checks it up front); either file is replaced only if shrinkrt wrote it."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"results path {path} must end in .json (its markdown goes beside it)")
+    md = (f"# Evaluation: {r['model']}\n{MD_MARKER}\n\n{table(r)}\n\nReproduce: `{command}`\n\n"
           f"Perplexity: non-overlapping segments of {r['perplexity']['context']} tokens of "
           f"{', '.join(r['eval_text']['files'])} ({r['eval_text']['source']}), every token but the first of "
           f"each segment scored. Passkey: a 5-digit key at depths 10/50/90% of filler text, greedy, "
           f"{len(r['passkey']['trials'])} trials (seed {r['passkey']['seed']}); trials in the JSON.\n")
-    write_atomic(md, Path(path).with_suffix(".md"))
+    write_file(path, json.dumps(r, indent=2) + "\n", results_file_is_ours, "--out")
+    write_file(markdown_path(path), md, results_file_is_ours, "--out")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from shrinkrt.atomic import write_dir
+from shrinkrt.atomic import check_space, write_dir
 from shrinkrt.errors import ShrinkError
 
 from . import llama
@@ -26,11 +26,32 @@ TARGETS = ("generic", "ort-cpu", "tensorrt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+def is_export(path: Path) -> bool:
+    """A directory this tool wrote as an export (export.json says so): the only kind `export` replaces."""
+    try:
+        meta = json.loads((Path(path) / "export.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
            checkpoint: dict | None = None, check=None, ort_accuracy: int = 0) -> Path:
     """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity).
     `check(tmp_dir)` runs on the complete files before they replace `out`: an export that fails its
-    validation never appears."""
+    validation never appears. `out` may only be missing or an earlier export."""
+
+    def fill(tmp: Path) -> None:
+        write(lm, tmp, dtype, target, base, checkpoint, ort_accuracy)
+        if check is not None:
+            check(tmp)
+
+    return write_dir(out, fill, is_export, "--out")
+
+
+def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
+          checkpoint: dict | None = None, ort_accuracy: int = 0) -> dict:
+    """The export's files into an existing (temp) directory; returns export.json's content."""
     if target not in TARGETS:
         raise ShrinkError(f"unknown export target '{target}' (use {', '.join(TARGETS)})")
     stats = {}
@@ -53,17 +74,21 @@ def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base:
                            "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
                            "note": "3-bit layers use MatMulNBits' 4-bit container; outliers as int64 rows/cols "
                                    "+ fp32 values for the gather/scatter correction"}
+    directory = Path(directory)
+    check_space(directory, len(data), f"export of {len(data) / 2**20:.0f} MiB")  # its size is known from here
+    (directory / "model.onnx").write_bytes(data)
+    (directory / "export.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (Path(lm.model_dir) / name).is_file():
+            shutil.copyfile(Path(lm.model_dir) / name, directory / name)
+    return meta
 
-    def fill(tmp: Path) -> None:
-        (tmp / "model.onnx").write_bytes(data)
-        (tmp / "export.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
-            if (Path(lm.model_dir) / name).is_file():
-                shutil.copyfile(Path(lm.model_dir) / name, tmp / name)
-        if check is not None:
-            check(tmp)
 
-    return write_dir(out, fill)
+def estimated_bytes(lm, dtype: str) -> int:
+    """What an export will take at least: every parameter once in the artifact's float type (packed
+    weights of the ort-cpu target are smaller, so this is for the up-front check only where no
+    checkpoint shrinks it)."""
+    return sum(p.numel() for p in lm.model.parameters()) * (2 if dtype == "float16" else 4)
 
 
 def checkpoint_digest(manifest: dict) -> str:
@@ -72,14 +97,34 @@ def checkpoint_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path, verify_model: bool = False) -> dict:
+    """export.json of an export directory, validated; with `verify_model`, model.onnx is checked
+    against the sha256 it was written with (a truncated or edited graph is named, not crashed on)."""
     path = Path(path)
     f = path / "export.json"
     if not (path / "model.onnx").is_file() or not f.is_file():
         raise ShrinkError(f"{path} is not a ShrinkRT export (model.onnx and export.json expected; run shrinkrt export)")
-    meta = json.loads(f.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ShrinkError(f"{path}: unsupported export format {meta.get('format')} v{meta.get('format_version')}")
+    try:
+        meta = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShrinkError(f"{f} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        got = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (type(meta).__name__, "?")
+        raise ShrinkError(f"{f}: unsupported export format {got[0]} v{got[1]}")
+    from shrinkrt.runtime.config import ModelArgs
+
+    try:
+        ModelArgs(**meta["model_args"])
+    except (KeyError, TypeError) as e:
+        raise ShrinkError(f"{f}: model_args is missing or malformed ({type(e).__name__}: {e})") from None
+    if meta.get("dtype") not in ("float32", "float16") or meta.get("target") not in TARGETS:
+        raise ShrinkError(f"{f}: dtype '{meta.get('dtype')}' / target '{meta.get('target')}' is not one this tool writes")
+    if verify_model:
+        from shrinkrt.runtime.loader import file_sha256
+
+        if file_sha256(path / "model.onnx") != meta.get("model_sha256"):
+            raise ShrinkError(f"{path / 'model.onnx'} does not match the sha256 in export.json (truncated or "
+                              f"modified since export): export it again")
     return meta
 
 

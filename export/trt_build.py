@@ -25,6 +25,19 @@ import onnx
 from shrinkrt.errors import ShrinkError
 
 TRT_MODULES = ("tensorrt_rtx", "tensorrt")
+BUILD_FORMAT, BUILD_INFO = "shrinkrt-build", "build.json"
+
+
+def is_build(path: Path) -> bool:
+    """A directory `shrinkrt build` wrote (build.json beside an export): the only kind it replaces."""
+    import json
+
+    try:
+        info = json.loads((Path(path) / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and (info.get("format") == BUILD_FORMAT
+                                       or ("trt_module" in info and (Path(path) / "export.json").is_file()))
 TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9)}
 
 
@@ -57,7 +70,12 @@ def check_plugins(trt, lib: Path) -> None:
     if not lib.is_file():
         raise ShrinkError(f"plugin library {lib} not found (build it: cmake -S . -B build -DTensorRT_ROOT=...)")
     registry = trt.get_plugin_registry()
-    if registry.load_library(str(lib.resolve())) is None:
+    try:
+        handle = registry.load_library(str(lib.resolve()))
+    except Exception as e:  # not a shared library, missing symbols, wrong architecture
+        raise ShrinkError(f"TensorRT cannot load the plugin library {lib} ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or ['?'])[0]})") from None
+    if handle is None:
         raise ShrinkError(f"TensorRT refused the plugin library {lib} (already loaded, or not a TensorRT plugin library)")
     missing = [op for op in PLUGIN_OPS if registry.get_creator(op, "1", "shrinkrt") is None]
     if missing:
@@ -69,11 +87,15 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
     if target not in TARGETS:
         raise ShrinkError(f"unknown build target '{target}' (use {', '.join(TARGETS)})")
     trt = import_trt(trt_module)
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:  # truncated or not ONNX
+        raise ShrinkError(f"{onnx_path} is not a readable ONNX model ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or ['?'])[0]})") from None
     if plugins:
-        check_plugins(trt, plugins)
-        model = onnx.load(str(onnx_path))  # custom-op nodes -> plugins
+        check_plugins(trt, plugins)  # custom-op nodes -> plugins
     else:
-        model = inline(onnx.load(str(onnx_path)))
+        model = inline(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -123,7 +145,7 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
     tmp.write_bytes(bytes(plan))
     tmp.replace(engine_path)
     layers = network.num_layers
-    return {"trt_module": trt.__name__, "trt_version": trt.__version__, "target": target,
+    return {"format": BUILD_FORMAT, "trt_module": trt.__name__, "trt_version": trt.__version__, "target": target,
             "plugins": str(Path(plugins).resolve()) if plugins else None,
             "engine_bytes": engine_path.stat().st_size, "layers": layers, "build_s": round(build_s, 2),
             "profiles": {"prefill": {"seq": [1, max_prefill // 2, max_prefill]}, "decode": {"seq": [1, 1, 1]},

@@ -10,6 +10,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+# ModelArgs field -> the Hugging Face config.json key it comes from (named in error messages)
+POSITIVE_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+                   "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+                   "intermediate_size": "intermediate_size", "max_seq_len": "max_position_embeddings"}
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
@@ -33,6 +39,12 @@ class ModelArgs:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
+        for name in POSITIVE_FIELDS:  # a zero, negative or non-integer size fails here, not inside a forward
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ShrinkError(f"{POSITIVE_FIELDS[name]} must be a positive integer (got {v!r})")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ShrinkError(f"head_dim must be a positive integer (got {self.head_dim!r})")
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:

@@ -10,14 +10,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from shrinkrt.atomic import write_dir
 from shrinkrt.errors import ShrinkError
 
 from .config import SUPPORTED_MODEL_TYPES, ModelArgs
@@ -81,35 +80,38 @@ def convert_gguf(path: Path, progress: bool = True) -> Path:
     digest = file_sha256(path)
     target = cache_root() / f"{path.stem}-{digest[:12]}"
     marker = target / "shrinkrt.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("cache_format") == CACHE_FORMAT:
-        return target
+    try:
+        if json.loads(marker.read_text()).get("cache_format") == CACHE_FORMAT:
+            return target
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or garbled: (re)convert
     if progress:
         print(f"[shrinkrt] converting {path.name} into {target} (once; ~40 s)", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar() if not progress else None
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # tensors or metadata transformers cannot read: one line naming the file
+        raise ShrinkError(f"{path}: transformers cannot convert this GGUF ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)  # the cache holds plain float weights
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is re-tied on load
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         tok.save_pretrained(tmp)
         (tmp / "shrinkrt.json").write_text(json.dumps(
             {"cache_format": CACHE_FORMAT, "source": str(path), "source_sha256": digest}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # the cache folder is ours by construction (named by the source's sha256): a stale one is replaced
+    write_dir(target, fill, lambda p: p.is_dir(), "model cache")
     return target
 
 
@@ -127,27 +129,43 @@ def resolve_model_dir(spec: str | None, progress: bool = True) -> Path:
     return path
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder, or one line naming the file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShrinkError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ShrinkError(f"{path} must hold a JSON object (got {type(data).__name__})")
+    return data
+
+
 def read_config(model_dir: Path) -> ModelArgs:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ShrinkError(f"{model_dir} has no config.json (not a Hugging Face model directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShrinkError(f"{cfg_path} is not valid JSON ({e})") from e
+    cfg = read_json(cfg_path)
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ShrinkError(f"{model_dir}: model type '{cfg.get('model_type')}' is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
         return ModelArgs.from_hf_config(cfg)
     except KeyError as e:
-        raise ShrinkError(f"{cfg_path} lacks the field {e}") from e
+        raise ShrinkError(f"{cfg_path} lacks the field {e}") from None
+    except ShrinkError as e:
+        raise ShrinkError(f"{cfg_path}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ShrinkError(f"{cfg_path} has a malformed field ({type(e).__name__}: {e})") from None
 
 
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) and v and "/" not in v and v not in (".", "..") for v in weight_map.values()):
+            raise ShrinkError(f"{index} has no valid 'weight_map' (tensor name -> shard file in this folder)")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
@@ -158,7 +176,12 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (model_dir / name).is_file():
             raise ShrinkError(f"{model_dir}: weight shard '{name}' listed in the index is missing")
-        for k, v in load_file(model_dir / name).items():
+        try:
+            shard = load_file(model_dir / name)
+        except Exception as e:  # safetensors' errors: truncated, garbled header, offsets out of range
+            raise ShrinkError(f"{model_dir / name} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or ['?'])[0]})") from None
+        for k, v in shard.items():
             state[k.removeprefix("model.")] = v
     return state
 
@@ -213,6 +236,7 @@ def load(spec: str | None = None, device: str = "cpu", dtype: str = "float32",
     if dtype not in DTYPES:
         raise ShrinkError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
     model_dir = resolve_model_dir(spec, progress)
+    refuse_remote_code(model_dir)  # before anything in the folder is read further
     args = read_config(model_dir)
     model = build_model(args, read_state_dict(model_dir), where=str(model_dir))
     model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
@@ -220,9 +244,33 @@ def load(spec: str | None = None, device: str = "cpu", dtype: str = "float32",
     return LoadedModel(model, tokenizer, model_dir, spec or DEFAULT_MODEL)
 
 
+# Files whose `auto_map` would make transformers import Python code from the model folder.
+CODE_BEARING_FILES = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def refuse_remote_code(model_dir: Path) -> None:
+    """No code from a model folder ever runs: a folder that asks for it (auto_map) is refused outright."""
+    for name in CODE_BEARING_FILES:
+        f = Path(model_dir) / name
+        if f.is_file():
+            cfg = read_json(f)
+            if cfg.get("auto_map"):
+                target = next(iter(cfg["auto_map"].values()), "?") if isinstance(cfg["auto_map"], dict) else "?"
+                raise ShrinkError(f"{f} asks to run custom code ({target!s}); ShrinkRT never runs code from a model "
+                                  f"folder: remove its 'auto_map' to use the standard classes")
+
+
 def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model (or export / build) directory, with remote code refused and every
+    failure of a corrupt tokenizer file turned into one line naming the folder."""
     from transformers import AutoTokenizer
 
+    model_dir = Path(model_dir)
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ShrinkError(f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
-    return AutoTokenizer.from_pretrained(model_dir)
+    refuse_remote_code(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # a garbled tokenizer.json, an unknown tokenizer class, ...
+        raise ShrinkError(f"{model_dir}: the tokenizer cannot be loaded ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None

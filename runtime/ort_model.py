@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
 from shrinkrt.runtime.exported import ExportedCaches
 
@@ -44,7 +45,11 @@ class OrtModel(ExportedCaches):
         meta = json.loads((export_dir / "export.json").read_text())
         self.meta = meta
         self.args = ModelArgs(**meta["model_args"])
-        self.sess = session(export_dir / "model.onnx", threads, providers, profile_prefix)
+        try:
+            self.sess = session(export_dir / "model.onnx", threads, providers, profile_prefix)
+        except Exception as e:  # ORT's own errors (invalid protobuf, unknown op, ...): one line naming the file
+            raise ShrinkError(f"{export_dir / 'model.onnx'}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None
         self.device = torch.device("cpu")
         self.state_inputs = [i for i in self.sess.get_inputs() if i.name not in FIXED_INPUTS]
         self.outputs = [o.name for o in self.sess.get_outputs()]

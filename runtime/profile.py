@@ -76,7 +76,7 @@ def write_report(result: dict, out, title: str = "Latency") -> None:
     import json
     from pathlib import Path
 
-    from shrinkrt.evaluate.harness import save_figure, write_atomic
+    from shrinkrt.atomic import MD_MARKER, save_figure, write_atomic
 
     out = Path(out)
     write_atomic(json.dumps(result, indent=2) + "\n", out.with_suffix(".json"))
@@ -86,7 +86,7 @@ def write_report(result: dict, out, title: str = "Latency") -> None:
         rows.append(f"| {r['backend']} | {r['context']} | {r['ttft_s']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_p90_ms']:.1f} | {r['peak_rss_mb']:.0f} | "
                     f"{r['kv_bytes'] / 2**20:.1f} |")
-    head = [f"# {title}", "", f"Threads: {result['threads']}. " + result.get("note", ""), ""]
+    head = [f"# {title}", MD_MARKER, "", f"Threads: {result['threads']}. " + result.get("note", ""), ""]
     write_atomic("\n".join(head + rows + result.get("md_extra", [])) + "\n", out.with_suffix(".md"))
     import matplotlib
 

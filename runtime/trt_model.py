@@ -63,11 +63,19 @@ class TrtModel(ExportedCaches):
         info_path = build_dir / "build.json"
         if not info_path.is_file():
             raise ShrinkError(f"{build_dir} has no build.json: pass the --out directory of `shrinkrt build`")
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+            info["target"], info["trt_module"]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError) as e:
+            raise ShrinkError(f"{info_path} is not a build description written by `shrinkrt build` "
+                              f"({type(e).__name__}: {e})") from None
         check_device(info["target"])
         trt = import_trt(trt_module or info.get("trt_module"))
-        self.meta = json.loads((build_dir / "export.json").read_text())
-        self.args = ModelArgs(**self.meta["model_args"])
+        try:
+            self.meta = json.loads((build_dir / "export.json").read_text())
+            self.args = ModelArgs(**self.meta["model_args"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ShrinkError(f"{build_dir / 'export.json'} is missing or malformed ({type(e).__name__}: {e})") from None
         logger = trt.Logger(trt.Logger.WARNING)
         if info.get("plugins"):
             lib = Path(info["plugins"])
@@ -76,10 +84,12 @@ class TrtModel(ExportedCaches):
             trt.get_plugin_registry().load_library(str(lib))
         runtime = trt.Runtime(logger)
         engine_path = build_dir / f"engine.{info['target']}.plan"
+        if not engine_path.is_file():
+            raise ShrinkError(f"{build_dir} has no engine {engine_path.name}: build it again")
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise ShrinkError(f"TensorRT could not load {engine_path} (built by {info['trt_module']} "
-                              f"{info['trt_version']}: rebuild it with this TensorRT)")
+                              f"{info.get('trt_version')}: rebuild it with this TensorRT)")
         self.trt = trt
         self.context = self.engine.create_execution_context()
         self.times = LayerTimes(trt) if layer_times else None

@@ -63,14 +63,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the passkey keys (default 0)")
     e.add_argument("--memory-context", type=int, default=8192, help="context for the KV-bytes figure (default 8192)")
     e.add_argument("--out", default="shrinkrt-eval.json",
-                   help="JSON output path (default ./shrinkrt-eval.json); a markdown table is written beside it")
+                   help="JSON output path ending in .json (default ./shrinkrt-eval.json); the markdown table goes "
+                        "beside it as NAME.md")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
     c = sub.add_parser("calibrate", help="compress a model into a checkpoint (CSKV KV cache, mixed-precision weights)",
                        description="Fit compression on the calibration text (license texts disjoint from the "
                                    "evaluation text) and write a compressed checkpoint directory.")
     add_model_args(c)
-    c.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write (replaced atomically)")
+    c.add_argument("--out", required=True, metavar="DIR",
+                   help="checkpoint directory to write (created; replaced atomically only if it is an earlier checkpoint)")
     c.add_argument("--seed", type=int, default=0, help="seed of every random choice (same inputs, same checkpoint)")
     c.add_argument("--calib-tokens", type=int, default=8192,
                    help="calibration tokens taken from the calibration text (default 8192)")
@@ -107,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
                                    "directory, then validate it against the reference runtime.")
     add_model_args(x)
     add_checkpoint_arg(x)
-    x.add_argument("--out", required=True, metavar="DIR", help="export directory to write (replaced atomically)")
+    x.add_argument("--out", required=True, metavar="DIR",
+                   help="export directory to write (created; replaced atomically only if it is an earlier export)")
     x.add_argument("--target", default="generic", choices=["generic", "ort-cpu"],
                    help="generic: custom ops with reference bodies (any ONNX Runtime, TensorRT with plugins); "
                         "ort-cpu: quantized linears lowered to com.microsoft::MatMulNBits")
@@ -131,8 +134,10 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(bd)
     add_checkpoint_arg(bd)
     bd.add_argument("--target", default="sm75", help="GPU architecture: sm75 (T4, default), sm80, sm86, sm89")
-    bd.add_argument("--out", required=True, metavar="DIR", help="build directory (export + engine + build.json)")
-    bd.add_argument("--capacity", type=int, default=4096, help="largest cache (context) the engine serves")
+    bd.add_argument("--out", required=True, metavar="DIR",
+                    help="build directory (export + engine + build.json), written whole or not at all")
+    bd.add_argument("--capacity", type=int, default=None,
+                    help="largest cache (context) the engine serves (default: 4096 or the model's context if smaller)")
     bd.add_argument("--max-prefill", type=int, default=512, help="largest prefill chunk in tokens")
     bd.add_argument("--trt-module", default=None, choices=["tensorrt_rtx", "tensorrt"],
                     help="TensorRT Python module (default: tensorrt_rtx, then tensorrt)")
@@ -142,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     kn = sub.add_parser("kernels", help="compile every Triton kernel specialization ahead of time (sm_75)",
                         description="Compile the kernels for a GPU architecture without a GPU: cubin + PTX embedded "
                                     "in a generated C++ source, plus kernels.json (what CMake runs too).")
-    kn.add_argument("--out", default="build/kernels", metavar="DIR")
+    kn.add_argument("--out", default="build/kernels", metavar="DIR",
+                    help="kernels directory (default build/kernels; replaced only if it is an earlier one)")
     kn.add_argument("--arch", type=int, default=75, help="SM version (default 75 = T4)")
     pr = sub.add_parser("profile", help="latency and memory at several contexts (TTFT, decode p50/p90, RSS)",
                         description="Profile one backend: TTFT, prefill and decode tokens/s, decode p90, peak RSS "
@@ -153,10 +159,13 @@ def parser() -> argparse.ArgumentParser:
                     help="torch: reference runtime; ort: ONNX Runtime on an export directory given as --model; "
                          "trt: a TensorRT engine built by `shrinkrt build` (--model = its directory; adds "
                          "per-layer times)")
-    pr.add_argument("--contexts", default="512,2048,4096,8192", help="prompt lengths in tokens")
+    pr.add_argument("--contexts", default="512,2048,4096,max",
+                    help="prompt lengths in tokens; 'max' = the longest the model (or engine) serves with the "
+                         "decode steps (default 512,2048,4096,max)")
     pr.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per context (default 32)")
     pr.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk in tokens (default 512)")
-    pr.add_argument("--out", default="build/profile", help="output stem: .json, .md, .png (default build/profile)")
+    pr.add_argument("--out", default="build/profile",
+                    help="output stem: STEM.json, STEM.md, STEM.png (default build/profile)")
     one = sub.add_parser("_profile-one")  # one context in this process: used by `profile` in a subprocess
     add_model_args(one)
     add_checkpoint_arg(one)
@@ -167,38 +176,81 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+MIN_ARCH = 75  # CUDA 13's oldest target (Turing)
+PROFILE_WARMUP = 2  # decode steps `measure` runs before timing (runtime/profile.py)
+
+
+def cpu_limit() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """0 = torch's / ONNX Runtime's choice; more threads than CPUs only oversubscribe (and torch crashes
+    on absurd counts), so the machine's CPU count is the bound."""
+    if not 0 <= threads <= cpu_limit():
+        raise ShrinkError(f"--threads must be in [0, {cpu_limit()}] (this machine has {cpu_limit()} CPUs; got {threads})")
+
+
+def check_checkpoint_dir(a) -> None:
+    if getattr(a, "checkpoint", None) is not None and not Path(a.checkpoint).is_dir():
+        raise ShrinkError(f"checkpoint '{a.checkpoint}' is not a directory")
+
+
 def cmd_build(a) -> int:
     import json
 
+    from shrinkrt.atomic import check_target, write_dir
     from shrinkrt.calib import checkpoint
-    from shrinkrt.evaluate.harness import write_atomic
     from shrinkrt.export import artifact, trt_build
 
     if a.target not in trt_build.TARGETS:
         raise ShrinkError(f"unknown build target '{a.target}' (use {', '.join(trt_build.TARGETS)})")
+    if a.capacity is not None and a.capacity < 2:
+        raise ShrinkError(f"--capacity must be >= 2 tokens (got {a.capacity})")
+    if a.max_prefill < 1:
+        raise ShrinkError(f"--max-prefill must be >= 1 (got {a.max_prefill})")
+    check_checkpoint_dir(a)
+    out = check_target(Path(a.out), "--out", trt_build.is_build, ours_hint=" (no build.json)")
     trt = trt_build.import_trt(a.trt_module)  # a missing TensorRT fails before any work
     if a.plugins:
         trt_build.check_plugins(trt, Path(a.plugins))
     setup_torch(a.threads)
     lm = load_with_checkpoint(a)
-    capacity = min(a.capacity, lm.model.args.max_seq_len)
-    if not 1 <= a.max_prefill <= capacity // 2:
+    ctx = lm.model.args.max_seq_len
+    if a.capacity is not None and a.capacity > ctx:
+        raise ShrinkError(f"--capacity {a.capacity} exceeds the model's context of {ctx} tokens")
+    capacity = a.capacity or min(4096, ctx)
+    if a.max_prefill > capacity // 2:
         raise ShrinkError(f"--max-prefill must be in [1, {capacity // 2}] (half the capacity {capacity})")
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
-    out = Path(a.out)
-    # with plugins the graph keeps the custom ops (generic target); without, bodies TensorRT can parse
-    artifact.export(lm, out, "float16", "generic" if a.plugins else "tensorrt", checkpoint.base_identity(lm), ck)
-    info = trt_build.build(out / "model.onnx", out / f"engine.{a.target}.plan", a.target, capacity, a.max_prefill,
-                           trt.__name__, a.plugins)
-    write_atomic(json.dumps(info, indent=2) + "\n", out / "build.json")
+    check_target(out, "--out", trt_build.is_build, need_bytes=artifact.estimated_bytes(lm, "float16") // 2)
+    info = {}
+
+    def fill(tmp: Path) -> None:  # export, engine and build.json appear together or not at all
+        # with plugins the graph keeps the custom ops (generic target); without, bodies TensorRT can parse
+        artifact.write(lm, tmp, "float16", "generic" if a.plugins else "tensorrt", checkpoint.base_identity(lm), ck)
+        info.update(trt_build.build(tmp / "model.onnx", tmp / f"engine.{a.target}.plan", a.target, capacity,
+                                    a.max_prefill, trt.__name__, a.plugins))
+        (tmp / trt_build.BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+    write_dir(out, fill, trt_build.is_build, "--out")
     print(f"[shrinkrt] built {out}/engine.{a.target}.plan: {info['layers']} layers, "
           f"{info['engine_bytes'] / 2**20:.1f} MiB, {info['build_s']:.1f} s ({info['trt_module']} {info['trt_version']})")
     return 0
 
 
 def cmd_kernels(a) -> int:
-    from shrinkrt.plugins.kernels import aot
+    from shrinkrt.atomic import check_target
 
+    if a.arch < MIN_ARCH:
+        raise ShrinkError(f"--arch must be >= {MIN_ARCH} (sm_{MIN_ARCH}, Turing, is CUDA 13's oldest target; got {a.arch})")
+    try:
+        from shrinkrt.plugins.kernels import aot
+    except ImportError as e:
+        raise ShrinkError(f"kernels need triton ({e}): pip install triton==3.9.0") from None
+    check_target(Path(a.out), "--out", aot.is_kernels_dir, ours_hint=f" (no {aot.MANIFEST})")
     try:
         return aot.main(["--out", a.out, "--arch", str(a.arch)])
     except ImportError as e:
@@ -208,8 +260,7 @@ def cmd_kernels(a) -> int:
 
 
 def load_trt(a):
-    from transformers import AutoTokenizer
-
+    from shrinkrt.runtime.loader import load_tokenizer
     from shrinkrt.runtime.trt_model import TrtModel
 
     if a.model is None:
@@ -217,7 +268,7 @@ def load_trt(a):
     if a.checkpoint is not None:
         raise ShrinkError("--backend trt runs an engine, which already holds its checkpoint: drop --checkpoint")
     model = TrtModel(Path(a.model), layer_times=a.command == "_profile-one")
-    return model, AutoTokenizer.from_pretrained(a.model)
+    return model, load_tokenizer(Path(a.model))
 
 
 def load_backend(a):
@@ -236,34 +287,86 @@ def cmd_profile_one(a) -> int:
 
     setup_torch(a.threads)
     model, tok = load_backend(a)
-    if a.context + a.decode_steps + 2 > model.args.max_seq_len:
+    if a.context + a.decode_steps + PROFILE_WARMUP > model.args.max_seq_len:
         raise ShrinkError(f"context {a.context} + {a.decode_steps} decode steps exceed the model's "
                           f"{model.args.max_seq_len} tokens")
-    row = measure(model, prompt_tokens(tok, a.context), a.decode_steps, a.prefill_chunk)
+    row = measure(model, prompt_tokens(tok, a.context), a.decode_steps, a.prefill_chunk, PROFILE_WARMUP)
     if getattr(model, "times", None):  # TensorRT: where the time went, per layer (all timed runs)
         row["layer_ms_top"] = [[name, round(ms, 3)] for name, ms in model.times.top()]
     print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row}))
     return 0
 
 
-def cmd_profile(a) -> int:
-    import os
+def profile_limit(a) -> tuple[int, str]:
+    """The longest cache the profiled backend serves, read without loading any weights."""
+    import json
 
-    from shrinkrt.runtime.profile import isolated, write_report
-
-    contexts = parse_lengths(a.contexts, "--contexts")
-    if a.decode_steps < 4 or a.prefill_chunk < 1:
-        raise ShrinkError("--decode-steps must be >= 4 and --prefill-chunk >= 1")
     if a.backend == "ort":
         from shrinkrt.export.artifact import read_meta
 
         if a.model is None:
             raise ShrinkError("--backend ort needs --model DIR: an export directory written by `shrinkrt export`")
-        read_meta(Path(a.model))
+        if a.checkpoint is not None:
+            raise ShrinkError("--backend ort runs an export, which already holds its checkpoint: drop --checkpoint")
+        return read_meta(Path(a.model))["model_args"]["max_seq_len"], "model"
     if a.backend == "trt":
         from shrinkrt.runtime.trt_model import check_device
 
         check_device("")  # no GPU: fail here, not in each context's subprocess
+        if a.model is None:
+            raise ShrinkError("--backend trt needs --model DIR: the --out directory of `shrinkrt build`")
+        try:
+            info = json.loads((Path(a.model) / "build.json").read_text())
+            return int(info["profiles"]["capacity"][-1]), "engine"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise ShrinkError(f"{Path(a.model) / 'build.json'} is missing or malformed ({type(e).__name__}: {e})") \
+                from None
+    from shrinkrt.runtime.loader import read_config, refuse_remote_code, resolve_model_dir
+
+    check_checkpoint_dir(a)
+    model_dir = resolve_model_dir(a.model, progress=True)
+    refuse_remote_code(model_dir)
+    return read_config(model_dir).max_seq_len, "model"
+
+
+def parse_contexts(text: str, longest: int) -> tuple[int, ...]:
+    """--contexts: integers >= 64 and 'max' (= `longest`), each checked against `longest`."""
+    vals = []
+    for x in (t.strip() for t in text.split(",")):
+        if not x:
+            continue
+        if x == "max":
+            vals.append(longest)
+            continue
+        try:
+            vals.append(int(x))
+        except ValueError:
+            raise ShrinkError(f"--contexts must be comma-separated integers or 'max' (got '{text}')") from None
+    if not vals or min(vals) < 64:
+        raise ShrinkError(f"--contexts must be integers >= 64 or 'max' (got '{text}')")
+    return tuple(dict.fromkeys(vals))  # in the order given, each once
+
+
+def cmd_profile(a) -> int:
+    from shrinkrt.atomic import check_target, results_file_is_ours
+    from shrinkrt.runtime.profile import isolated, write_report
+
+    if a.decode_steps < 4 or a.prefill_chunk < 1:
+        raise ShrinkError("--decode-steps must be >= 4 and --prefill-chunk >= 1")
+    check_threads(a.threads)
+    stem = Path(a.out)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".md", ".png") else stem
+    for suffix in (".json", ".md", ".png"):
+        check_target(stem.with_name(stem.name + suffix), "--out", results_file_is_ours, kind="file")
+    cache, kind = profile_limit(a)
+    longest = cache - a.decode_steps - PROFILE_WARMUP  # a context needs room for itself + the timed steps
+    if longest < 64:
+        raise ShrinkError(f"the {kind} serves {cache} tokens: too few for a context of 64 + {a.decode_steps} decode steps")
+    contexts = parse_contexts(a.contexts, longest)
+    too_long = [c for c in contexts if c > longest]
+    if too_long:  # all checked before the first measurement: no results thrown away later
+        raise ShrinkError(f"context {too_long[0]} + {a.decode_steps} decode steps + {PROFILE_WARMUP} warm-up steps "
+                          f"exceed the {kind}'s {cache} tokens: the longest context is {longest} (or use 'max')")
     base = [f"--{k.replace('_', '-')}={v}" for k, v in (("model", a.model), ("checkpoint", a.checkpoint))
             if v is not None] + [f"--backend={a.backend}", f"--threads={a.threads}", f"--dtype={a.dtype}",
                                  f"--device={a.device}", f"--decode-steps={a.decode_steps}",
@@ -278,8 +381,9 @@ def cmd_profile(a) -> int:
         print(f"[shrinkrt] {r['backend']} context {c}: TTFT {r['ttft_s']:.2f} s, decode "
               f"{r['decode_tokens_per_s']:.1f} tok/s (p90 {r['decode_p90_ms']:.1f} ms), peak RSS "
               f"{r['peak_rss_mb']:.0f} MB, KV {r['kv_bytes'] / 2**20:.1f} MiB", flush=True)
-    write_report({"threads": a.threads or os.cpu_count(), "runs": runs}, Path(a.out), "shrinkrt profile")
-    print(f"[shrinkrt] wrote {a.out}.json/.md/.png")
+    write_report({"format": "shrinkrt-profile", "threads": a.threads or cpu_limit(), "runs": runs}, stem,
+                 "shrinkrt profile")
+    print(f"[shrinkrt] wrote {stem}.json/.md/.png")
     return 0
 
 
@@ -296,8 +400,7 @@ def parse_lengths(text: str, flag: str = "--passkey-lengths") -> tuple[int, ...]
 def setup_torch(threads: int) -> None:
     import torch
 
-    if threads < 0:
-        raise ShrinkError(f"--threads must be >= 0 (got {threads})")
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
 
@@ -305,8 +408,7 @@ def setup_torch(threads: int) -> None:
 def load_with_checkpoint(a):
     from shrinkrt.runtime.loader import load
 
-    if a.checkpoint is not None and not Path(a.checkpoint).is_dir():
-        raise ShrinkError(f"checkpoint '{a.checkpoint}' is not a directory")
+    check_checkpoint_dir(a)
     lm = load(a.model, a.device, a.dtype)
     if a.checkpoint is not None:
         from shrinkrt.calib.apply import apply_checkpoint
@@ -317,6 +419,7 @@ def load_with_checkpoint(a):
 
 
 def cmd_calibrate(a) -> int:
+    from shrinkrt.atomic import check_target
     from shrinkrt.calib import checkpoint
     from shrinkrt.evaluate import corpus
     from shrinkrt.runtime.loader import load
@@ -327,12 +430,29 @@ def cmd_calibrate(a) -> int:
         raise ShrinkError(f"--kv-ratio must be in (0, 1] (got {a.kv_ratio})")
     if a.window < 0:
         raise ShrinkError(f"--window must be >= 0 (got {a.window})")
+    if a.kv_fit_steps < 0:
+        raise ShrinkError(f"--kv-fit-steps must be >= 0 (got {a.kv_fit_steps})")
     if a.calib_tokens < 256:
         raise ShrinkError(f"--calib-tokens must be >= 256 (got {a.calib_tokens})")
-    if Path(a.out).exists() and not (Path(a.out) / checkpoint.MANIFEST).is_file():
-        raise ShrinkError(f"--out {a.out} exists and is not a checkpoint; refusing to replace it")
+    bits = None
+    if a.weight_budget is not None:  # every weight option before any work (the KV fit runs first)
+        from shrinkrt.calib import mq
+
+        try:
+            bits = tuple(int(b) for b in a.weight_bits.split(","))
+        except ValueError:
+            raise ShrinkError(f"--weight-bits must be comma-separated integers (got '{a.weight_bits}')") from None
+        bits = mq.check_options(bits, a.group_size, a.quantizer, a.outlier_fraction)
+        mq.parse_budget(a.weight_budget, 1)  # the syntax; the floor once the model is known
+    out = check_target(Path(a.out), "--out", checkpoint.is_checkpoint, ours_hint=f" (no {checkpoint.MANIFEST})")
     setup_torch(a.threads)
     lm = load(a.model, a.device, a.dtype)
+    if a.window >= lm.model.args.max_seq_len:
+        raise ShrinkError(f"--window {a.window} must be below the model's context of {lm.model.args.max_seq_len} tokens")
+    need = 0
+    if a.weight_budget is not None:
+        need = mq.check_budget(lm.model, a.weight_budget, bits, a.group_size)
+    check_target(out, "--out", checkpoint.is_checkpoint, need_bytes=need)
     text = corpus.calib_text()
     tokens = lm.tokenizer.encode(text, add_special_tokens=False)[:a.calib_tokens]
     manifest = {"base_model": checkpoint.base_identity(lm),
@@ -348,17 +468,11 @@ def cmd_calibrate(a) -> int:
                                   allocation=a.kv_allocation)
         manifest["kv"], tensors = section, {**tensors, **t}
     if a.weight_budget is not None:
-        from shrinkrt.calib.mq import calibrate_weights
-
-        try:
-            bits = tuple(int(b) for b in a.weight_bits.split(","))
-        except ValueError:
-            raise ShrinkError(f"--weight-bits must be comma-separated integers (got '{a.weight_bits}')") from None
-        section, t = calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_size=a.group_size,
-                                       quantizer=a.quantizer, outlier_fraction=a.outlier_fraction, seed=a.seed,
-                                       progress=not a.quiet)
+        section, t = mq.calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_size=a.group_size,
+                                          quantizer=a.quantizer, outlier_fraction=a.outlier_fraction, seed=a.seed,
+                                          progress=not a.quiet)
         manifest["weights"], tensors = section, {**tensors, **t}
-    checkpoint.save(Path(a.out), manifest, tensors)
+    checkpoint.save(out, manifest, tensors)
     print(f"[shrinkrt] wrote checkpoint {a.out}")
     return 0
 
@@ -366,15 +480,21 @@ def cmd_calibrate(a) -> int:
 def cmd_export(a) -> int:
     import json
 
+    from shrinkrt.atomic import check_target
     from shrinkrt.calib import checkpoint
     from shrinkrt.export import artifact
 
+    check_checkpoint_dir(a)
+    out = check_target(Path(a.out), "--out", artifact.is_export, ours_hint=" (no export.json)")
     setup_torch(a.threads)
     lm = load_with_checkpoint(a)
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
+    # the size is known up front only without packed weights; with them it is checked once serialized
+    need = artifact.estimated_bytes(lm, a.precision) if ck is None or "weights" not in ck else 0
+    check_target(out, "--out", artifact.is_export, need_bytes=need)
     report = {}
     check = None if a.no_validate else (lambda d: report.update(run_validation(d, lm, a.threads)))
-    artifact.export(lm, Path(a.out), a.precision, a.target, checkpoint.base_identity(lm), ck, check, a.ort_accuracy)
+    artifact.export(lm, out, a.precision, a.target, checkpoint.base_identity(lm), ck, check, a.ort_accuracy)
     if report:
         print(f"[shrinkrt] validated: {json.dumps(report)}")
     print(f"[shrinkrt] wrote {a.out}/model.onnx")
@@ -384,46 +504,50 @@ def cmd_export(a) -> int:
 def run_validation(path: Path, lm, threads: int) -> dict:
     import json
 
+    from shrinkrt.atomic import write_file
     from shrinkrt.export.validate import validate
-    from shrinkrt.evaluate.harness import write_atomic
 
     report = validate(path, lm, threads=threads)
-    write_atomic(json.dumps(report, indent=2) + "\n", path / "validation.json")
+    write_file(path / "validation.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
 def cmd_validate(a) -> int:
     import json
 
+    from shrinkrt.atomic import check_target
     from shrinkrt.calib import checkpoint
     from shrinkrt.export import artifact
 
-    meta = artifact.read_meta(Path(a.export_dir))
+    meta = artifact.read_meta(Path(a.export_dir), verify_model=True)
+    check_target(Path(a.export_dir) / "validation.json", "validation report", lambda p: True, kind="file")
+    check_checkpoint_dir(a)
     setup_torch(a.threads)
     lm = load_with_checkpoint(a)
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
     want = meta.get("checkpoint")
-    if (want is None) != (ck is None) or (ck is not None and artifact.checkpoint_digest(ck) != want["sha256"]):
+    if (want is None) != (ck is None) or (ck is not None and artifact.checkpoint_digest(ck) != want.get("sha256")):
         raise ShrinkError(f"validate: {a.export_dir} was exported "
-                          + ("without a checkpoint" if want is None else f"with checkpoint {want['sha256'][:12]}")
+                          + ("without a checkpoint" if want is None else f"with checkpoint {str(want.get('sha256'))[:12]}")
                           + "; give the same --checkpoint")
-    if meta.get("base_model") and meta["base_model"]["weights_sha256"] != checkpoint.base_identity(lm)["weights_sha256"]:
-        raise ShrinkError(f"validate: {a.export_dir} was exported from another base model ({meta['base_model']['name']})")
+    base = meta.get("base_model") or {}
+    if base and base.get("weights_sha256") != checkpoint.base_identity(lm)["weights_sha256"]:
+        raise ShrinkError(f"validate: {a.export_dir} was exported from another base model ({base.get('name')})")
     print(f"[shrinkrt] validated: {json.dumps(run_validation(Path(a.export_dir), lm, a.threads))}")
     return 0
 
 
 def load_ort(a):
-    from transformers import AutoTokenizer
-
     from shrinkrt.export.artifact import read_meta
+    from shrinkrt.runtime.loader import load_tokenizer
     from shrinkrt.runtime.ort_model import OrtModel
 
     if a.model is None:
         raise ShrinkError("--backend ort needs --model DIR: an export directory written by `shrinkrt export`")
     if a.checkpoint is not None:
         raise ShrinkError("--backend ort runs an export, which already holds its checkpoint: drop --checkpoint")
-    meta = read_meta(Path(a.model))
+    meta = read_meta(Path(a.model), verify_model=True)
+    tokenizer = load_tokenizer(Path(a.model))  # before the session: a refused folder costs nothing
     providers = ["CPUExecutionProvider"]
     if a.device != "cpu":  # thin CUDA path: onnxruntime-gpu (the [gpu] extra) on an FP16 export
         import onnxruntime as ort
@@ -434,7 +558,7 @@ def load_ort(a):
         if meta["dtype"] != "float16":
             raise ShrinkError("the CUDA execution provider runs FP16 exports: export with --precision float16")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return OrtModel(Path(a.model), a.threads, providers), AutoTokenizer.from_pretrained(a.model)
+    return OrtModel(Path(a.model), a.threads, providers), tokenizer
 
 
 def cmd_generate(a) -> int:
@@ -461,7 +585,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from shrinkrt.evaluate.harness import evaluate, table, write_results
+    from shrinkrt.atomic import check_target, results_file_is_ours
+    from shrinkrt.evaluate.harness import evaluate, markdown_path, table, write_results
 
     lengths = parse_lengths(a.passkey_lengths)
     for name in ("context", "memory_context", "passkey_per_cell"):
@@ -472,33 +597,69 @@ def cmd_eval(a) -> int:
     out = Path(a.out)
     if out.is_dir():
         raise ShrinkError(f"--out {out} is a directory; give a file path")
+    if out.suffix != ".json":
+        raise ShrinkError(f"--out {out} must end in .json (the markdown report is written beside it as "
+                          f"{out.with_suffix('.md').name}, so the two never share a path)")
+    for path in (out, markdown_path(out)):
+        check_target(path, "--out", results_file_is_ours, kind="file")
     setup_torch(a.threads)
     lm = load_with_checkpoint(a)
     ctx = lm.model.args.max_seq_len
-    if max(lengths) + 16 > ctx or a.context > ctx:
+    if max(lengths) + 16 > ctx or a.context > ctx or a.memory_context > ctx:
         raise ShrinkError(f"requested lengths exceed the model's context of {ctx} tokens")
     r = evaluate(lm, context=a.context, max_segments=a.max_segments, passkey_lengths=lengths,
                  passkey_per_cell=a.passkey_per_cell, seed=a.seed, memory_context=a.memory_context,
                  progress=not a.quiet)
     print(table(r))
     write_results(r, out, "shrinkrt " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "shrinkrt eval")
-    print(f"[shrinkrt] wrote {out} and {out.with_suffix('.md')}")
+    print(f"[shrinkrt] wrote {out} and {markdown_path(out)}")
     return 0
 
 
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
+            "validate": cmd_validate, "profile": cmd_profile, "build": cmd_build, "kernels": cmd_kernels,
+            "_profile-one": cmd_profile_one}
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp artifacts removed, old ones kept
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:500] + ("..." if len(text) > 500 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     a = parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
-                "validate": cmd_validate, "profile": cmd_profile, "build": cmd_build, "kernels": cmd_kernels, "_profile-one": cmd_profile_one}[a.command](a)
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        pass  # not the main thread (an embedding program): its own handlers stay
+    try:
+        return COMMANDS[a.command](a)
     except ShrinkError as e:
         if a.debug:
             raise
-        print(f"shrinkrt: error: {e}", file=sys.stderr)
+        print(f"shrinkrt: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("shrinkrt: interrupted", file=sys.stderr)
+        print("shrinkrt: interrupted (partial output removed)", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permission lost mid-run, ...: the file and the reason
+        if a.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"shrinkrt: error: {where}{e.strerror or one_line(e)} (partial output removed)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug or a case not yet named: still one line; the traceback with --debug
+        if a.debug:
+            raise
+        print(f"shrinkrt: error: unexpected {type(e).__name__}: {one_line(e)} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

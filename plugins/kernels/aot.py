@@ -131,10 +131,30 @@ def _c_bytes(data: bytes) -> str:
     return ",".join(str(b) for b in data)
 
 
+MANIFEST = "kernels.json"
+
+
+def is_kernels_dir(path: Path) -> bool:
+    """A directory this tool wrote as kernels (kernels.json lists them): the only kind `build` replaces."""
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and isinstance(m.get("kernels"), list) and "arch" in m
+
+
 def build(out: Path, arch: int = 75, limit: int = 0) -> dict:
+    """Every specialization into `out` (missing or an earlier kernels directory), written whole."""
+    from shrinkrt.atomic import write_dir
+
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 turns kernels into interpreted functions: unset it to compile")
-    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    write_dir(Path(out), lambda tmp: result.update(_build_into(tmp, arch, limit)), is_kernels_dir, "--out")
+    return result
+
+
+def _build_into(out: Path, arch: int, limit: int) -> dict:
     rows, parts = [], []
     for i, spec in enumerate(specializations()[:limit or None]):
         cubin, ptx, meta = compile_one(spec, arch)
@@ -155,10 +175,8 @@ def build(out: Path, arch: int = 75, limit: int = 0) -> dict:
     import triton
 
     manifest = {"triton": triton.__version__, "arch": f"sm_{arch}", "ptx_target": f"sm_{arch}", "kernels": rows}
-    tmp = out / ".shrinkrt_kernels.gen.cpp.tmp"
-    tmp.write_text(src)
-    tmp.replace(out / "shrinkrt_kernels.gen.cpp")
-    (out / "kernels.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "shrinkrt_kernels.gen.cpp").write_text(src)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
