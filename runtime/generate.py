@@ -160,5 +160,8 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ShrinkError("this tokenizer has no chat template: use --raw to send the prompt as plain text")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # a broken template in the model folder (jinja syntax, raise_exception, ...)
+        raise ShrinkError(f"the model's chat template fails ({type(e).__name__}: {e}): fix it or use --raw") from None
     return list(ids)

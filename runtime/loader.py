@@ -154,7 +154,7 @@ def read_config(model_dir: Path) -> ModelArgs:
         raise ShrinkError(f"{cfg_path} lacks the field {e}") from None
     except ShrinkError as e:
         raise ShrinkError(f"{cfg_path}: {e}") from None
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise ShrinkError(f"{cfg_path} has a malformed field ({type(e).__name__}: {e})") from None
 
 

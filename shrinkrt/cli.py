@@ -398,9 +398,9 @@ def parse_lengths(text: str, flag: str = "--passkey-lengths") -> tuple[int, ...]
 
 
 def setup_torch(threads: int) -> None:
+    check_threads(threads)
     import torch
 
-    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
 
