@@ -302,6 +302,22 @@ def fit(inputs, y, down, up, bits, steps, seed, lr=1e-3, batch=512):
     return down.detach(), up.detach()
 
 
+FP16_MAX = 65504.0  # the cache stores 16-bit features, and the scales of int8/int4 ones, in FP16
+
+
+def check_factors(layer: int, kind: str, inputs, down, up, err: float, bits: int, distinct_tokens: int) -> None:
+    """Never write factors the cache cannot hold: non-finite, or features whose FP16 value (16 bits)
+    or FP16 group scale (amax / qmax at 8 and 4 bits) overflows on the calibration activations
+    themselves (seen on degenerate activations, where whitening explodes)."""
+    limit = FP16_MAX * (1 if bits == 16 else 2 ** (bits - 1) - 1)
+    peak = float((inputs @ down).abs().max()) if torch.isfinite(down).all() else float("inf")
+    if not (math.isfinite(err) and torch.isfinite(up).all() and peak < limit):
+        raise ShrinkError(f"CSKV calibration of layer {layer} {kind}: unusable factors (features up to {peak:.3g}, "
+                          f"{bits}-bit features in FP16 hold {limit:.3g}; relative error {err}): the calibration "
+                          f"activations are degenerate ({distinct_tokens} distinct calibration tokens with this "
+                          f"tokenizer)")
+
+
 def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bits: int = 16,
                  key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 100, seed: int = 0,
                  progress: bool = True, collected=None, objective: str = "attention", allocation: str = "error",
@@ -369,8 +385,9 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
             down, up_w = fit(inputs, y_w, down0, up0 @ sq, kv_bits, fit_steps, seed + 2 * i + j)
             err_fit = rel_error(inputs, y_w, down, up_w, kv_bits)
             up = up_w @ sq_inv
-            if err_fit > err_init:  # fitting never makes a layer worse than its initialisation
+            if not err_fit <= err_init:  # fitting never makes a layer worse (nor NaN) than its initialisation
                 down, up, err_fit = down0, up0, err_init
+            check_factors(i, kind, inputs, down, up, err_fit, kv_bits, len(set(tokens)))
             tensors[f"kv.layers.{i}.{kind}_down"] = down.contiguous()
             tensors[f"kv.layers.{i}.{kind}_up"] = up.contiguous()
             energy = float(spectra[2 * i + j][:r].sum() / spectra[2 * i + j].sum().clamp_min(1e-12))

@@ -2,7 +2,8 @@
 
 DIR/
   model.onnx     the decoder graph (export/llama.py) with the custom ops and their reference bodies
-  export.json    format version, model args, dtype, target, base model and checkpoint identity
+  export.json    format version, model args, dtype, target, base model and checkpoint identity, the
+                 graph description ("io": every cache tensor, its shape, dtype and update rule)
   tokenizer files copied from the base model directory
 Written atomically; the same model and checkpoint give byte-identical files.
 """
@@ -21,7 +22,7 @@ from shrinkrt.errors import ShrinkError
 
 from . import llama
 
-FORMAT, FORMAT_VERSION = "shrinkrt-export", 1
+FORMAT, FORMAT_VERSION = "shrinkrt-export", 2  # 2: the graph description ("io")
 TARGETS = ("generic", "ort-cpu", "tensorrt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -65,7 +66,8 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
                 "sha256": checkpoint_digest(checkpoint),
                 "sections": sorted(k for k in ("kv", "weights") if k in checkpoint)},
             "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == "shrinkrt"}),
-            "model_sha256": hashlib.sha256(data).hexdigest()}
+            "model_sha256": hashlib.sha256(data).hexdigest(),
+            "io": llama.describe(lm.model, dtype).to_json()}
     if "matmul_nbits" in stats:
         layers = stats["matmul_nbits"]
         packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
@@ -110,8 +112,12 @@ def read_meta(path: Path, verify_model: bool = False) -> dict:
         raise ShrinkError(f"{f} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         got = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (type(meta).__name__, "?")
-        raise ShrinkError(f"{f}: unsupported export format {got[0]} v{got[1]}")
+        raise ShrinkError(f"{f}: unsupported export format {got[0]} v{got[1]} (this ShrinkRT reads {FORMAT} "
+                          f"v{FORMAT_VERSION}: export again)")
     from shrinkrt.runtime.config import ModelArgs
+    from shrinkrt.runtime.graph_io import GraphIO
+
+    GraphIO.from_json(meta.get("io"), str(f))
 
     try:
         ModelArgs(**meta["model_args"])

@@ -10,6 +10,7 @@ graph reads the stored tokens and returns only the rows of this call's tokens, w
 writes at `past_length` (a TensorRT plugin may write them in place):
   full-precision layer:  past_key.i / past_value.i (B, G, S, D)  ->  key.i / value.i (B, G, T, D)
   CSKV layer:            the BiBranchAttention state of docs/ops.md, suffixed .i
+`describe` is the one description of these tensors (runtime/graph_io.py), recorded in export.json.
 The output is the logits of the last position, (B, 1, vocab) float32: generation needs no more,
 and the LM head over a long prompt would dominate prefill.
 """
@@ -21,12 +22,49 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime import kv_quant
 from shrinkrt.runtime.cskv import CSKVAttention
+from shrinkrt.runtime.graph_io import BATCH, CAPACITY, CacheTensor, GraphIO
 from shrinkrt.runtime.quant_linear import QuantLinear
 
 from . import ops
 
 IR_VERSION = 10  # function overloads
+ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+# BiBranchAttention's state ports (docs/ops.md) -> (role in the graph description, output port)
+BIBRANCH_STATE = {"win_k": ("window_key", "win_k_out"), "win_v": ("window_value", "win_v_out"),
+                  "feat_k": ("features_key", "feat_k_new"), "feat_v": ("features_value", "feat_v_new"),
+                  "feat_k_scales": ("scales_key", "feat_k_scales_new"),
+                  "feat_v_scales": ("scales_value", "feat_v_scales_new")}
+
+
+def describe(model, dtype: str) -> GraphIO:
+    """The graph's cache tensors, from ModelArgs and each layer's attention (the checkpoint's KV
+    section applied): what build() declares and what export.json records for the backends."""
+    args = model.args
+    G, D = args.n_kv_heads, args.head_dim
+    caches = []
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        if not isinstance(attn, CSKVAttention):
+            for role, name_in, name_out in (("key", "past_key", "key"), ("value", "past_value", "value")):
+                caches.append(CacheTensor(i, role, f"{name_in}.{i}", f"{name_out}.{i}", dtype,
+                                          (BATCH, G, CAPACITY, D), 2, "rows"))
+            continue
+        cfg, rk, rv = attn.cfg, attn.k_down.shape[1], attn.v_down.shape[1]
+        feat = "float16" if cfg.bits == 16 else "int8"
+        width = lambda r: (r + 1) // 2 if cfg.bits == 4 else r  # noqa: E731  int4: two features per byte
+        spec = {"win_k": ("float16", (BATCH, G, cfg.window, D), 2, "ring"),
+                "win_v": ("float16", (BATCH, G, cfg.window, D), 2, "ring"),
+                "feat_k": (feat, (BATCH, CAPACITY, width(rk)), 1, "rows"),
+                "feat_v": (feat, (BATCH, CAPACITY, width(rv)), 1, "rows"),
+                "feat_k_scales": ("float16", (BATCH, CAPACITY, kv_quant.n_groups(rk)), 1, "rows"),
+                "feat_v_scales": ("float16", (BATCH, CAPACITY, kv_quant.n_groups(rv)), 1, "rows")}
+        for port in ops.bi_branch_io(cfg.bits)[0]:
+            if port in spec:
+                role, out_port = BIBRANCH_STATE[port]
+                caches.append(CacheTensor(i, role, f"{port}.{i}", f"{out_port}.{i}", *spec[port]))
+    return GraphIO(tuple(caches))
 
 
 class Graph:
@@ -60,6 +98,12 @@ class Graph:
 
     def output(self, name: str, elem: int, shape: list):
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def cache_input(self, c: CacheTensor) -> str:
+        return self.input(c.input, ELEM[c.dtype], list(c.shape))
+
+    def cache_output(self, c: CacheTensor) -> None:
+        self.output(c.output, ELEM[c.dtype], c.output_shape())
 
 
 def _rms_norm(g: Graph, b: ops.Body, x: str, norm, path: str) -> str:
@@ -109,15 +153,14 @@ def _rope(b, x, cos, sin, D):
     return b("Add", b("Mul", x, cos), b("Mul", b("Concat", b("Neg", x2), x1, axis=-1), sin))
 
 
-def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T) -> str:
+def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T, state: dict) -> str:
     """Standard ops over the full-precision cache; returns y (B, T, H*D) and declares the state."""
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
-    past_k = g.input(f"past_key.{i}", g.F, ["batch", G, "capacity", D])
-    past_v = g.input(f"past_value.{i}", g.F, ["batch", G, "capacity", D])
+    past_k, past_v = g.cache_input(state["key"]), g.cache_input(state["value"])
     zero, P = b.const([0], np.int64), "past_length"
-    for name, t in ((f"key.{i}", k), (f"value.{i}", v)):
-        g.nodes.append(helper.make_node("Identity", [t], [name], name=f"layers.{i}/out_{name}"))
-        g.output(name, g.F, ["batch", G, "seq", D])
+    for c, t in ((state["key"], k), (state["value"], v)):
+        g.nodes.append(helper.make_node("Identity", [t], [c.output], name=f"layers.{i}/out_{c.output}"))
+        g.cache_output(c)
     two = b.const([2], np.int64)
     ka = b("Concat", b("Slice", past_k, zero, P, two), k, axis=2)
     va = b("Concat", b("Slice", past_v, zero, P, two), v, axis=2)
@@ -136,7 +179,7 @@ def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T) ->
     return _merge(b, y, H, D)
 
 
-def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k, v, args) -> str:
+def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k, v, args, state: dict) -> str:
     H, G, D, cfg = args.n_heads, args.n_kv_heads, args.head_dim, attn.cfg
     if cfg.sinks:
         raise ShrinkError("export: BiBranchAttention v1 has no attention sinks; calibrate with sinks = 0")
@@ -150,13 +193,6 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k,
         k16 = b.cast(b("Cast", k_flat, to=TensorProto.FLOAT16), g.F, TensorProto.FLOAT16)
         c_k = b("MatMul", k16, g.fweight(f"{path}.k_down", attn.k_down))
     c_v = b("MatMul", x, g.fweight(f"{path}.v_down", attn.v_down))
-    fdt = TensorProto.FLOAT16 if cfg.bits == 16 else TensorProto.INT8
-    C = lambda r: (r + 1) // 2 if cfg.bits == 4 else r
-    state = {"win_k": (TensorProto.FLOAT16, ["batch", G, cfg.window, D]),
-             "win_v": (TensorProto.FLOAT16, ["batch", G, cfg.window, D]),
-             "feat_k": (fdt, ["batch", "capacity", C(rk)]), "feat_v": (fdt, ["batch", "capacity", C(rv)]),
-             "feat_k_scales": (TensorProto.FLOAT16, ["batch", "capacity", -(-rk // 32)]),
-             "feat_v_scales": (TensorProto.FLOAT16, ["batch", "capacity", -(-rv // 32)])}
     kb = attn.k_proj.bias if attn.k_proj.bias is not None else torch.zeros(G * D)
     vb = attn.v_proj.bias if attn.v_proj.bias is not None else torch.zeros(G * D)
     feeds = {"q": q_flat, "k": k_flat, "v": v_flat, "c_k": c_k, "c_v": c_v,
@@ -164,17 +200,18 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k,
              "k_bias": g.fweight(f"{path}.k_bias", kb), "v_bias": g.fweight(f"{path}.v_bias", vb),
              "rope_cos": "rope_cos", "rope_sin": "rope_sin", "past_length": "past_length"}
     ins, outs, _ = ops.bi_branch_io(cfg.bits)
+    by_port = {port: state[role] for port, (role, _) in BIBRANCH_STATE.items() if role in state}
+    by_out_port = {out_port: state[role] for _, (role, out_port) in BIBRANCH_STATE.items() if role in state}
     for name in ins:
-        if name in state:
-            feeds[name] = g.input(f"{name}.{i}", *state[name])
+        if name in by_port:
+            feeds[name] = g.cache_input(by_port[name])
     out_names = []
     for name in outs:
         if name == "y":
             out_names.append(f"layers.{i}/y")
             continue
-        out_names.append(f"{name}.{i}")
-        elem, shape = state[name.removesuffix("_out").removesuffix("_new")]
-        g.output(f"{name}.{i}", elem, shape if name.startswith("win") else ["batch", "seq", shape[2]])
+        out_names.append(by_out_port[name].output)
+        g.cache_output(by_out_port[name])
     fn = ops.bi_branch_function(H, G, D, cfg.window, rk, rv, cfg.bits, mode, g.dtype)
     g.functions[fn.overload] = fn
     g.nodes.append(ops.node("BiBranchAttention", [feeds[n] for n in ins], out_names, f"{path}/BiBranchAttention",
@@ -193,6 +230,8 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     if dtype not in ops.ONNX_DTYPE:
         raise ShrinkError(f"export: unsupported dtype '{dtype}' (use float32 or float16)")
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
+    io = describe(model, dtype)
+    layer_state = [{c.role: c for c in io.caches if c.layer == i} for i in range(args.n_layers)]
     g = Graph(dtype, target, ort_accuracy)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("past_length", TensorProto.INT64, [1])
@@ -216,9 +255,9 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
         k = _rope(b, _heads(b, _linear(g, b, x, attn.k_proj, f"{path}.k_proj"), G, D), cos, sin, D)
         v = _heads(b, _linear(g, b, x, attn.v_proj, f"{path}.v_proj"), G, D)
         if isinstance(attn, CSKVAttention):
-            y = _cskv_attention(g, b, i, attn, x, q, k, v, args)
+            y = _cskv_attention(g, b, i, attn, x, q, k, v, args, layer_state[i])
         else:
-            y = _full_attention(g, b, i, q, k, v, args, qpos, E, T)
+            y = _full_attention(g, b, i, q, k, v, args, qpos, E, T, layer_state[i])
         h = b("Add", h, _linear(g, b, y, attn.o_proj, f"{path}.o_proj"))
         x = _rms_norm(g, b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
         mlp, mp = layer.mlp, f"layers.{i}.mlp"

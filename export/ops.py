@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from shrinkrt.runtime import kv_quant
+
 DOMAIN = "shrinkrt"
 OPSET = 21
 PLUGIN_VERSION = "1"
@@ -187,18 +189,19 @@ def _quantize_features(b: Body, c: str, r: int, bits: int):
         stored = b("Cast", c, to=TensorProto.FLOAT16)
         return stored, None, b("Cast", stored, to=TensorProto.FLOAT)
     qmax = 2 ** (bits - 1) - 1
-    ng = math.ceil(r / 32)
-    padded = c if ng * 32 == r else b("Pad", c, b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
-    groups = b("Reshape", padded, b.const([0, 0, ng, 32], np.int64))
+    group = kv_quant.GROUP
+    ng = kv_quant.n_groups(r)
+    padded = c if ng * group == r else b("Pad", c, b.const([0, 0, 0, 0, 0, ng * group - r], np.int64))
+    groups = b("Reshape", padded, b.const([0, 0, ng, group], np.int64))
     amax = b("ReduceMax", b("Abs", groups), b.const([-1], np.int64), keepdims=1)
-    scale16 = b("Cast", b("Max", b("Div", amax, b.const(np.float32(qmax))), b.const(np.float32(1e-8))),
+    scale16 = b("Cast", b("Max", b("Div", amax, b.const(np.float32(qmax))), b.const(np.float32(kv_quant.SCALE_FLOOR))),
                 to=TensorProto.FLOAT16)  # (B, T, ng, 1)
     scale = b("Cast", scale16, to=TensorProto.FLOAT)
     q = b("Clip", b("Round", b("Div", groups, scale)), b.const(np.float32(-qmax - 1)), b.const(np.float32(qmax)))
-    deq = _first(b, b("Mul", q, scale), ng * 32, r)
+    deq = _first(b, b("Mul", q, scale), ng * group, r)
     scales = b("Squeeze", scale16, b.const([-1], np.int64))
     if bits == 8:
-        return b("Cast", _first(b, q, ng * 32, r), to=TensorProto.INT8), scales, deq
+        return b("Cast", _first(b, q, ng * group, r), to=TensorProto.INT8), scales, deq
     pairs = b("Reshape", q, b.const([0, 0, ng * 16, 2], np.int64))
     # (lo + 8) + 16 (hi + 8); a weighted ReduceSum, not a MatMul: no FP32 GEMM on Turing (TensorRT)
     idx = b("ReduceSum", b("Mul", pairs, b.const(np.array([1.0, 16.0], np.float32))), b.const([-1], np.int64),
@@ -212,7 +215,8 @@ def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: 
     """Stored (B, L, C) codes (+ scales) -> float32 (B, L, r)."""
     if bits == 16:
         return b("Cast", codes, to=TensorProto.FLOAT)
-    ng = math.ceil(r / 32)
+    group = kv_quant.GROUP
+    ng = kv_quant.n_groups(r)
     if bits == 4:
         # float arithmetic on the signed byte x = 16*hi + lo_u: hi = floor(x/16) is the sign-extended
         # high nibble, lo_u in [0, 16) the low one; cheaper in ONNX Runtime than integer Mod/Where
@@ -228,10 +232,10 @@ def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: 
     else:
         q = codes
     qf = b("Pad", b.cast(q, TensorProto.FLOAT, TensorProto.FLOAT if bits == 4 else None),
-           b.const([0, 0, 0, 0, 0, ng * 32 - r], np.int64))
-    groups = b("Reshape", qf, b.const([0, 0, ng, 32], np.int64))
+           b.const([0, 0, 0, 0, 0, ng * group - r], np.int64))
+    groups = b("Reshape", qf, b.const([0, 0, ng, group], np.int64))
     s = b("Unsqueeze", b("Cast", scales, to=TensorProto.FLOAT), b.const([-1], np.int64))
-    full = b("Reshape", b("Mul", groups, s), b.const([0, 0, ng * 32], np.int64))
+    full = b("Reshape", b("Mul", groups, s), b.const([0, 0, ng * group], np.int64))
     return b("Slice", full, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
 
 

@@ -82,6 +82,20 @@ def check_plugins(trt, lib: Path) -> None:
         raise ShrinkError(f"plugin library {lib} does not register {', '.join(missing)} (namespace shrinkrt, version 1)")
 
 
+def read_io(export_dir: Path):
+    """The graph description of the export beside the model (export.json "io")."""
+    import json
+
+    from shrinkrt.runtime.graph_io import GraphIO
+
+    f = Path(export_dir) / "export.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ShrinkError(f"build: {f} is missing or not JSON ({e})") from None
+    return GraphIO.from_json(meta.get("io") if isinstance(meta, dict) else None, str(f))
+
+
 def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: int = 2048, max_prefill: int = 512,
           trt_module: str | None = None, plugins: Path | None = None) -> dict:
     if target not in TARGETS:
@@ -113,26 +127,22 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
         cc = getattr(trt.ComputeCapability, target.upper())
         config.num_compute_capabilities = 1
         config.set_compute_capability(cc, 0)
+    io = read_io(Path(onnx_path).parent)
+    caches = io.by_input()
+    caps = (capacity // 4, capacity // 2, capacity)
     for seq in ((1, max_prefill // 2, max_prefill), (1, 1, 1)):
         prof = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             t = network.get_input(i)
-            dims = list(t.shape)
-            named = [model.graph.input[i].type.tensor_type.shape.dim[j].dim_param for j in range(len(dims))]
-
-            def size(name, fixed, k):
-                if name == "batch":
-                    return 1
-                if name == "seq":
-                    return seq[k]
-                if name == "capacity":
-                    return (capacity // 4, capacity // 2, capacity)[k]
-                return fixed
-
-            if t.name == "past_length":  # a shape input (it sizes the cache slices): its values get a range
+            if t.name == io.past_length:  # a shape input (it sizes the cache slices): its values get a range
                 prof.set_shape_input(t.name, [0], [capacity // 2], [capacity - seq[2]])
                 continue
-            lo, opt, hi = ([size(n, d, k) for n, d in zip(named, dims)] for k in range(3))
+            if t.name == io.input_ids:
+                lo, opt, hi = ([1, n] for n in seq)
+            elif t.name in caches:  # batch 1; cache rows over the capacity range
+                lo, opt, hi = (caches[t.name].buffer_shape(1, c) for c in caps)
+            else:
+                raise ShrinkError(f"build: the network has an input '{t.name}' that export.json does not describe")
             prof.set_shape(t.name, lo, opt, hi)
         config.add_optimization_profile(prof)
     t0 = time.perf_counter()

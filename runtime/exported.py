@@ -1,12 +1,17 @@
 """What the runtimes of an exported graph share (ONNX Runtime, TensorRT): the cache buffers of the
 graph's state inputs behind the reference model interface. The graph takes fixed-capacity caches and
 returns this call's rows (export/llama.py); `store_outputs` writes them at the call's positions, and
-the CSKV window ring, which comes back whole, over its buffer. Works on numpy arrays and torch tensors.
+the CSKV window ring, which comes back whole, over its buffer. Which is which, and every shape, comes
+from the export's graph description (runtime/graph_io.py, export.json "io"). Works on numpy arrays
+and torch tensors.
 """
 from __future__ import annotations
 
+from shrinkrt.runtime.graph_io import GraphIO
+
 
 class ExportedCaches:
+    io: GraphIO
     buffers: dict
     length: int
     capacity: int
@@ -18,15 +23,12 @@ class ExportedCaches:
         return self.length
 
     def cache_nbytes(self) -> int:
-        """Bytes held for the stored tokens: rows of capacity-sized buffers, rings up to their size."""
+        """Bytes held for the stored tokens: the token rows of each buffer that hold data."""
         total = 0
-        for name, buf in self.buffers.items():
-            if name.startswith(("past_key", "past_value")):
-                total += buf[:, :, :1].nbytes * self.length
-            elif name.startswith("win_"):
-                total += buf[:, :, :1].nbytes * min(self.length, buf.shape[2])
-            else:  # feature rows (and their scales)
-                total += buf[:, :1].nbytes * self.length
+        for c in self.io.caches:
+            buf = self.buffers[c.input]
+            row = buf.nbytes // buf.shape[c.token_axis]
+            total += row * c.held_rows(self.length)
         return total
 
     def __call__(self, tokens, start: int = 0, last_only: bool = True):
@@ -41,13 +43,10 @@ class ExportedCaches:
             raise ValueError(f"positions up to {start + T} exceed the cache of {self.capacity} tokens")
 
     def store_outputs(self, outs: dict, start: int, T: int) -> None:
-        for name, rows in outs.items():
-            if name == "logits":
-                continue
-            if name.startswith("win_"):  # win_k_out.i -> win_k.i
-                self.buffers[name.replace("_out", "")][...] = rows
-            elif name.startswith(("key.", "value.")):
-                self.buffers["past_" + name][:, :, start:start + T] = rows
-            else:  # feat_k_new.i -> feat_k.i
-                self.buffers[name.replace("_new", "")][:, start:start + T] = rows
+        for c in self.io.caches:
+            rows, buf = outs[c.output], self.buffers[c.input]
+            if c.update == "ring":
+                buf[...] = rows
+            else:
+                buf[(slice(None),) * c.token_axis + (slice(start, start + T),)] = rows
         self.length = start + T

@@ -11,6 +11,9 @@ import math
 import torch
 
 GROUP = 32
+# Least scale of a feature group: the smallest normal FP16 (2^-14). A floor below FP16's range (the
+# 1e-8 used before rounds to 0 in FP16) gave an all-zero group the scale 0 and NaN codes (0 / 0).
+SCALE_FLOOR = 2.0 ** -14
 
 
 def n_groups(r: int, group: int = GROUP) -> int:
@@ -32,7 +35,7 @@ def quantize(x: torch.Tensor, bits: int, group: int = GROUP) -> tuple[torch.Tens
     g = n_groups(r, group)
     pad = g * group - r
     xp = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (g, group))
-    scale = (xp.abs().amax(-1) / qmax).clamp_min(1e-8).half()
+    scale = (xp.abs().amax(-1) / qmax).clamp_min(SCALE_FLOOR).half()
     q = torch.round(xp / scale.float().unsqueeze(-1)).clamp(-qmax - 1, qmax).flatten(-2)[..., :r].to(torch.int8)
     if bits == 4:
         if r % 2:

@@ -2,7 +2,7 @@
 (setup_caches / forward(tokens, start, last_only) / cache_length / cache_nbytes / clear_caches), so
 generation, evaluation and profiling run unchanged on either backend.
 
-Caches: every state input of the graph (export/llama.py) gets one buffer of the capacity asked for
+Caches: every cache tensor of the export's graph description (export.json "io") gets one buffer of the capacity asked for
 at setup_caches, allocated once and bound to the session by IO binding as an OrtValue over the same
 memory (no copy, no per-step reallocation). The graph returns this call's rows, which are written
 into the buffers at the call's positions; the CSKV window ring comes back whole and is copied into
@@ -19,10 +19,8 @@ import torch
 from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
 from shrinkrt.runtime.exported import ExportedCaches
+from shrinkrt.runtime.graph_io import GraphIO
 
-NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
-            "tensor(int64)": np.int64}
-FIXED_INPUTS = ("input_ids", "past_length")
 
 
 def session(path: Path, threads: int = 0, providers: list[str] | None = None, profile_prefix: str | None = None):
@@ -51,7 +49,11 @@ class OrtModel(ExportedCaches):
             raise ShrinkError(f"{export_dir / 'model.onnx'}: ONNX Runtime cannot load it ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None
         self.device = torch.device("cpu")
-        self.state_inputs = [i for i in self.sess.get_inputs() if i.name not in FIXED_INPUTS]
+        self.io = GraphIO.from_json(meta.get("io"), str(export_dir / "export.json"))
+        graph_inputs = {i.name for i in self.sess.get_inputs()}
+        missing = [c.input for c in self.io.caches if c.input not in graph_inputs]
+        if missing:
+            raise ShrinkError(f"{export_dir / 'model.onnx'} lacks the cache input {missing[0]} that export.json describes")
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.buffers: dict[str, np.ndarray] = {}
         self.length = 0
@@ -63,11 +65,10 @@ class OrtModel(ExportedCaches):
         import onnxruntime as ort
 
         self.buffers, self.bound = {}, {}
-        for i in self.state_inputs:
-            shape = [batch if d == "batch" else max_seq_len if d == "capacity" else d for d in i.shape]
-            buf = np.zeros(shape, NP_DTYPE[i.type])
-            self.buffers[i.name] = buf
-            self.bound[i.name] = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
+        for c in self.io.caches:
+            buf = np.zeros(c.buffer_shape(batch, max_seq_len), np.dtype(c.dtype))
+            self.buffers[c.input] = buf
+            self.bound[c.input] = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
         self.binding = self.sess.io_binding()
         for name, v in self.bound.items():
             self.binding.bind_ortvalue_input(name, v)
@@ -77,12 +78,12 @@ class OrtModel(ExportedCaches):
         """Logits of the last position, (B, 1, vocab) float32 (the graph computes only that row)."""
         T = tokens.shape[1]
         self.check_call(start, T)
-        self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)))
-        self.binding.bind_cpu_input("past_length", np.array([start], np.int64))
+        self.binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)))
+        self.binding.bind_cpu_input(self.io.past_length, np.array([start], np.int64))
         self.binding.clear_binding_outputs()  # outputs are this call's rows: their shapes follow T
         for name in self.outputs:
             self.binding.bind_output(name, "cpu")
         self.sess.run_with_iobinding(self.binding)
         outs = dict(zip(self.outputs, self.binding.copy_outputs_to_cpu()))
         self.store_outputs(outs, start, T)
-        return torch.from_numpy(outs["logits"])
+        return torch.from_numpy(outs[self.io.logits])

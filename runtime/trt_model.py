@@ -21,8 +21,8 @@ import torch
 from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
 from shrinkrt.runtime.exported import ExportedCaches
+from shrinkrt.runtime.graph_io import GraphIO
 
-FIXED_INPUTS = ("input_ids", "past_length")
 
 
 class LayerTimes:
@@ -76,6 +76,7 @@ class TrtModel(ExportedCaches):
             self.args = ModelArgs(**self.meta["model_args"])
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ShrinkError(f"{build_dir / 'export.json'} is missing or malformed ({type(e).__name__}: {e})") from None
+        self.io = GraphIO.from_json(self.meta.get("io"), str(build_dir / "export.json"))
         logger = trt.Logger(trt.Logger.WARNING)
         if info.get("plugins"):
             lib = Path(info["plugins"])
@@ -101,7 +102,9 @@ class TrtModel(ExportedCaches):
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        self.state_inputs = [n for n in self.inputs if n not in FIXED_INPUTS]
+        missing = [c.input for c in self.io.caches if c.input not in self.inputs]
+        if missing:
+            raise ShrinkError(f"{engine_path} lacks the cache input {missing[0]} that export.json describes")
         self.buffers: dict[str, torch.Tensor] = {}
         self.length = self.capacity = 0
         self.profile = -1
@@ -114,11 +117,9 @@ class TrtModel(ExportedCaches):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"cache of {max_seq_len} tokens exceeds the model's context {self.args.max_seq_len}")
         self.buffers = {}
-        for name in self.state_inputs:
-            shape = list(self.engine.get_tensor_shape(name))
-            # dynamic dims of a state input: batch first, capacity (cache rows) elsewhere
-            shape = [batch if (d == -1 and i == 0) else max_seq_len if d == -1 else d for i, d in enumerate(shape)]
-            self.buffers[name] = torch.zeros(shape, dtype=self._dtype(name), device="cuda")
+        for c in self.io.caches:  # shapes from the graph description; the dtype as the engine has it
+            self.buffers[c.input] = torch.zeros(c.buffer_shape(batch, max_seq_len), dtype=self._dtype(c.input),
+                                                device="cuda")
         self.past = torch.zeros(1, dtype=torch.int64)  # host: a shape input
         self.length, self.capacity, self.batch = 0, max_seq_len, batch
 
@@ -132,11 +133,11 @@ class TrtModel(ExportedCaches):
             self.profile = profile
         ids = tokens.to("cuda", torch.int64).contiguous()
         self.past[0] = start
-        ctx.set_input_shape("input_ids", tuple(ids.shape))
-        ctx.set_tensor_address("input_ids", ids.data_ptr())
-        ctx.set_input_shape("past_length", (1,))
-        ctx.set_tensor_address("past_length", self.past.data_ptr())
-        for name in self.state_inputs:
+        ctx.set_input_shape(self.io.input_ids, tuple(ids.shape))
+        ctx.set_tensor_address(self.io.input_ids, ids.data_ptr())
+        ctx.set_input_shape(self.io.past_length, (1,))
+        ctx.set_tensor_address(self.io.past_length, self.past.data_ptr())
+        for name in self.buffers:
             ctx.set_input_shape(name, tuple(self.buffers[name].shape))
             ctx.set_tensor_address(name, self.buffers[name].data_ptr())
         outs = {}
@@ -148,4 +149,4 @@ class TrtModel(ExportedCaches):
                 raise RuntimeError("TensorRT enqueue failed (see the log above)")
             self.store_outputs(outs, start, T)
         s.synchronize()
-        return outs["logits"].float().cpu()
+        return outs[self.io.logits].float().cpu()

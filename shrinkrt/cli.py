@@ -177,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 MIN_ARCH = 75  # CUDA 13's oldest target (Turing)
+MIN_CALIB_TOKENS = 256
 PROFILE_WARMUP = 2  # decode steps `measure` runs before timing (runtime/profile.py)
 
 
@@ -432,8 +433,8 @@ def cmd_calibrate(a) -> int:
         raise ShrinkError(f"--window must be >= 0 (got {a.window})")
     if a.kv_fit_steps < 0:
         raise ShrinkError(f"--kv-fit-steps must be >= 0 (got {a.kv_fit_steps})")
-    if a.calib_tokens < 256:
-        raise ShrinkError(f"--calib-tokens must be >= 256 (got {a.calib_tokens})")
+    if a.calib_tokens < MIN_CALIB_TOKENS:
+        raise ShrinkError(f"--calib-tokens must be >= {MIN_CALIB_TOKENS} (got {a.calib_tokens})")
     bits = None
     if a.weight_budget is not None:  # every weight option before any work (the KV fit runs first)
         from shrinkrt.calib import mq
@@ -455,6 +456,9 @@ def cmd_calibrate(a) -> int:
     check_target(out, "--out", checkpoint.is_checkpoint, need_bytes=need)
     text = corpus.calib_text()
     tokens = lm.tokenizer.encode(text, add_special_tokens=False)[:a.calib_tokens]
+    if len(tokens) < MIN_CALIB_TOKENS:
+        raise ShrinkError(f"the calibration text encodes to {len(tokens)} tokens with this model's tokenizer "
+                          f"(at least {MIN_CALIB_TOKENS} needed): is its tokenizer the right one?")
     manifest = {"base_model": checkpoint.base_identity(lm),
                 "calibration": {"files": list(corpus.CALIB_FILES), "text_sha256": corpus.digest(text),
                                 "tokens": len(tokens), "seed": a.seed}}

@@ -104,7 +104,7 @@ OUTPUT_COMMANDS = {
     "export": lambda b, out: ["export", "--model", str(b["model"]), "--out", str(out), "--no-validate"],
     "build": lambda b, out: ["build", "--model", str(b["model"]), "--out", str(out), "--max-prefill", "16"],
     "calibrate": lambda b, out: ["calibrate", "--model", str(b["model"]), "--kv-ratio", "0.5", "--window", "4",
-                                 "--calib-tokens", "256", "--kv-fit-steps", "1", "--out", str(out), "--quiet"],
+                                 "--kv-bits", "8", "--calib-tokens", "256", "--kv-fit-steps", "1", "--out", str(out), "--quiet"],
     "kernels": lambda b, out: ["kernels", "--out", str(out)],
 }
 
@@ -196,8 +196,9 @@ def test_disk_full_while_writing(base, capsys, monkeypatch, tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(checkpoint, "save_file", full)
-    refused(["calibrate", "--model", str(base["model"]), "--kv-ratio", "0.5", "--window", "4", "--calib-tokens",
-             "256", "--kv-fit-steps", "1", "--out", str(ck), "--quiet"], "No space left on device", capsys, tmp_path)
+    refused(["calibrate", "--model", str(base["model"]), "--kv-ratio", "0.5", "--window", "4", "--kv-bits", "8",
+             "--calib-tokens", "256", "--kv-fit-steps", "1", "--out", str(ck), "--quiet"], "No space left on device",
+            capsys, tmp_path)
     no_temps(tmp_path)
 
 
@@ -401,6 +402,19 @@ def test_calibrate_options(args, msg, base, tmp_path, capsys):
             capsys, tmp_path)
 
 
+def test_calibrate_refuses_factors_the_cache_cannot_hold(tmp_path, capsys):
+    """Degenerate activations (a tokenizer that maps the calibration text to <unk> only) made CSKV's
+    whitening explode at this shape: the factors were written with NaN and the model produced NaN.
+    Now the run stops with one line and writes nothing."""
+    m = tmp_path / "m"
+    tiny_hf_model("llama", attention_bias=True, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, intermediate_size=192, max_position_embeddings=256).save_pretrained(m)
+    word_tokenizer(m)
+    refused(["calibrate", "--model", str(m), "--kv-ratio", "0.5", "--window", "16", "--kv-bits", "4",
+             "--calib-tokens", "256", "--kv-fit-steps", "3", "--out", str(tmp_path / "ck"), "--quiet"],
+            "unusable factors", capsys, tmp_path)
+
+
 def test_calibrate_checks_the_weight_budget_before_the_kv_fit(base, tmp_path, capsys, monkeypatch):
     import shrinkrt.calib.cskv as cskv
 
@@ -566,6 +580,8 @@ def test_checkpoint_is_a_file(base, user, capsys):
     ("model_args missing", "model_args is missing or malformed"),
     ("model_args wrong", "model_args is missing or malformed"),
     ("no export.json", "is not a ShrinkRT export"),
+    ("io missing", "'io' is missing or not version 1"),
+    ("io malformed", "io cache 0 (win_k.0) is not a valid cache tensor"),
     ("tokenizer garbled", "the tokenizer cannot be loaded"),
 ])
 def test_corrupt_export(how, msg, base, tmp_path, capsys):
@@ -583,6 +599,12 @@ def test_corrupt_export(how, msg, base, tmp_path, capsys):
         (exp / "export.json").write_text(json.dumps(meta))
     elif how == "model_args wrong":
         meta["model_args"]["no_such_field"] = 1
+        (exp / "export.json").write_text(json.dumps(meta))
+    elif how == "io missing":
+        meta.pop("io")
+        (exp / "export.json").write_text(json.dumps(meta))
+    elif how == "io malformed":
+        meta["io"]["caches"][0]["update"] = "rows"  # the window ring has no capacity axis to write rows along
         (exp / "export.json").write_text(json.dumps(meta))
     elif how == "no export.json":
         (exp / "export.json").unlink()
@@ -672,7 +694,7 @@ def test_sigterm_mid_calibration_leaves_nothing(base, tmp_path):
         checkpoint.save_file = slow
         import shrinkrt.cli as cli
         sys.exit(cli.main(["calibrate", "--model", {str(base["model"])!r}, "--kv-ratio", "0.5", "--window", "4",
-                           "--calib-tokens", "256", "--kv-fit-steps", "1", "--out", {str(out)!r}, "--quiet"]))
+                           "--kv-bits", "8", "--calib-tokens", "256", "--kv-fit-steps", "1", "--out", {str(out)!r}, "--quiet"]))
     """)
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=ROOT)

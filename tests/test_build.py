@@ -10,7 +10,9 @@ def test_build_sm75_engine_with_compressed_model(tiny_dir, tmp_path, capsys):
     from shrinkrt.cli import main
 
     ck = tmp_path / "ck"
-    assert main(["calibrate", "--model", str(tiny_dir), "--kv-ratio", "0.5", "--window", "4", "--kv-bits", "4",
+    # int8 features: on this tiny model's degenerate calibration data (the test tokenizer maps the text to
+    # <unk>) int4 group scales overflow FP16, which calibration now refuses instead of writing NaN factors
+    assert main(["calibrate", "--model", str(tiny_dir), "--kv-ratio", "0.5", "--window", "4", "--kv-bits", "8",
                  "--weight-budget", "4bpw", "--calib-tokens", "256", "--kv-fit-steps", "5", "--out", str(ck),
                  "--quiet"]) == 0
     out = tmp_path / "build"

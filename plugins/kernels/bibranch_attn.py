@@ -25,6 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from shrinkrt.runtime.kv_quant import SCALE_FLOOR as _SCALE_FLOOR
+
+SCALE_FLOOR = tl.constexpr(_SCALE_FLOOR)  # one floor for the kernels, the runtime and the export body
+
 
 @triton.jit
 def _load_features(ptr, scale_ptr, row_off, scale_off, rs, jmask, R, BITS: tl.constexpr):
@@ -77,7 +81,7 @@ def feature_quant_kernel(c_ptr, out_ptr, scales_ptr, R, C, BITS: tl.constexpr, R
             xe = tl.load(c_ptr + row * R + ev, mask=ev < R, other=0.0).to(tl.float32)
             xo = tl.load(c_ptr + row * R + od, mask=od < R, other=0.0).to(tl.float32)
             amax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
-            scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8).to(tl.float16)
+            scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), SCALE_FLOOR).to(tl.float16)
             sf = scale.to(tl.float32)
             if gi * 32 < R:
                 tl.store(scales_ptr + row * ((R + 31) // 32) + gi, scale)
