@@ -1,5 +1,5 @@
-"""Calibrated compression (CSKV low-rank KV cache, LLM-MQ mixed-precision weights).
-
-Not built yet: see the open issues. The evaluation text split that calibration must use lives in
-`shrinkrt.evaluate.corpus` (CALIB_FILES), disjoint from the evaluation text by construction.
+"""Calibrated compression: CSKV low-rank bi-branch KV cache (cskv.py) and LLM-MQ mixed-precision
+weights (mq.py, quantizers in quantize.py), written to one checkpoint (checkpoint.py) and applied to a
+loaded model (apply.py). The calibration text (`shrinkrt.evaluate.corpus.CALIB_FILES`) is disjoint
+from the evaluation text by construction; the CLI passes its tokens in.
 """

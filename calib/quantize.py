@@ -1,4 +1,5 @@
-"""Group-wise asymmetric integer quantization (RTN and GPTQ) and the packed layout the kernels read.
+"""Group-wise asymmetric integer quantization (RTN and GPTQ) into the packed layout of
+runtime/packing.py (the one place of that format: packing, unpacking, the reference dequantization).
 
 A weight W (out_features x in_features, as nn.Linear holds it) is split along the input dimension
 into groups of `group_size` columns (the last group of a row may be shorter). Each (row, group) has
@@ -10,109 +11,16 @@ there and the kernel adds the sparse part on top.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from shrinkrt.errors import ShrinkError
+from shrinkrt.runtime.packing import (GROUP_SIZES, SUPPORTED_BITS, TILE, Packed, check_bits, code_words,  # noqa: F401
+                                      dequantize, expand_groups, n_groups, pack, pack_bits, unpack, unpack_bits,
+                                      zero_words)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-GROUP_SIZES = (64, 128)
-TILE = 32  # codes per tile: a tile of b-bit codes is exactly b int32 words, for every b
 # Shrinking the group range trades clipping error on the extremes for a finer step; searched per
 # group because the best factor differs a lot between 2 and 8 bits.
 RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 LAZY = 32  # GPTQ columns updated one by one before the rest of the matrix gets one matmul update
-
-
-def check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ShrinkError(f"unsupported bit width {bits} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
-
-
-def n_groups(cols: int, group_size: int) -> int:
-    return -(-cols // group_size)
-
-
-def code_words(cols: int, bits: int) -> int:
-    """int32 words per row of codes: whole 32-code tiles of `bits` words each."""
-    return -(-cols // TILE) * bits
-
-
-def zero_words(cols: int, bits: int, group_size: int) -> int:
-    return -(-n_groups(cols, group_size) * bits // 32)
-
-
-# ---------------------------------------------------------------- bit streams
-def pack_bits(values: torch.Tensor, bits: int, words: int) -> torch.Tensor:
-    """(rows, n) integers in [0, 2^bits) -> (rows, words) int32; value j sits at bit j*bits of the
-    row's little-endian stream (word 0 holds bits 0..31). A value may straddle two words (3 bits)."""
-    rows, n = values.shape
-    if n * bits > words * 32:
-        raise ValueError(f"{n} values of {bits} bits do not fit in {words} words")
-    v = values.to(torch.int64)
-    pos = torch.arange(n, dtype=torch.int64) * bits
-    w, off = pos // 32, pos % 32
-    # Scatter each value's low part into its word and the spill-over into the next (one extra
-    # scratch word); values never overlap, so a sum is an OR.
-    acc = torch.zeros(rows, words + 1, dtype=torch.int64)
-    acc.index_add_(1, w, (v << off) & 0xFFFFFFFF)
-    acc.index_add_(1, w + 1, v >> (32 - off))  # off == 0 shifts by 32: the value is < 2^8, so 0
-    acc = acc[:, :words]
-    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
-
-
-def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: (rows, words) int32 -> (rows, n) int64."""
-    rows = words.shape[0]
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    u = torch.cat([u, torch.zeros(rows, 1, dtype=torch.int64, device=u.device)], dim=1)
-    pos = torch.arange(n, dtype=torch.int64, device=u.device) * bits
-    w, off = pos // 32, pos % 32
-    both = u[:, w] | (u[:, w + 1] << 32)
-    return (both >> off) & ((1 << bits) - 1)
-
-
-# ---------------------------------------------------------------- packed weight
-@dataclass
-class Packed:
-    """One quantized weight in the stored layout (outliers, when any, are held by calib/mq.py)."""
-    bits: int
-    group_size: int
-    rows: int
-    cols: int
-    codes: torch.Tensor   # int32 (rows, code_words)
-    scales: torch.Tensor  # float16 (rows, n_groups)
-    zeros: torch.Tensor   # int32 (rows, zero_words)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
-
-
-def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> Packed:
-    """Codes (rows, cols) and per-group zero points (rows, n_groups) -> Packed. The tail of the last
-    tile is filled with the last group's zero point, so padded positions dequantize to exactly 0."""
-    rows, cols = q.shape
-    tail = -(-cols // TILE) * TILE - cols
-    full = torch.cat([q.to(torch.int64), zeros[:, -1:].to(torch.int64).expand(rows, tail)], dim=1)
-    return Packed(bits, group_size, rows, cols,
-                  pack_bits(full, bits, code_words(cols, bits)),
-                  scales.to(torch.float16).contiguous(),
-                  pack_bits(zeros, bits, zero_words(cols, bits, group_size)))
-
-
-def unpack(p: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed -> (codes (rows, cols), zero points (rows, n_groups)), both int64."""
-    return (unpack_bits(p.codes, p.bits, p.cols),
-            unpack_bits(p.zeros, p.bits, n_groups(p.cols, p.group_size)))
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-               cols: int) -> torch.Tensor:
-    """The reference dequantization of the stored tensors -> float32 (rows, cols), outliers not added."""
-    q = unpack_bits(codes, bits, cols)
-    z = unpack_bits(zeros, bits, scales.shape[1])
-    return (q - _expand(z, group_size, cols)).to(torch.float32) * _expand(scales.to(torch.float32), group_size, cols)
 
 
 # ---------------------------------------------------------------- quantizers
@@ -166,10 +74,6 @@ def _round(w, s, z, maxq):
     return torch.minimum((torch.round(w / s) + z).clamp(min=0), maxq)
 
 
-def _expand(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
-    return t.repeat_interleave(group_size, dim=1)[:, :cols]
-
-
 def quantize_rtn(w: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
                  col_weight: torch.Tensor | None = None):
     """Round to nearest. Returns (codes (rows, cols) int64, scales (rows, G), zeros (rows, G) int64,
@@ -188,9 +92,9 @@ def quantize_rtn(w: torch.Tensor, bits, group_size: int, keep: torch.Tensor | No
         s, z = group_params(w[:, c0:c1], maxq, kg, cw)
         q[:, c0:c1] = _round(w[:, c0:c1], s[:, None], z[:, None], maxq[:, None]).long()
         scales[:, g], zeros[:, g] = s, z.long()
-    deq = (q - _expand(zeros, group_size, cols)).float() * _expand(scales, group_size, cols)
+    deq = (q - expand_groups(zeros, group_size, cols)).float() * expand_groups(scales, group_size, cols)
     if keep is not None:
-        q = torch.where(keep, _expand(zeros, group_size, cols), q)
+        q = torch.where(keep, expand_groups(zeros, group_size, cols), q)
         deq = torch.where(keep, w, deq)
     return q, scales, zeros, deq
 
@@ -246,5 +150,5 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
                 Wt[b1:].addmm_(Hinv[b0:b1, b1:].t(), err[:b1 - b0], alpha=-1)
     q, out = q.t(), out.t()
     if keep is not None:
-        q = torch.where(keep, _expand(zeros, group_size, cols), q)
+        q = torch.where(keep, expand_groups(zeros, group_size, cols), q)
     return q.contiguous(), scales, zeros, out.contiguous()

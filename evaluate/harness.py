@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from shrinkrt.atomic import MD_MARKER, results_file_is_ours, write_file
+from shrinkrt.runtime.kernels import kernels_on
 
 from . import corpus
 from .memory import memory_report
@@ -47,7 +48,7 @@ def evaluate(lm, context: int = 1024, max_segments: int = 0, passkey_lengths=(10
                     "accuracy_by_length": {k: sum(v) / len(v) for k, v in by_len.items()},
                     "trials": pk["trials"]},
         "memory": mem,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels_on(),
                         "python": platform.python_version(), "machine": platform.machine()},
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from shrinkrt.calib.quantize import n_groups, unpack_bits
+from shrinkrt.runtime.packing import n_groups, unpack_bits
 
 CONTAINER = {2: 2, 3: 4, 4: 4, 8: 8}
 # MatMulNBits accuracy_level: 4 quantizes the activations to int8 per block inside the kernel (int8

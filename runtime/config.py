@@ -1,4 +1,4 @@
-"""ModelArgs: the one shape contract shared by the runtime, calibration and (later) export."""
+"""ModelArgs: the one shape contract shared by the runtime, calibration, export and the backends."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

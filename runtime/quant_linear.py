@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrinkrt.calib.quantize import dequantize
+from shrinkrt.runtime.packing import dequantize
 from shrinkrt.runtime import kernels
 
 

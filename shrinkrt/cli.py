@@ -18,6 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weight and activation dtype of the reference runtime (default float32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="on a CUDA device, run the PyTorch reference instead of the Triton kernels (comparisons)")
 
 
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
@@ -217,7 +219,7 @@ def cmd_build(a) -> int:
     trt = trt_build.import_trt(a.trt_module)  # a missing TensorRT fails before any work
     if a.plugins:
         trt_build.check_plugins(trt, Path(a.plugins))
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     lm = load_with_checkpoint(a)
     ctx = lm.model.args.max_seq_len
     if a.capacity is not None and a.capacity > ctx:
@@ -286,7 +288,7 @@ def cmd_profile_one(a) -> int:
 
     from shrinkrt.runtime.profile import measure, prompt_tokens
 
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     model, tok = load_backend(a)
     if a.context + a.decode_steps + PROFILE_WARMUP > model.args.max_seq_len:
         raise ShrinkError(f"context {a.context} + {a.decode_steps} decode steps exceed the model's "
@@ -294,7 +296,9 @@ def cmd_profile_one(a) -> int:
     row = measure(model, prompt_tokens(tok, a.context), a.decode_steps, a.prefill_chunk, PROFILE_WARMUP)
     if getattr(model, "times", None):  # TensorRT: where the time went, per layer (all timed runs)
         row["layer_ms_top"] = [[name, round(ms, 3)] for name, ms in model.times.top()]
-    print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row}))
+    from shrinkrt.runtime.kernels import kernels_on
+
+    print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row, "kernels": kernels_on()}))
     return 0
 
 
@@ -371,7 +375,7 @@ def cmd_profile(a) -> int:
     base = [f"--{k.replace('_', '-')}={v}" for k, v in (("model", a.model), ("checkpoint", a.checkpoint))
             if v is not None] + [f"--backend={a.backend}", f"--threads={a.threads}", f"--dtype={a.dtype}",
                                  f"--device={a.device}", f"--decode-steps={a.decode_steps}",
-                                 f"--prefill-chunk={a.prefill_chunk}"]
+                                 f"--prefill-chunk={a.prefill_chunk}"] + (["--no-kernels"] if a.no_kernels else [])
     runs = []
     for c in contexts:
         try:
@@ -398,9 +402,13 @@ def parse_lengths(text: str, flag: str = "--passkey-lengths") -> tuple[int, ...]
     return vals
 
 
-def setup_torch(threads: int) -> None:
+def setup_torch(threads: int, no_kernels: bool = False) -> None:
     check_threads(threads)
     import torch
+
+    from shrinkrt.runtime.kernels import set_kernels
+
+    set_kernels(not no_kernels)
 
     if threads:
         torch.set_num_threads(threads)
@@ -446,7 +454,7 @@ def cmd_calibrate(a) -> int:
         bits = mq.check_options(bits, a.group_size, a.quantizer, a.outlier_fraction)
         mq.parse_budget(a.weight_budget, 1)  # the syntax; the floor once the model is known
     out = check_target(Path(a.out), "--out", checkpoint.is_checkpoint, ours_hint=f" (no {checkpoint.MANIFEST})")
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     lm = load(a.model, a.device, a.dtype)
     if a.window >= lm.model.args.max_seq_len:
         raise ShrinkError(f"--window {a.window} must be below the model's context of {lm.model.args.max_seq_len} tokens")
@@ -490,7 +498,7 @@ def cmd_export(a) -> int:
 
     check_checkpoint_dir(a)
     out = check_target(Path(a.out), "--out", artifact.is_export, ours_hint=" (no export.json)")
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     lm = load_with_checkpoint(a)
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
     # the size is known up front only without packed weights; with them it is checked once serialized
@@ -526,7 +534,7 @@ def cmd_validate(a) -> int:
     meta = artifact.read_meta(Path(a.export_dir), verify_model=True)
     check_target(Path(a.export_dir) / "validation.json", "validation report", lambda p: True, kind="file")
     check_checkpoint_dir(a)
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     lm = load_with_checkpoint(a)
     ck = checkpoint.load(Path(a.checkpoint))[0] if a.checkpoint else None
     want = meta.get("checkpoint")
@@ -572,7 +580,7 @@ def cmd_generate(a) -> int:
     sampling.validate()  # before the model loads: bad values fail fast
     if a.max_new_tokens < 1:
         raise ShrinkError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     model, tokenizer = load_backend(a)
     ids = (tokenizer.encode(a.prompt, add_special_tokens=True) if a.raw
            else chat_prompt(tokenizer, a.prompt, a.system))
@@ -606,7 +614,7 @@ def cmd_eval(a) -> int:
                           f"{out.with_suffix('.md').name}, so the two never share a path)")
     for path in (out, markdown_path(out)):
         check_target(path, "--out", results_file_is_ours, kind="file")
-    setup_torch(a.threads)
+    setup_torch(a.threads, getattr(a, "no_kernels", False))
     lm = load_with_checkpoint(a)
     ctx = lm.model.args.max_seq_len
     if max(lengths) + 16 > ctx or a.context > ctx or a.memory_context > ctx:

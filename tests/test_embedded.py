@@ -36,6 +36,20 @@ def test_logits_match_transformers_prefill_and_20_decode_steps(embedded):
     assert worst <= 1e-4, f"max |diff| {worst}"
 
 
+def test_model_cache_is_a_standard_hf_directory(embedded):
+    """The converted cache names its architecture and has a generation config, so transformers and
+    onnxruntime-genai's builder (which refuses `architectures: null`) take it as it is."""
+    import json
+
+    from transformers import AutoConfig, GenerationConfig
+
+    cfg = json.loads((embedded.model_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert AutoConfig.from_pretrained(embedded.model_dir).architectures == ["LlamaForCausalLM"]
+    gen = GenerationConfig.from_pretrained(embedded.model_dir)
+    assert gen.eos_token_id is not None
+
+
 def test_chat_answer(embedded):
     ids = chat_prompt(embedded.tokenizer, "What is the capital of France?")
     g = generate(embedded.model, embedded.tokenizer, ids, max_new_tokens=20)

@@ -74,15 +74,19 @@ def test_aot_ptx_runs_through_the_driver(tmp_path):
 @pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
 def test_greedy_tokens_with_kernels_swapped_in(key_mode, monkeypatch):
     """The compressed tiny model on the GPU: kernels (JIT) vs the PyTorch reference on the same
-    device (SHRINKRT_KERNELS=0), teacher-forced; greedy tokens identical where the reference is not
+    device (kernels switched off), teacher-forced; greedy tokens identical where the reference is not
     a near tie (top-2 margin > 0.05)."""
     from tests.kernel_swap import compare, compressed_tiny, forced_logits
 
     model = compressed_tiny("cuda", key_mode)
     tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3)).cuda()
-    monkeypatch.setenv("SHRINKRT_KERNELS", "0")
-    ref = forced_logits(model, tokens, prefill=20)
-    monkeypatch.setenv("SHRINKRT_KERNELS", "1")
+    from shrinkrt.runtime.kernels import set_kernels
+
+    set_kernels(False)
+    try:
+        ref = forced_logits(model, tokens, prefill=20)
+    finally:
+        set_kernels(True)
     got = forced_logits(model, tokens, prefill=20)
     rel, flips = compare(ref, got)
     assert rel < 1e-2 and flips == [], (rel, flips)

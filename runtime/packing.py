@@ -1,0 +1,114 @@
+"""The packed weight format of LLM-MQ (docs/formats.md, "Packed weights (LLM-MQ)"): bit streams of
+codes and zero points in int32 words, fp16 scales per (row, group), and the reference
+dequantization. One place for the layout: calibration writes it (calib/quantize.py), the runtime's
+QuantLinear and the export's MatMulNBits lowering read it, the kernels' tests check against it.
+
+A code q in [0, 2^b - 1] with zero point z and scale s dequantizes to (q - z) * s; groups run along
+the input dimension (the last group of a row may be shorter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shrinkrt.errors import ShrinkError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (64, 128)
+TILE = 32  # codes per tile: a tile of b-bit codes is exactly b int32 words, for every b
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ShrinkError(f"unsupported bit width {bits} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+
+
+def n_groups(cols: int, group_size: int) -> int:
+    return -(-cols // group_size)
+
+
+def code_words(cols: int, bits: int) -> int:
+    """int32 words per row of codes: whole 32-code tiles of `bits` words each."""
+    return -(-cols // TILE) * bits
+
+
+def zero_words(cols: int, bits: int, group_size: int) -> int:
+    return -(-n_groups(cols, group_size) * bits // 32)
+
+
+# ---------------------------------------------------------------- bit streams
+def pack_bits(values: torch.Tensor, bits: int, words: int) -> torch.Tensor:
+    """(rows, n) integers in [0, 2^bits) -> (rows, words) int32; value j sits at bit j*bits of the
+    row's little-endian stream (word 0 holds bits 0..31). A value may straddle two words (3 bits)."""
+    rows, n = values.shape
+    if n * bits > words * 32:
+        raise ValueError(f"{n} values of {bits} bits do not fit in {words} words")
+    v = values.to(torch.int64)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    w, off = pos // 32, pos % 32
+    # Scatter each value's low part into its word and the spill-over into the next (one extra
+    # scratch word); values never overlap, so a sum is an OR.
+    acc = torch.zeros(rows, words + 1, dtype=torch.int64)
+    acc.index_add_(1, w, (v << off) & 0xFFFFFFFF)
+    acc.index_add_(1, w + 1, v >> (32 - off))  # off == 0 shifts by 32: the value is < 2^8, so 0
+    acc = acc[:, :words]
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: (rows, words) int32 -> (rows, n) int64."""
+    rows = words.shape[0]
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    u = torch.cat([u, torch.zeros(rows, 1, dtype=torch.int64, device=u.device)], dim=1)
+    pos = torch.arange(n, dtype=torch.int64, device=u.device) * bits
+    w, off = pos // 32, pos % 32
+    both = u[:, w] | (u[:, w + 1] << 32)
+    return (both >> off) & ((1 << bits) - 1)
+
+
+# ---------------------------------------------------------------- packed weight
+@dataclass
+class Packed:
+    """One quantized weight in the stored layout (outliers, when any, are held by calib/mq.py)."""
+    bits: int
+    group_size: int
+    rows: int
+    cols: int
+    codes: torch.Tensor   # int32 (rows, code_words)
+    scales: torch.Tensor  # float16 (rows, n_groups)
+    zeros: torch.Tensor   # int32 (rows, zero_words)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> Packed:
+    """Codes (rows, cols) and per-group zero points (rows, n_groups) -> Packed. The tail of the last
+    tile is filled with the last group's zero point, so padded positions dequantize to exactly 0."""
+    rows, cols = q.shape
+    tail = -(-cols // TILE) * TILE - cols
+    full = torch.cat([q.to(torch.int64), zeros[:, -1:].to(torch.int64).expand(rows, tail)], dim=1)
+    return Packed(bits, group_size, rows, cols,
+                  pack_bits(full, bits, code_words(cols, bits)),
+                  scales.to(torch.float16).contiguous(),
+                  pack_bits(zeros, bits, zero_words(cols, bits, group_size)))
+
+
+def unpack(p: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed -> (codes (rows, cols), zero points (rows, n_groups)), both int64."""
+    return (unpack_bits(p.codes, p.bits, p.cols),
+            unpack_bits(p.zeros, p.bits, n_groups(p.cols, p.group_size)))
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+               cols: int) -> torch.Tensor:
+    """The reference dequantization of the stored tensors -> float32 (rows, cols), outliers not added."""
+    q = unpack_bits(codes, bits, cols)
+    z = unpack_bits(zeros, bits, scales.shape[1])
+    return (q - expand_groups(z, group_size, cols)).to(torch.float32) * expand_groups(scales.to(torch.float32), group_size, cols)
+
+
+def expand_groups(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    """(rows, n_groups) per-group values -> (rows, cols), one per column."""
+    return t.repeat_interleave(group_size, dim=1)[:, :cols]
