@@ -67,7 +67,8 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
                 "sections": sorted(k for k in ("kv", "weights") if k in checkpoint)},
             "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == "shrinkrt"}),
             "model_sha256": hashlib.sha256(data).hexdigest(),
-            "io": llama.describe(lm.model, dtype).to_json()}
+            "io": llama.describe(lm.model, dtype).to_json(),
+            "custom_op_attributes": custom_op_attributes(model)}
     if "matmul_nbits" in stats:
         layers = stats["matmul_nbits"]
         packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
@@ -84,6 +85,17 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
         if (Path(lm.model_dir) / name).is_file():
             shutil.copyfile(Path(lm.model_dir) / name, directory / name)
     return meta
+
+
+def custom_op_attributes(model: onnx.ModelProto) -> dict:
+    """Each custom op's distinct attribute sets: what the plugins' kernels must be specialised for
+    (plugins/kernels/aot.py --export, `shrinkrt build --plugins`)."""
+    seen: dict[str, set] = {}
+    for n in model.graph.node:
+        if n.domain == "shrinkrt":
+            attrs = tuple(sorted((a.name, a.i) for a in n.attribute if a.type == onnx.AttributeProto.INT))
+            seen.setdefault(n.op_type, set()).add(attrs)
+    return {op: [dict(a) for a in sorted(v)] for op, v in sorted(seen.items())}
 
 
 def estimated_bytes(lm, dtype: str) -> int:

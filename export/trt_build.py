@@ -96,6 +96,32 @@ def read_io(export_dir: Path):
     return GraphIO.from_json(meta.get("io") if isinstance(meta, dict) else None, str(f))
 
 
+def library_kernels(lib: Path) -> list[str]:
+    """The kernel specializations a plugin library holds (its C entry points, no TensorRT needed)."""
+    import ctypes
+
+    try:
+        so = ctypes.CDLL(str(Path(lib).resolve()))
+        so.shrinkrt_kernel_name.restype = ctypes.c_char_p
+        return [so.shrinkrt_kernel_name(i).decode() for i in range(so.shrinkrt_num_kernels())]
+    except (OSError, AttributeError) as e:
+        raise ShrinkError(f"cannot list the kernels of the plugin library {lib} ({e})") from None
+
+
+def check_library_kernels(lib: Path, op_attributes: dict) -> None:
+    """Every kernel the export's custom ops need is in the library: one line naming the first missing
+    shape, at build time, never when the engine runs."""
+    from shrinkrt.plugins.kernels.aot import needed_kernels
+
+    have = set(library_kernels(lib))
+    missing = [(n, shape) for n, shape in needed_kernels(op_attributes).items() if n not in have]
+    if missing:
+        name, shape = missing[0]
+        raise ShrinkError(f"plugin library {lib} has no kernel {name} ({shape}; {len(missing)} missing): build it "
+                          f"for this model with cmake -DSHRINKRT_EXPORT=<this export> (kernels: shrinkrt kernels "
+                          f"--export DIR)")
+
+
 def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: int = 2048, max_prefill: int = 512,
           trt_module: str | None = None, plugins: Path | None = None) -> dict:
     if target not in TARGETS:

@@ -152,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     kn.add_argument("--out", default="build/kernels", metavar="DIR",
                     help="kernels directory (default build/kernels; replaced only if it is an earlier one)")
     kn.add_argument("--arch", type=int, default=75, help="SM version (default 75 = T4)")
+    kn.add_argument("--export", default=None, metavar="DIR",
+                    help="compile the attention kernels this export needs (its heads, KV heads, head_dim, window, "
+                         "feature bits, key modes); default: the embedded model's shape")
     pr = sub.add_parser("profile", help="latency and memory at several contexts (TTFT, decode p50/p90, RSS)",
                         description="Profile one backend: TTFT, prefill and decode tokens/s, decode p90, peak RSS "
                                     "and cache bytes per context, each context in a fresh process.")
@@ -233,7 +236,10 @@ def cmd_build(a) -> int:
 
     def fill(tmp: Path) -> None:  # export, engine and build.json appear together or not at all
         # with plugins the graph keeps the custom ops (generic target); without, bodies TensorRT can parse
-        artifact.write(lm, tmp, "float16", "generic" if a.plugins else "tensorrt", checkpoint.base_identity(lm), ck)
+        meta = artifact.write(lm, tmp, "float16", "generic" if a.plugins else "tensorrt", checkpoint.base_identity(lm),
+                              ck)
+        if a.plugins:  # the library holds every kernel this model needs, or one line names the shape
+            trt_build.check_library_kernels(Path(a.plugins), meta.get("custom_op_attributes", {}))
         info.update(trt_build.build(tmp / "model.onnx", tmp / f"engine.{a.target}.plan", a.target, capacity,
                                     a.max_prefill, trt.__name__, a.plugins))
         (tmp / trt_build.BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -254,8 +260,15 @@ def cmd_kernels(a) -> int:
     except ImportError as e:
         raise ShrinkError(f"kernels need triton ({e}): pip install triton==3.9.0") from None
     check_target(Path(a.out), "--out", aot.is_kernels_dir, ours_hint=f" (no {aot.MANIFEST})")
+    extra = []
+    if a.export:
+        from shrinkrt.export.artifact import read_meta
+
+        for cfg in read_meta(Path(a.export)).get("custom_op_attributes", {}).get("BiBranchAttention", []):
+            aot.check_attention(cfg)  # an unsupported shape is named before any compile
+        extra = ["--export", a.export]
     try:
-        return aot.main(["--out", a.out, "--arch", str(a.arch)])
+        return aot.main(["--out", a.out, "--arch", str(a.arch), *extra])
     except ImportError as e:
         raise ShrinkError(f"kernels need triton ({e}): pip install triton==3.9.0") from None
     except RuntimeError as e:

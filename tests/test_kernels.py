@@ -150,20 +150,43 @@ def test_bibranch_op_from_kernels_matches_cskv_attention(key_mode, bits):
     """The whole op as the plugin runs it (feature quantization, window append, split + reduce per
     query token) reproduces CSKVAttention call by call: a prompt longer than the window, decode at
     the window boundary (token W+1), and a chunk crossing it; the stored rows match byte for byte."""
-    from shrinkrt.plugins.kernels.bibranch_attn import bibranch_attention
-    from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
-    from shrinkrt.runtime.model import apply_rope
     from tests.conftest import tiny_hf_model
     from tests.test_model import ours_from
 
-    model = ours_from(tiny_hf_model("qwen2"))
+    check_op_against_cskv(ours_from(tiny_hf_model("qwen2")), key_mode, bits, W=6)
+
+
+@pytest.mark.parametrize("H,G,D,key_mode,bits", [
+    (4, 4, 32, "pre-rope", 4),    # GQA ratio 1 (multi-head)
+    (6, 2, 32, "post-rope", 8),   # ratio 3 (SmolLM2's)
+    (8, 2, 16, "pre-rope", 16),   # ratio 4
+    (8, 1, 128, "post-rope", 4),  # ratio 8, head_dim 128 (Llama-3 / Mistral)
+])
+def test_bibranch_op_other_shapes(H, G, D, key_mode, bits):
+    """The same op contract at the shapes users bring (issue 16): GQA ratios 1, 3, 4, 8, head_dim 128,
+    a window that is not SmolLM2's."""
+    from tests.conftest import tiny_hf_model
+    from tests.test_model import ours_from
+
+    hf = tiny_hf_model("qwen2", hidden_size=H * D, num_attention_heads=H, num_key_value_heads=G, head_dim=D,
+                       num_hidden_layers=1)
+    check_op_against_cskv(ours_from(hf), key_mode, bits, W=5)
+
+
+def check_op_against_cskv(model, key_mode, bits, W):
+    from shrinkrt.plugins.kernels.bibranch_attn import bibranch_attention
+    from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+    from shrinkrt.runtime.model import apply_rope
+
     a = model.layers[0].self_attn
     gen = torch.Generator().manual_seed(2)
-    W, S = 6, 24
-    in_k = a.n_kv_heads * a.head_dim if key_mode == "post-rope" else 64
-    layer = CSKVAttention(a, CSKVConfig(key_mode, W, bits), torch.randn(in_k, 5, generator=gen),
-                          torch.randn(5, 32, generator=gen) * 0.3, torch.randn(64, 37, generator=gen),
-                          torch.randn(37, 32, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    S = 24
+    dim, kv_dim = model.args.dim, a.n_kv_heads * a.head_dim
+    in_k = kv_dim if key_mode == "post-rope" else dim
+    rk, rv = 5, min(37, kv_dim)
+    layer = CSKVAttention(a, CSKVConfig(key_mode, W, bits), torch.randn(in_k, rk, generator=gen),
+                          torch.randn(rk, kv_dim, generator=gen) * 0.3, torch.randn(dim, rv, generator=gen),
+                          torch.randn(rv, kv_dim, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
     layer.setup_cache(1, S, torch.float32, "cpu")
     H, G, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
     cache = layer.cache
@@ -172,7 +195,7 @@ def test_bibranch_op_from_kernels_matches_cskv_attention(key_mode, bits):
     store = {f"feat_{kv}": torch.zeros(getattr(cache, f"feat_{kv}").codes.shape, dtype=fdt) for kv in "kv"}
     store.update({f"feat_{kv}_scales": torch.zeros(getattr(cache, f"feat_{kv}").scales.shape, dtype=torch.float16)
                   for kv in "kv"} if bits < 16 else {})
-    x_all = torch.randn(1, S, 64, generator=gen)
+    x_all = torch.randn(1, S, dim, generator=gen)
     start = 0
     for T in (8, 1, 5, 1):  # prompt > W; decode at token W+1... ; a chunk crossing the window
         x = x_all[:, start:start + T]

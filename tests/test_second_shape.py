@@ -125,3 +125,111 @@ def test_sm75_build(qwen_dir, qwen_ckpt, tmp_path):
     assert info["format"] == "shrinkrt-build" and info["target"] == "sm75" and info["layers"] > 0
     assert (out / "engine.sm75.plan").stat().st_size == info["engine_bytes"] > 0
     assert info["profiles"]["capacity"] == [32, 64, 128]
+
+
+# ---------------------------------------------------------------- kernels for the model at hand
+@pytest.fixture(scope="module")
+def qwen_export(qwen_dir, qwen_ckpt):
+    exp = qwen_dir.parent / "exp-generic"
+    assert main(["export", "--model", str(qwen_dir), "--checkpoint", str(qwen_ckpt), "--out", str(exp),
+                 "--no-validate"]) == 0
+    return exp
+
+
+def test_export_records_what_the_kernels_need(qwen_export):
+    from shrinkrt.plugins.kernels import aot
+
+    meta = json.loads((qwen_export / "export.json").read_text())
+    attn = meta["custom_op_attributes"]["BiBranchAttention"]
+    assert {(c["num_heads"], c["num_kv_heads"], c["head_dim"], c["window"], c["bits"], c["key_mode"])
+            for c in attn} == {(4, 2, 32, 16, 4, 0)}
+    need = aot.needed_kernels(meta["custom_op_attributes"])
+    assert {"bibranch_split_b4_pre_h4g2d32w16", "bibranch_reduce_h4g2d32", "bibranch_append_g2d32w16",
+            "feature_quant_b4"} <= set(need)
+    assert any(n.startswith("qgemv_b") and n.endswith("_o1") for n in need)  # the weights' kernels too
+    names = [s["name"] for s in aot.specializations(aot.export_attention(qwen_export))]
+    assert set(need) <= set(names) and "bibranch_split_b4_pre_h9g3d64w64" not in names
+
+
+def test_attention_kernels_compile_for_this_shape(qwen_export):
+    """The specializations of this export compile for sm_75 (Triton's compiler, no GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from shrinkrt.plugins.kernels import aot\n"
+            "for s in aot.attention_specs(aot.export_attention(Path(sys.argv[1]))):\n"
+            "    cubin, ptx, meta = aot.compile_one(s)\n"
+            "    assert '.target sm_75' in ptx and len(cubin) > 1000\n"
+            "    print(s['name'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    r = subprocess.run([sys.executable, "-c", code, str(qwen_export)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["bibranch_split_b4_pre_h4g2d32w16", "bibranch_reduce_h4g2d32",
+                                "bibranch_append_g2d32w16", "feature_quant_b4"]
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"head_dim": 80}, "power-of-two head_dim"),
+    ({"window": 0}, "window of at least 1 token"),
+    ({"rank_k": 300}, "rank_k 300 exceeds the 256 features"),
+])
+def test_unsupported_attention_shape_is_named(change, msg, qwen_export):
+    from shrinkrt.errors import ShrinkError
+    from shrinkrt.plugins.kernels import aot
+
+    cfg = {**aot.export_attention(qwen_export)[0], **change}
+    with pytest.raises(ShrinkError, match=msg):
+        aot.attention_specs([cfg])
+
+
+def fake_plugin_library(tmp_path, names):
+    """The plugins' kernel table (plugins/tensorrt/kernel_images.cpp) compiled with a stand-in image
+    list: the library's listing entry points, with neither TensorRT nor CUDA."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ to build the kernel table")
+    src = Path(__file__).resolve().parents[1] / "plugins" / "tensorrt"
+    rows = ",\n".join(f'  {{"{n}", "e", nullptr, 0, "", 4, 0, 10}}' for n in names)
+    gen = tmp_path / "gen.cpp"
+    gen.write_text(f'#include "kernel_images.h"\nnamespace shrinkrt {{\nextern const KernelImage kKernels[] = {{\n{rows}\n}};\n'
+                   f"extern const int kNumKernels = {len(names)};\n}}\n")
+    lib = tmp_path / "libfake_plugins.so"
+    subprocess.run(["g++", "-std=c++17", "-shared", "-fPIC", "-O0", f"-I{src}", str(src / "kernel_images.cpp"),
+                    str(gen), "-o", str(lib), "-ldl"], check=True, capture_output=True, timeout=300)
+    return lib
+
+
+def test_plugin_library_is_checked_against_the_export(qwen_export, tmp_path):
+    """`build --plugins`: a library without this model's kernels is refused at build time, naming the
+    shape; one built for it (-DSHRINKRT_EXPORT) passes."""
+    from shrinkrt.errors import ShrinkError
+    from shrinkrt.export import trt_build
+    from shrinkrt.plugins.kernels import aot
+
+    ops = json.loads((qwen_export / "export.json").read_text())["custom_op_attributes"]
+    default = fake_plugin_library(tmp_path, [s["name"] for s in aot.specializations()])
+    assert "bibranch_split_b4_pre_h9g3d64w64" in trt_build.library_kernels(default)
+    with pytest.raises(ShrinkError, match=r"has no kernel bibranch_split_b4_pre_h4g2d32w16 \(BiBranchAttention "
+                                          r"heads 4, KV heads 2, head_dim 32, window 16, 4-bit features, pre-RoPE"):
+        trt_build.check_library_kernels(default, ops)
+    (tmp_path / "per-model").mkdir()
+    mine = fake_plugin_library(tmp_path / "per-model",
+                               [s["name"] for s in aot.specializations(aot.export_attention(qwen_export))])
+    trt_build.check_library_kernels(mine, ops)  # nothing missing
+
+
+def test_kernels_command_refuses_an_unsupported_export(qwen_export, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    import shutil
+
+    shutil.copytree(qwen_export, exp)
+    meta = json.loads((exp / "export.json").read_text())
+    meta["custom_op_attributes"]["BiBranchAttention"][0]["head_dim"] = 80
+    (exp / "export.json").write_text(json.dumps(meta))
+    assert main(["kernels", "--export", str(exp), "--out", str(tmp_path / "k")]) == 2
+    assert "power-of-two head_dim" in capsys.readouterr().err and not (tmp_path / "k").exists()

@@ -33,7 +33,7 @@ def _trt_module() -> str | None:
     return None
 
 
-def build_plugins(build: Path) -> Path:
+def build_plugins(build: Path, *cmake_args: str) -> Path:
     """libshrinkrt_trt_plugins.so built by the project's CMake (skips the test when it cannot be)."""
     headers = _headers()
     if headers is None:
@@ -44,7 +44,7 @@ def build_plugins(build: Path) -> Path:
     extra = [f"-DSHRINKRT_CUBLASLT_ROOT={os.environ['SHRINKRT_CUBLASLT_ROOT']}"] \
         if os.environ.get("SHRINKRT_CUBLASLT_ROOT") else []  # the prefill GEMM path compiled in too
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DTensorRT_INCLUDE_DIR={headers}",
-                    f"-DSHRINKRT_PYTHON={sys.executable}", *extra], check=True, capture_output=True, env=env,
+                    f"-DSHRINKRT_PYTHON={sys.executable}", *extra, *cmake_args], check=True, capture_output=True, env=env,
                    timeout=300)
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True, env=env, timeout=1200)
     lib = build / "plugins" / "tensorrt" / "libshrinkrt_trt_plugins.so"
@@ -171,3 +171,32 @@ def test_bibranch_attention_build_phase(probe, bits):
     assert got["serialized"] == fields and got["rc_configure"] == 0 and not got["fp32_supported"]
     assert got["workspace"] == B * H * 64 * (2 + D + 256) * 4 + 256  # split partials + the scales dummy
     assert got["rc_enqueue"] == -1 and "libcuda.so.1 not found" in err
+
+
+def test_library_built_for_another_model(plugin_lib, tmp_path):
+    """A library per model (-DSHRINKRT_EXPORT): an export of another attention shape (4 heads, 2 KV
+    heads, head_dim 32, window 16, int4 pre-RoPE) gets its kernels; the default library names what it
+    lacks for that shape, at plugin creation (and `build --plugins` before any engine, tests/test_second_shape)."""
+    from shrinkrt.cli import main
+    from shrinkrt.export import trt_build
+    from tests.conftest import tiny_hf_model
+    from tests.test_second_shape import VOCAB, corpus_tokenizer
+
+    m, ck, exp = tmp_path / "m", tmp_path / "ck", tmp_path / "exp"
+    tiny_hf_model("llama", attention_bias=True, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, intermediate_size=192, max_position_embeddings=256, vocab_size=VOCAB).save_pretrained(m)
+    corpus_tokenizer(m)
+    assert main(["calibrate", "--model", str(m), "--kv-ratio", "0.5", "--window", "16", "--kv-bits", "4",
+                 "--calib-tokens", "256", "--kv-fit-steps", "2", "--out", str(ck), "--quiet"]) == 0
+    assert main(["export", "--model", str(m), "--checkpoint", str(ck), "--out", str(exp), "--no-validate",
+                 "--precision", "float16"]) == 0
+    meta = json.loads((exp / "export.json").read_text())
+    cfg = meta["custom_op_attributes"]["BiBranchAttention"][0]
+    case = [["BiBranchAttention", cfg]]
+    got, log = run_check(plugin_lib, case)
+    assert got["created"] == [None] and "no kernel bibranch_split_b4_pre_h4g2d32w16" in log
+    lib = build_plugins(tmp_path / "cmake", f"-DSHRINKRT_EXPORT={exp}")
+    trt_build.check_library_kernels(lib, meta["custom_op_attributes"])  # every kernel the export needs
+    got, _ = run_check(lib, case)
+    assert got["created"] == [7]
+

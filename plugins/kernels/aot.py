@@ -35,7 +35,110 @@ DEQUANT_SIGNATURE = {
     "HAS_OUTLIERS": "constexpr"}
 
 
-SMOLLM2_ATTN = {"H": 9, "G": 3, "D": 64, "W": 64}  # the default model's attention shape (window 64)
+# The default attention specializations: the embedded SmolLM2's shape (window 64) with every feature
+# branch and key mode. `--export DIR` compiles what that export's BiBranchAttention nodes need instead.
+SMOLLM2_ATTN = {"H": 9, "G": 3, "D": 64, "W": 64}
+DEFAULT_ATTENTION = [{"num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "window": 64, "bits": b, "key_mode": m}
+                     for b in (16, 8, 4) for m in (0, 1)]
+
+
+# Kernel names: the plugins look each specialization up by the name their fields give
+# (plugins/tensorrt/*_plugin.cpp build the same strings).
+def split_name(H, G, D, W, bits, post) -> str:
+    return f"bibranch_split_b{bits}_{'post' if post else 'pre'}_h{H}g{G}d{D}w{W}"
+
+
+def reduce_name(H, G, D) -> str:
+    return f"bibranch_reduce_h{H}g{G}d{D}"
+
+
+def append_name(G, D, W) -> str:
+    return f"bibranch_append_g{G}d{D}w{W}"
+
+
+def feature_quant_name(bits) -> str:
+    return f"feature_quant_b{bits}"
+
+
+def qgemv_name(bits, group, m_pad, outliers) -> str:
+    return f"qgemv_b{bits}_g{group}_m{m_pad}_o{int(outliers)}"
+
+
+def dequant_name(bits, group) -> str:
+    return f"dequant_b{bits}_g{group}"
+
+
+def check_attention(cfg: dict) -> None:
+    """A BiBranchAttention configuration the kernels can be specialised for, or one line saying why not."""
+    from shrinkrt.errors import ShrinkError
+
+    from .bibranch_attn import R_PAD
+
+    H, G, D, W = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["window"]
+    shape = f"heads {H}, KV heads {G}, head_dim {D}, window {W}, {cfg['bits']}-bit features"
+    if D < 16 or D & (D - 1):
+        raise ShrinkError(f"the attention kernels need a power-of-two head_dim >= 16 ({shape})")
+    if W < 1:
+        raise ShrinkError(f"the attention kernels need a window of at least 1 token ({shape})")
+    if H % G:
+        raise ShrinkError(f"heads must be a multiple of KV heads ({shape})")
+    for r in ("rank_k", "rank_v"):
+        if cfg.get(r, 0) > R_PAD:
+            raise ShrinkError(f"{r} {cfg[r]} exceeds the {R_PAD} features the attention kernels take ({shape})")
+
+
+def attention_specs(configs: list[dict]) -> list[dict]:
+    """Split kernels per (shape, bits, key mode), reduce per (H, G, D), append per (G, D, W), feature
+    quantization per bits: each once, in a fixed order."""
+    from .bibranch_attn import NS_PAD, R_PAD
+
+    for c in configs:
+        check_attention(c)
+    keys = sorted({(c["num_heads"], c["num_kv_heads"], c["head_dim"], c["window"], c["bits"], c["key_mode"])
+                   for c in configs}, key=lambda k: (k[:4], -k[4], k[5]))
+    out, seen = [], set()
+
+    def add(spec):
+        if spec["name"] not in seen:
+            seen.add(spec["name"])
+            out.append(spec)
+
+    for H, G, D, W, bits, post in keys:
+        const = {"H": H, "G": G, "D": D, "W": W, "RK_PAD": R_PAD, "RV_PAD": R_PAD, "BITS": bits,
+                 "POST_ROPE": bool(post), "W_PAD": 1 << (W - 1).bit_length(), "BLOCK_J": 16}
+        add({"kernel": "bibranch_split", "name": split_name(H, G, D, W, bits, post), "const": const,
+             "grid": "B*H x n_splits+1 x 1", "signature": _split_signature(bits)})
+    for H, G, D, W, bits, post in keys:
+        add({"kernel": "bibranch_reduce", "name": reduce_name(H, G, D),
+             "const": {"H": H, "G": G, "D": D, "RV_PAD": R_PAD, "NS_PAD": NS_PAD}, "grid": "B*H x 1 x 1",
+             "signature": REDUCE_SIGNATURE})
+    for H, G, D, W, bits, post in keys:
+        add({"kernel": "bibranch_append", "name": append_name(G, D, W), "const": {"G": G, "D": D, "W": W},
+             "grid": "B*G x 1 x 1", "signature": APPEND_SIGNATURE})
+    for bits in sorted({k[4] for k in keys}, reverse=True):
+        add({"kernel": "feature_quant", "name": feature_quant_name(bits), "const": {"BITS": bits, "R_PAD": R_PAD},
+             "grid": "B*T x 1 x 1", "signature": _quant_signature(bits)})
+    return out
+
+
+def needed_kernels(op_attributes: dict) -> dict[str, str]:
+    """Kernel name -> the configuration that needs it, for an export's custom-op attributes
+    (export.json "custom_op_attributes"): what a plugin library must hold to run that export."""
+    need = {}
+    for c in op_attributes.get("BiBranchAttention", []):
+        H, G, D, W, bits, post = (c["num_heads"], c["num_kv_heads"], c["head_dim"], c["window"], c["bits"],
+                                  c["key_mode"])
+        shape = (f"BiBranchAttention heads {H}, KV heads {G}, head_dim {D}, window {W}, {bits}-bit features, "
+                 f"{'post' if post else 'pre'}-RoPE")
+        for n in (split_name(H, G, D, W, bits, post), reduce_name(H, G, D), append_name(G, D, W),
+                  feature_quant_name(bits)):
+            need.setdefault(n, shape)
+    for c in op_attributes.get("QuantMatMul", []):
+        shape = f"QuantMatMul {c['bits']} bits, group {c['group_size']}"
+        for n in [qgemv_name(c["bits"], c["group_size"], m, True) for m in (2, 4, 8)] + \
+                [dequant_name(c["bits"], c["group_size"])]:
+            need.setdefault(n, shape)
+    return need
 
 
 def _split_signature(bits: int) -> dict:
@@ -63,9 +166,10 @@ def _quant_signature(bits: int) -> dict:
             "C": "i32", "BITS": "constexpr", "R_PAD": "constexpr"}
 
 
-def specializations() -> list[dict]:
-    """Every (kernel, constexprs) the plugins launch, in a fixed order. The attention kernels are
-    specialised for the default model's shape (ranks are runtime values up to R_PAD)."""
+def specializations(attention: list[dict] | None = None) -> list[dict]:
+    """Every (kernel, constexprs) the plugins launch, in a fixed order: the weight kernels for every bit
+    width and group size, the attention kernels for `attention` (BiBranchAttention attributes; default:
+    the embedded model's shape; ranks are runtime values up to R_PAD)."""
     from .bibranch_attn import NS_PAD, R_PAD
     from .dequant import BLOCK_K as DQ_BLOCK_K, BLOCK_N as DQ_BLOCK_N
     from .qgemv import BLOCK_K, BLOCK_N
@@ -77,32 +181,15 @@ def specializations() -> list[dict]:
                 for outliers in (False, True):
                     const = {"BITS": bits, "GROUP": group, "M_PAD": m_pad, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
                              "HAS_OUTLIERS": outliers}
-                    out.append({"kernel": "qgemv", "name": f"qgemv_b{bits}_g{group}_m{m_pad}_o{int(outliers)}",
+                    out.append({"kernel": "qgemv", "name": qgemv_name(bits, group, m_pad, outliers),
                                 "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1"})
     for bits in (2, 3, 4, 8):  # prefill: packed -> dense FP16 tiles, then cuBLASLt (outliers read on the device)
         for group in (64, 128):
-            out.append({"kernel": "dequant", "name": f"dequant_b{bits}_g{group}",
+            out.append({"kernel": "dequant", "name": dequant_name(bits, group),
                         "const": {"BITS": bits, "GROUP": group, "BLOCK_N": DQ_BLOCK_N, "BLOCK_K": DQ_BLOCK_K,
                                   "HAS_OUTLIERS": True},
                         "grid": f"ceil(N / {DQ_BLOCK_N}) x ceil(K / {DQ_BLOCK_K}) x 1", "signature": DEQUANT_SIGNATURE})
-    shape = SMOLLM2_ATTN
-    hg = f"h{shape['H']}g{shape['G']}d{shape['D']}"  # the plugins look kernels up by their fields
-    for bits in (16, 8, 4):
-        for post in (False, True):
-            const = {**shape, "RK_PAD": R_PAD, "RV_PAD": R_PAD, "BITS": bits, "POST_ROPE": post, "W_PAD": shape["W"],
-                     "BLOCK_J": 16}
-            out.append({"kernel": "bibranch_split", "name": f"bibranch_split_b{bits}_{'post' if post else 'pre'}_{hg}w{shape['W']}",
-                        "const": const, "grid": "B*H x n_splits+1 x 1", "signature": _split_signature(bits)})
-    out.append({"kernel": "bibranch_reduce", "name": f"bibranch_reduce_{hg}",
-                "const": {"H": shape["H"], "G": shape["G"], "D": shape["D"], "RV_PAD": R_PAD, "NS_PAD": NS_PAD},
-                "grid": "B*H x 1 x 1", "signature": REDUCE_SIGNATURE})
-    out.append({"kernel": "bibranch_append", "name": f"bibranch_append_g{shape['G']}d{shape['D']}w{shape['W']}",
-                "const": {"G": shape["G"], "D": shape["D"], "W": shape["W"]}, "grid": "B*G x 1 x 1",
-                "signature": APPEND_SIGNATURE})
-    for bits in (16, 8, 4):
-        out.append({"kernel": "feature_quant", "name": f"feature_quant_b{bits}", "const": {"BITS": bits, "R_PAD": R_PAD},
-                    "grid": "B*T x 1 x 1", "signature": _quant_signature(bits)})
-    return out
+    return out + attention_specs(attention or DEFAULT_ATTENTION)
 
 
 def compile_one(spec: dict, arch: int = 75):
@@ -143,20 +230,36 @@ def is_kernels_dir(path: Path) -> bool:
     return isinstance(m, dict) and isinstance(m.get("kernels"), list) and "arch" in m
 
 
-def build(out: Path, arch: int = 75, limit: int = 0) -> dict:
+def export_attention(export_dir: Path) -> list[dict]:
+    """The BiBranchAttention configurations of an export (export.json "custom_op_attributes"; read
+    as plain JSON: the kernels sit below the export stage, docs/ARCHITECTURE.md)."""
+    from shrinkrt.errors import ShrinkError
+
+    f = Path(export_dir) / "export.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ShrinkError(f"{f} is missing or not JSON ({e})") from None
+    ops = meta.get("custom_op_attributes") if isinstance(meta, dict) else None
+    if not isinstance(ops, dict):
+        raise ShrinkError(f"{f} has no custom_op_attributes: export it again with this ShrinkRT")
+    return ops.get("BiBranchAttention", [])
+
+
+def build(out: Path, arch: int = 75, limit: int = 0, attention: list[dict] | None = None) -> dict:
     """Every specialization into `out` (missing or an earlier kernels directory), written whole."""
     from shrinkrt.atomic import write_dir
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 turns kernels into interpreted functions: unset it to compile")
     result = {}
-    write_dir(Path(out), lambda tmp: result.update(_build_into(tmp, arch, limit)), is_kernels_dir, "--out")
+    write_dir(Path(out), lambda tmp: result.update(_build_into(tmp, arch, limit, attention)), is_kernels_dir, "--out")
     return result
 
 
-def _build_into(out: Path, arch: int, limit: int) -> dict:
+def _build_into(out: Path, arch: int, limit: int, attention: list[dict] | None) -> dict:
     rows, parts = [], []
-    for i, spec in enumerate(specializations()[:limit or None]):
+    for i, spec in enumerate(specializations(attention)[:limit or None]):
         cubin, ptx, meta = compile_one(spec, arch)
         parts.append(f"static const unsigned char kCubin{i}[] = {{{_c_bytes(cubin)}}};\n"
                      f"static const char kPtx{i}[] = {json.dumps(ptx)};\n")
@@ -185,8 +288,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="build/kernels")
     ap.add_argument("--arch", type=int, default=75)
     ap.add_argument("--limit", type=int, default=0, help="only the first N specializations (tests)")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="compile the attention kernels this export needs (default: the embedded model's shape)")
     a = ap.parse_args(argv)
-    m = build(Path(a.out), a.arch, a.limit)
+    m = build(Path(a.out), a.arch, a.limit, export_attention(Path(a.export)) if a.export else None)
     print(f"[shrinkrt] {len(m['kernels'])} kernels for {m['arch']} (Triton {m['triton']}) -> {a.out}")
     return 0
 

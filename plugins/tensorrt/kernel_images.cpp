@@ -149,3 +149,15 @@ KernelSet::~KernelSet()
 }
 
 } // namespace shrinkrt
+
+// The specializations this library holds, as plain C (callable through ctypes with neither TensorRT nor
+// a GPU): `shrinkrt build --plugins` checks an export's needs against them before building an engine.
+extern "C" __attribute__((visibility("default"))) int shrinkrt_num_kernels()
+{
+    return shrinkrt::kNumKernels;
+}
+
+extern "C" __attribute__((visibility("default"))) char const* shrinkrt_kernel_name(int i)
+{
+    return i >= 0 && i < shrinkrt::kNumKernels ? shrinkrt::kKernels[i].name : nullptr;
+}
