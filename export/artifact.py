@@ -2,6 +2,8 @@
 
 DIR/
   model.onnx     the decoder graph (export/llama.py) with the custom ops and their reference bodies
+  model.onnx.data  its weights as ONNX external data (streamed while the graph is built; identical
+                 tensors stored once)
   export.json    format version, model args, dtype, target, base model and checkpoint identity, the
                  graph description ("io": every cache tensor, its shape, dtype and update rule)
   tokenizer files copied from the base model directory
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import onnx
 
-from shrinkrt.atomic import check_space, write_dir
+from shrinkrt.atomic import write_dir
+from shrinkrt.runtime.loader import file_sha256
 from shrinkrt.errors import ShrinkError
 
 from . import llama
@@ -58,8 +61,10 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
     stats = {}
     if ort_accuracy not in (0, 4):
         raise ShrinkError(f"--ort-accuracy must be 0 or 4 (got {ort_accuracy})")
-    model = llama.build(lm.model, dtype, target, stats=stats, ort_accuracy=ort_accuracy)
-    data = model.SerializeToString()
+    directory = Path(directory)
+    with open(directory / llama.DATA_FILE, "wb") as weights:  # weights streamed as they are made
+        model = llama.build(lm.model, dtype, target, stats=stats, ort_accuracy=ort_accuracy, data_file=weights)
+    data = model.SerializeToString()  # the graph alone: small whatever the model's size
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": lm.name, "dtype": dtype, "target": target,
             "model_args": dataclasses.asdict(lm.model.args), "base_model": base,
             "checkpoint": None if checkpoint is None else {
@@ -67,6 +72,8 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
                 "sections": sorted(k for k in ("kv", "weights") if k in checkpoint)},
             "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == "shrinkrt"}),
             "model_sha256": hashlib.sha256(data).hexdigest(),
+            "weights_file": llama.DATA_FILE,
+            "weights_sha256": file_sha256(directory / llama.DATA_FILE),
             "io": llama.describe(lm.model, dtype).to_json(),
             "custom_op_attributes": custom_op_attributes(model)}
     if "matmul_nbits" in stats:
@@ -77,8 +84,6 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
                            "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
                            "note": "3-bit layers use MatMulNBits' 4-bit container; outliers as int64 rows/cols "
                                    "+ fp32 values for the gather/scatter correction"}
-    directory = Path(directory)
-    check_space(directory, len(data), f"export of {len(data) / 2**20:.0f} MiB")  # its size is known from here
     (directory / "model.onnx").write_bytes(data)
     (directory / "export.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
@@ -138,11 +143,14 @@ def read_meta(path: Path, verify_model: bool = False) -> dict:
     if meta.get("dtype") not in ("float32", "float16") or meta.get("target") not in TARGETS:
         raise ShrinkError(f"{f}: dtype '{meta.get('dtype')}' / target '{meta.get('target')}' is not one this tool writes")
     if verify_model:
-        from shrinkrt.runtime.loader import file_sha256
-
-        if file_sha256(path / "model.onnx") != meta.get("model_sha256"):
-            raise ShrinkError(f"{path / 'model.onnx'} does not match the sha256 in export.json (truncated or "
-                              f"modified since export): export it again")
+        for name, key in (("model.onnx", "model_sha256"), (meta.get("weights_file"), "weights_sha256")):
+            if name is None:
+                continue
+            if not (path / name).is_file():
+                raise ShrinkError(f"{path}: {name} is missing (the export's weights): export it again")
+            if file_sha256(path / name) != meta.get(key):
+                raise ShrinkError(f"{path / name} does not match the sha256 in export.json (truncated or "
+                                  f"modified since export): export it again")
     return meta
 
 

@@ -16,6 +16,8 @@ and the LM head over a long prompt would dominate prefill.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 import torch
@@ -67,16 +69,27 @@ def describe(model, dtype: str) -> GraphIO:
     return GraphIO(tuple(caches))
 
 
-class Graph:
-    """Nodes, initializers and functions of one model, with deterministic names."""
+DATA_FILE = "model.onnx.data"  # the weights, as ONNX external data beside model.onnx
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph
+DATA_ALIGN = 64  # offsets of external tensors (aligned loads when the runtime maps the file)
 
-    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 0):
+
+class Graph:
+    """Nodes, initializers and functions of one model, with deterministic names.
+
+    With `data_file` (an open binary file named DATA_FILE) every tensor of at least
+    EXTERNAL_MIN_BYTES is written there as it is made and the graph keeps only its location, so the
+    graph stays small (no 2 GiB protobuf limit) and peak memory stays near the model's own bytes.
+    Identical tensors (same dtype, shape and bytes) are stored once, under the first name."""
+
+    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 0, data_file=None):
         self.dtype, self.F, self.target, self.ort_accuracy = dtype, ops.ONNX_DTYPE[dtype], target, ort_accuracy
         self.np_float = np.float16 if dtype == "float16" else np.float32
         self.stats = {}
         self.nodes, self.inits, self.functions = [], {}, {}
         self.inputs, self.outputs = [], []
         self.b = None
+        self.data, self.data_bytes, self.seen = data_file, 0, {}
 
     def scope(self, prefix: str) -> ops.Body:
         self.b = ops.Body(prefix)
@@ -84,8 +97,29 @@ class Graph:
         return self.b
 
     def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:
+        """An initializer; returns the name to use (an identical earlier tensor's, when there is one)."""
         a = t.detach().cpu().numpy() if torch.is_tensor(t) else t
-        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(a.astype(dtype or a.dtype)), name)
+        a = np.ascontiguousarray(a.astype(dtype or a.dtype, copy=False))
+        if a.nbytes < EXTERNAL_MIN_BYTES:
+            self.inits[name] = numpy_helper.from_array(a, name)
+            return name
+        key = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + memoryview(a).cast("B")).digest()
+        if key in self.seen:
+            return self.seen[key]
+        self.seen[key] = name
+        if self.data is None:
+            self.inits[name] = numpy_helper.from_array(a, name)
+            return name
+        tp = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+        pad = -self.data_bytes % DATA_ALIGN
+        self.data.write(b"\0" * pad)
+        offset = self.data_bytes + pad
+        self.data.write(memoryview(a).cast("B"))
+        self.data_bytes = offset + a.nbytes
+        tp.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(a.nbytes))):
+            tp.external_data.add(key=k, value=v)
+        self.inits[name] = tp
         return name
 
     def fweight(self, name: str, t: torch.Tensor) -> str:
@@ -221,9 +255,10 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k,
 
 
 def build(model, dtype: str = "float32", target: str = "generic", name: str = "shrinkrt",
-          stats: dict | None = None, ort_accuracy: int = 0) -> onnx.ModelProto:
+          stats: dict | None = None, ort_accuracy: int = 0, data_file=None) -> onnx.ModelProto:
     """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic.
-    target "ort-cpu" lowers quantized linears to MatMulNBits; `stats` receives what that costs."""
+    target "ort-cpu" lowers quantized linears to MatMulNBits; `stats` receives what that costs.
+    `data_file`: stream the weights there as external data (Graph); None keeps them in the proto."""
     args = model.args
     if args.sliding_window is not None:
         raise ShrinkError("export: sliding-window models are not supported")
@@ -232,7 +267,7 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
     io = describe(model, dtype)
     layer_state = [{c.role: c for c in io.caches if c.layer == i} for i in range(args.n_layers)]
-    g = Graph(dtype, target, ort_accuracy)
+    g = Graph(dtype, target, ort_accuracy, data_file)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("past_length", TensorProto.INT64, [1])
     b = g.scope("rope/")

@@ -127,8 +127,8 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
     if target not in TARGETS:
         raise ShrinkError(f"unknown build target '{target}' (use {', '.join(TARGETS)})")
     trt = import_trt(trt_module)
-    try:
-        model = onnx.load(str(onnx_path))
+    try:  # the graph only: TensorRT reads the external weights itself (parse with the model's path)
+        model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as e:  # truncated or not ONNX
         raise ShrinkError(f"{onnx_path} is not a readable ONNX model ({type(e).__name__}: "
                           f"{(str(e).strip().splitlines() or ['?'])[0]})") from None
@@ -142,7 +142,7 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
     parser = trt.OnnxParser(network, logger)
     if plugins and hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)  # the plugin, not the function body
-    if not parser.parse(model.SerializeToString()):
+    if not parser.parse(model.SerializeToString(), str(Path(onnx_path).resolve())):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ShrinkError(f"build: TensorRT could not parse the model: {errs[0] if errs else '?'}")
     config = builder.create_builder_config()
