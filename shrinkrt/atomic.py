@@ -27,7 +27,7 @@ from typing import Callable
 
 from shrinkrt.errors import ShrinkError
 
-TMP_TAG = ".shrinkrt-tmp-"  # .NAME.shrinkrt-tmp-PID-XXXX: the temp sibling of a write in progress
+TMP_TAG = ".shrinkrt-tmp-"  # temp sibling of a write in progress: .NAME.shrinkrt-tmp-<pid>-<random>
 SPACE_MARGIN = 1.05  # free space asked for beyond an artifact's known size
 RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
 AT_FDCWD = -100

@@ -273,23 +273,24 @@ def test_profile_out_png_is_a_users_file(base, user, capsys):
 PAYLOAD = "import pathlib; pathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
 
 
+def ask_for_code(folder: Path, file: str = "tokenizer_config.json") -> Path:
+    """Plant a payload and point `file`'s auto_map at it (what a hostile model folder does)."""
+    (folder / "evil.py").write_text(PAYLOAD + "class EvilTokenizer: pass\n")
+    cfg = json.loads((folder / file).read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (folder / file).write_text(json.dumps(cfg))
+    return folder
+
+
 @pytest.mark.parametrize("file", ["tokenizer_config.json", "config.json"])
 def test_remote_code_is_refused(base, tmp_path, capsys, file):
-    model = copy(base["model"], tmp_path / "m")
-    (model / "evil.py").write_text(PAYLOAD + "class EvilTokenizer: pass\n")
-    cfg = json.loads((model / file).read_text())
-    cfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
-    (model / file).write_text(json.dumps(cfg))
+    model = ask_for_code(copy(base["model"], tmp_path / "m"), file)
     refused(["generate", "hi", "--raw", "--model", str(model)], "asks to run custom code", capsys, tmp_path)
     assert not (model / "RAN").exists()
 
 
 def test_remote_code_in_an_export_is_refused(base, tmp_path, capsys):
-    exp = copy(base["exp"], tmp_path / "exp")
-    (exp / "evil.py").write_text(PAYLOAD)
-    cfg = json.loads((exp / "tokenizer_config.json").read_text())
-    cfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
-    (exp / "tokenizer_config.json").write_text(json.dumps(cfg))
+    exp = ask_for_code(copy(base["exp"], tmp_path / "exp"))
     refused(["generate", "hi", "--raw", "--backend", "ort", "--model", str(exp)], "asks to run custom code",
             capsys, tmp_path)
     assert not (exp / "RAN").exists()
@@ -298,11 +299,7 @@ def test_remote_code_in_an_export_is_refused(base, tmp_path, capsys):
 def test_remote_code_asks_nothing(base, tmp_path):
     """transformers used to ask "run the custom code? [y/N]" (and ran it on 'y'); now nothing is
     asked: the 'y' waiting on stdin is never read and the payload never runs."""
-    model = copy(base["model"], tmp_path / "m")
-    (model / "evil.py").write_text(PAYLOAD)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    cfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
-    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    model = ask_for_code(copy(base["model"], tmp_path / "m"))
     r = subprocess.run([sys.executable, "-m", "shrinkrt.cli", "generate", "hi", "--raw", "--model", str(model)],
                        input="y\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().startswith("shrinkrt: error:") and "custom code" in r.stderr
