@@ -398,7 +398,7 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
     full = 2 * args.n_layers * args.kv_dim * 2
     section = {
         "method": "cskv", "key_mode": key_mode, "window": window, "sinks": sinks, "bits": kv_bits,
-        "quant": {"scheme": "symmetric per token", "group": kv_quant.GROUP, "scale_dtype": "float16"}
+        "quant": {"scheme": "symmetric per token", "group": kv_quant.FEATURE_GROUP, "scale_dtype": "float16"}
         if kv_bits < 16 else None,
         "feature_basis": "whitened" + (", seeded random orthogonal rotation (seed = rank)" if kv_bits < 16 else ""),
         "init": init, "objective": objective, "allocation": allocation, "fit_steps": fit_steps,

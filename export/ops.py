@@ -14,26 +14,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from shrinkrt.runtime import kv_quant
+from shrinkrt.runtime.op_contract import DOMAIN, KEY_MODE, PLUGIN_VERSION, SCHEMAS  # noqa: F401 (re-exported)
 
-DOMAIN = "shrinkrt"
 OPSET = 21
-PLUGIN_VERSION = "1"
 ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
-# name -> (inputs, outputs, attributes); the one place the op signatures live.
-SCHEMAS = {
-    "QuantMatMul": (
-        ["X", "codes", "scales", "zeros", "outlier_rowptr", "outlier_cols", "outlier_vals"],
-        ["Y"],
-        ["bits", "group_size", "in_features", "out_features"]),
-    "BiBranchAttention": (
-        # the scales come last: a 16-bit feature branch has none, and the node simply ends earlier
-        ["q", "k", "v", "c_k", "c_v", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias", "v_bias",
-         "rope_cos", "rope_sin", "past_length", "feat_k_scales", "feat_v_scales"],
-        ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_v_new", "feat_k_scales_new", "feat_v_scales_new"],
-        ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"]),
-}
-KEY_MODE = {"pre-rope": 0, "post-rope": 1}
 
 
 def node(op: str, inputs: list[str], outputs: list[str], name: str, overload: str = "", **attrs) -> onnx.NodeProto:
@@ -189,7 +174,7 @@ def _quantize_features(b: Body, c: str, r: int, bits: int):
         stored = b("Cast", c, to=TensorProto.FLOAT16)
         return stored, None, b("Cast", stored, to=TensorProto.FLOAT)
     qmax = 2 ** (bits - 1) - 1
-    group = kv_quant.GROUP
+    group = kv_quant.FEATURE_GROUP
     ng = kv_quant.n_groups(r)
     padded = c if ng * group == r else b("Pad", c, b.const([0, 0, 0, 0, 0, ng * group - r], np.int64))
     groups = b("Reshape", padded, b.const([0, 0, ng, group], np.int64))
@@ -215,7 +200,7 @@ def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: 
     """Stored (B, L, C) codes (+ scales) -> float32 (B, L, r)."""
     if bits == 16:
         return b("Cast", codes, to=TensorProto.FLOAT)
-    group = kv_quant.GROUP
+    group = kv_quant.FEATURE_GROUP
     ng = kv_quant.n_groups(r)
     if bits == 4:
         # float arithmetic on the signed byte x = 16*hi + lo_u: hi = floor(x/16) is the sign-extended

@@ -10,17 +10,14 @@ import math
 
 import torch
 
-GROUP = 32
-# Least scale of a feature group: the smallest normal FP16 (2^-14). A floor below FP16's range (the
-# 1e-8 used before rounds to 0 in FP16) gave an all-zero group the scale 0 and NaN codes (0 / 0).
-SCALE_FLOOR = 2.0 ** -14
+from .op_contract import FEATURE_GROUP, SCALE_FLOOR
 
 
-def n_groups(r: int, group: int = GROUP) -> int:
+def n_groups(r: int, group: int = FEATURE_GROUP) -> int:
     return math.ceil(r / group)
 
 
-def row_bytes(r: int, bits: int, group: int = GROUP) -> int:
+def row_bytes(r: int, bits: int, group: int = FEATURE_GROUP) -> int:
     """Bytes one token's r features occupy: codes plus FP16 scales (none at 16 bits)."""
     if bits == 16:
         return 2 * r
@@ -28,7 +25,7 @@ def row_bytes(r: int, bits: int, group: int = GROUP) -> int:
     return code + 2 * n_groups(r, group)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, group: int = FEATURE_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (..., r) float -> (codes, scales). int8: int8 codes; int4: uint8 with two codes per byte."""
     r = x.shape[-1]
     qmax = 2 ** (bits - 1) - 1
@@ -45,7 +42,7 @@ def quantize(x: torch.Tensor, bits: int, group: int = GROUP) -> tuple[torch.Tens
     return q, scale
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, r: int, group: int = GROUP) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, r: int, group: int = FEATURE_GROUP) -> torch.Tensor:
     if bits == 4:
         c = codes.to(torch.int16)
         lo, hi = c & 0xF, (c >> 4) & 0xF
@@ -58,7 +55,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, r: int, gro
     return (q * scales.float().unsqueeze(-1)).flatten(-2)[..., :r]
 
 
-def fake_quantize(x: torch.Tensor, bits: int, group: int = GROUP) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, group: int = FEATURE_GROUP) -> torch.Tensor:
     """Quantize-dequantize with a straight-through gradient (quantization-aware fitting)."""
     if bits == 16:
         return x + (x.half().float() - x).detach()

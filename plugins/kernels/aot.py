@@ -18,6 +18,9 @@ import re
 import sys
 from pathlib import Path
 
+from shrinkrt.runtime import op_contract
+from shrinkrt.runtime.op_contract import QGEMV_ROWS, RANK_PAD as R_PAD, SPLITS_PAD as NS_PAD
+
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # pin the default Triton 3.10 will change
 
 QGEMV_SIGNATURE = {
@@ -72,7 +75,6 @@ def check_attention(cfg: dict) -> None:
     """A BiBranchAttention configuration the kernels can be specialised for, or one line saying why not."""
     from shrinkrt.errors import ShrinkError
 
-    from .bibranch_attn import R_PAD
 
     H, G, D, W = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["window"]
     shape = f"heads {H}, KV heads {G}, head_dim {D}, window {W}, {cfg['bits']}-bit features"
@@ -90,7 +92,6 @@ def check_attention(cfg: dict) -> None:
 def attention_specs(configs: list[dict]) -> list[dict]:
     """Split kernels per (shape, bits, key mode), reduce per (H, G, D), append per (G, D, W), feature
     quantization per bits: each once, in a fixed order."""
-    from .bibranch_attn import NS_PAD, R_PAD
 
     for c in configs:
         check_attention(c)
@@ -135,7 +136,7 @@ def needed_kernels(op_attributes: dict) -> dict[str, str]:
             need.setdefault(n, shape)
     for c in op_attributes.get("QuantMatMul", []):
         shape = f"QuantMatMul {c['bits']} bits, group {c['group_size']}"
-        for n in [qgemv_name(c["bits"], c["group_size"], m, True) for m in (2, 4, 8)] + \
+        for n in [qgemv_name(c["bits"], c["group_size"], m, True) for m in QGEMV_ROWS] + \
                 [dequant_name(c["bits"], c["group_size"])]:
             need.setdefault(n, shape)
     return need
@@ -170,14 +171,13 @@ def specializations(attention: list[dict] | None = None) -> list[dict]:
     """Every (kernel, constexprs) the plugins launch, in a fixed order: the weight kernels for every bit
     width and group size, the attention kernels for `attention` (BiBranchAttention attributes; default:
     the embedded model's shape; ranks are runtime values up to R_PAD)."""
-    from .bibranch_attn import NS_PAD, R_PAD
-    from .dequant import BLOCK_K as DQ_BLOCK_K, BLOCK_N as DQ_BLOCK_N
-    from .qgemv import BLOCK_K, BLOCK_N
+    from shrinkrt.runtime.op_contract import (DEQUANT_BLOCK_K as DQ_BLOCK_K, DEQUANT_BLOCK_N as DQ_BLOCK_N,
+                                              QGEMV_BLOCK_K as BLOCK_K, QGEMV_BLOCK_N as BLOCK_N)
 
     out = []
     for bits in (2, 3, 4, 8):
         for group in (64, 128):
-            for m_pad in (2, 4, 8):
+            for m_pad in QGEMV_ROWS:
                 for outliers in (False, True):
                     const = {"BITS": bits, "GROUP": group, "M_PAD": m_pad, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
                              "HAS_OUTLIERS": outliers}
@@ -219,6 +219,7 @@ def _c_bytes(data: bytes) -> str:
 
 
 MANIFEST = "kernels.json"
+CONTRACT_HEADER = "shrinkrt_ops.gen.h"  # op_contract.cpp_header(), included by the C++ libraries
 
 
 def is_kernels_dir(path: Path) -> bool:
@@ -279,6 +280,7 @@ def _build_into(out: Path, arch: int, limit: int, attention: list[dict] | None) 
 
     manifest = {"triton": triton.__version__, "arch": f"sm_{arch}", "ptx_target": f"sm_{arch}", "kernels": rows}
     (out / "shrinkrt_kernels.gen.cpp").write_text(src)
+    (out / CONTRACT_HEADER).write_text(op_contract.cpp_header())
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -12,7 +12,7 @@ past the last attended row exit at once), so a decode step launches the same gri
 (CUDA-graph friendly) and the host never reads a device value.
 
 Features: fp16, int8, or int4 (two's-complement nibbles, low = even feature) with fp16 scales per
-32 features. Keys: pre-RoPE K_j = RoPE(c_j @ k_up[:, g] + b_k, j) rebuilt per key; post-RoPE scores
+op_contract.FEATURE_GROUP features. Keys: pre-RoPE K_j = RoPE(c_j @ k_up[:, g] + b_k, j) rebuilt per key; post-RoPE scores
 (q @ k_up_g^T) . c_j with the folded query computed once per program. Decode is one token per
 call; a prompt runs token by token through the same kernels (the plugin's prefill path is correct,
 not fast: a blocked prefill kernel is future work).
@@ -25,9 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from shrinkrt.runtime.kv_quant import SCALE_FLOOR as _SCALE_FLOOR
+from shrinkrt.runtime import op_contract
+from shrinkrt.runtime.op_contract import MIN_SPLIT, split_plan  # noqa: F401 (the plan the plugin uses)
 
-SCALE_FLOOR = tl.constexpr(_SCALE_FLOOR)  # one floor for the kernels, the runtime and the export body
+# the contract's numbers as the kernels see them (a @triton.jit body reads only constexpr globals)
+SCALE_FLOOR = tl.constexpr(op_contract.SCALE_FLOOR)
+GROUP = tl.constexpr(op_contract.FEATURE_GROUP)
+HALF_GROUP = tl.constexpr(op_contract.FEATURE_GROUP // 2)  # int4 bytes per group
+NS_PAD = op_contract.SPLITS_PAD
+R_PAD = op_contract.RANK_PAD
 
 
 @triton.jit
@@ -43,7 +49,7 @@ def _load_features(ptr, scale_ptr, row_off, scale_off, rs, jmask, R, BITS: tl.co
         byte = tl.load(ptr + row_off[:, None] + rs[None, :] // 2, mask=m, other=0).to(tl.int32)
         nib = tl.where(rs[None, :] % 2 == 0, byte & 15, (byte >> 4) & 15)
         q = tl.where(nib >= 8, nib - 16, nib).to(tl.float32)
-    s = tl.load(scale_ptr + scale_off[:, None] + rs[None, :] // 32, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + scale_off[:, None] + rs[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
     return q * s
 
 
@@ -64,7 +70,7 @@ def bibranch_append_kernel(k_ptr, v_ptr, win_k_ptr, win_v_ptr, past_ptr, t, T,
 
 @triton.jit
 def feature_quant_kernel(c_ptr, out_ptr, scales_ptr, R, C, BITS: tl.constexpr, R_PAD: tl.constexpr):
-    """One feature row (R values) -> its stored form: fp16 (C = R), or per 32 features a symmetric
+    """One feature row (R values) -> its stored form: fp16 (C = R), or per GROUP features a symmetric
     scale max|c| / qmax (fp16) and codes round-half-even(c / scale) (int8, C = R; int4 packed two
     per byte, C = ceil(R/2)); bit-identical to runtime/kv_quant.py."""
     row = tl.program_id(0)
@@ -74,17 +80,17 @@ def feature_quant_kernel(c_ptr, out_ptr, scales_ptr, R, C, BITS: tl.constexpr, R
         tl.store(out_ptr + row * C + rs, x.to(tl.float16), mask=rs < R)
     else:
         QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
-        i = tl.arange(0, 16)
-        for gi in tl.static_range(R_PAD // 32):
-            ev = gi * 32 + 2 * i
+        i = tl.arange(0, HALF_GROUP)
+        for gi in tl.static_range(R_PAD // GROUP):
+            ev = gi * GROUP + 2 * i
             od = ev + 1
             xe = tl.load(c_ptr + row * R + ev, mask=ev < R, other=0.0).to(tl.float32)
             xo = tl.load(c_ptr + row * R + od, mask=od < R, other=0.0).to(tl.float32)
             amax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
             scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), SCALE_FLOOR).to(tl.float16)
             sf = scale.to(tl.float32)
-            if gi * 32 < R:
-                tl.store(scales_ptr + row * ((R + 31) // 32) + gi, scale)
+            if gi * GROUP < R:
+                tl.store(scales_ptr + row * ((R + GROUP - 1) // GROUP) + gi, scale)
             # (y + 1.5 * 2^23) - 1.5 * 2^23 rounds half to even, like torch.round
             qe = tl.minimum(tl.maximum((tl.math.div_rn(xe, sf) + 12582912.0) - 12582912.0, -QMAX - 1.0), QMAX * 1.0)
             qo = tl.minimum(tl.maximum((tl.math.div_rn(xo, sf) + 12582912.0) - 12582912.0, -QMAX - 1.0), QMAX * 1.0)
@@ -96,7 +102,7 @@ def feature_quant_kernel(c_ptr, out_ptr, scales_ptr, R, C, BITS: tl.constexpr, R
             else:
                 byte = (qe & 15) | ((qo & 15) << 4)
                 byte = tl.where(byte >= 128, byte - 256, byte)
-                tl.store(out_ptr + row * C + gi * 16 + i, byte.to(tl.int8), mask=gi * 16 + i < C)
+                tl.store(out_ptr + row * C + gi * HALF_GROUP + i, byte.to(tl.int8), mask=gi * HALF_GROUP + i < C)
 
 
 @triton.jit
@@ -140,8 +146,8 @@ def bibranch_split_kernel(q_ptr, win_k_ptr, win_v_ptr, fk_ptr, fks_ptr, fv_ptr, 
         j0 = sp * split_len
         rk = tl.arange(0, RK_PAD)
         rv = tl.arange(0, RV_PAD)
-        gk = (RK + 31) // 32
-        gv = (RV + 31) // 32
+        gk = (RK + GROUP - 1) // GROUP
+        gv = (RV + GROUP - 1) // GROUP
         if POST_ROPE:  # fold the query through this head's up-projection once: qf[r] = q . k_up[r, g]
             up = tl.load(k_up_ptr + rk[:, None] * (G * D) + g * D + ds[None, :], mask=(rk < RK)[:, None],
                          other=0.0).to(tl.float32)
@@ -222,19 +228,6 @@ def bibranch_reduce_kernel(part_ml_ptr, part_w_ptr, part_c_ptr, v_up_ptr, v_bias
     tl.store(y_ptr + ((b * T + t) * H + h) * D + ds, (y / denom).to(y_ptr.dtype.element_ty))
 
 
-NS_PAD = 64  # splits the AOT reduce kernel merges at most
-R_PAD = 256  # feature ranks the AOT kernels take at most (>= n_kv * head_dim of the default model)
-MIN_SPLIT = 256
-
-
-def split_plan(capacity: int, window: int) -> tuple[int, int]:
-    """(n_splits, split_len) covering every feature row a capacity-`capacity` cache can attend,
-    at most NS_PAD - 1 splits (the reduce kernel's width; the window takes the last slot)."""
-    rows = max(1, capacity - window + 1)
-    split_len = max(MIN_SPLIT, math.ceil(rows / (NS_PAD - 1)))
-    return math.ceil(rows / split_len), split_len
-
-
 def _launch_token(q, win_k, win_v, feats, k_up, v_up, k_bias, v_bias, rope_cos, rope_sin, past, t, T, y,
                   bits, post_rope, n_splits, split_len, block_j):
     (fk, fks, fv, fvs), (fkn, fksn, fvn, fvsn) = feats
@@ -256,14 +249,14 @@ def _launch_token(q, win_k, win_v, feats, k_up, v_up, k_bias, v_bias, rope_cos, 
 
 
 def quantize_features(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """c (B, T, r) -> stored rows (B, T, C) and fp16 scales (B, T, ceil(r/32)) (None at 16 bits)."""
+    """c (B, T, r) -> stored rows (B, T, C) and fp16 scales (B, T, ceil(r / FEATURE_GROUP)) (None at 16 bits)."""
     B, T, r = c.shape
     C = r if bits != 4 else (r + 1) // 2
     out = torch.empty(B, T, C, dtype=torch.float16 if bits == 16 else torch.int8, device=c.device)
-    scales = torch.empty(B, T, (r + 31) // 32, dtype=torch.float16, device=c.device)
+    scales = torch.empty(B, T, -(-r // op_contract.FEATURE_GROUP), dtype=torch.float16, device=c.device)
     if B * T:
         feature_quant_kernel[(B * T,)](c.contiguous(), out, scales, r, C, BITS=bits,
-                                       R_PAD=max(32, triton.next_power_of_2(r)))
+                                       R_PAD=max(op_contract.FEATURE_GROUP, triton.next_power_of_2(r)))
     return out, (scales if bits < 16 else None)
 
 

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .qgemv import _bits_at
+from shrinkrt.runtime.op_contract import DEQUANT_BLOCK_K as BLOCK_K, DEQUANT_BLOCK_N as BLOCK_N
 
-BLOCK_N, BLOCK_K = 32, 64
+from .qgemv import _bits_at
 
 
 @triton.jit

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shrinkrt.runtime.op_contract import QGEMV_BLOCK_K as BLOCK_K, QGEMV_BLOCK_N as BLOCK_N, QGEMV_ROWS
+
 
 @triton.jit
 def _bits_at(base_ptr, row_off, bitpos, mask, BITS: tl.constexpr):
@@ -68,14 +70,12 @@ def qgemv_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, 
              mask=rmask[:, None] & mmask[None, :])
 
 
-BLOCK_N, BLOCK_K = 32, 64
-
 
 def qgemv(x: torch.Tensor, m) -> torch.Tensor:
-    """x (M, K) fp16/fp32 with M <= 8; m: runtime.quant_linear.QuantLinear -> y (M, N) in x's dtype."""
+    """x (M, K) fp16/fp32 with M <= max(QGEMV_ROWS); m: runtime.quant_linear.QuantLinear -> y (M, N) in x's dtype."""
     M, K = x.shape
-    if M > 8 or K != m.in_features:
-        raise ValueError(f"qgemv takes (M <= 8, {m.in_features}) activations, got {tuple(x.shape)}")
+    if M > max(QGEMV_ROWS) or K != m.in_features:
+        raise ValueError(f"qgemv takes (M <= {max(QGEMV_ROWS)}, {m.in_features}) activations, got {tuple(x.shape)}")
     N = m.out_features
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)

@@ -8,50 +8,10 @@ namespace shrinkrt
 {
 namespace
 {
-// Constants of the AOT specializations (plugins/kernels/bibranch_attn.py, aot.py)
-constexpr int64_t kRankPad = 256; // R_PAD: feature ranks the kernels take at most; part_c row width
-constexpr int64_t kSplitsPad = 64; // NS_PAD: splits the reduce kernel merges (the window takes one)
-constexpr int64_t kMinSplit = 256; // MIN_SPLIT
-enum Input
-{
-    kQ,
-    kK,
-    kV,
-    kCK,
-    kCV,
-    kWinK,
-    kWinV,
-    kFeatK,
-    kFeatV,
-    kKUp,
-    kVUp,
-    kKBias,
-    kVBias,
-    kCos,
-    kSin,
-    kPast,
-    kFeatKScales,
-    kFeatVScales
-};
-enum Output
-{
-    kY,
-    kWinKOut,
-    kWinVOut,
-    kFeatKNew,
-    kFeatVNew,
-    kFeatKScalesNew,
-    kFeatVScalesNew
-};
-
-// bibranch_attn.split_plan: splits covering every attendable feature row of a capacity-S store
-void splitPlan(int64_t S, int64_t W, int32_t& nSplits, int32_t& splitLen)
-{
-    int64_t const rows = std::max<int64_t>(1, S - W + 1);
-    int64_t const len = std::max(kMinSplit, (rows + kSplitsPad - 2) / (kSplitsPad - 1));
-    splitLen = static_cast<int32_t>(len);
-    nSplits = static_cast<int32_t>((rows + len - 1) / len);
-}
+// positions of the op's inputs/outputs and the kernels' limits: shrinkrt_ops.gen.h (op_contract.py)
+using namespace contract::BiBranchAttention;
+using contract::kRankPad;
+using contract::kSplitsPad;
 
 size_t partBytes(int64_t batch, int64_t heads, int64_t headDim)
 {
@@ -148,7 +108,7 @@ bool BiBranchAttentionPlugin::supportsFormatCombination(
     if (nbInputs != expectedInputs() || nbOutputs != getNbOutputs())
         return false;
     DataType const feat = mFields["bits"] == 16 ? DataType::kHALF : DataType::kINT8;
-    if (pos == kPast)
+    if (pos == kPastLength)
         return isLinear(inOut[pos], DataType::kINT64);
     if (pos == kFeatK || pos == kFeatV || pos == nbInputs + kFeatKNew || pos == nbInputs + kFeatVNew)
         return isLinear(inOut[pos], feat);
@@ -193,7 +153,7 @@ int32_t BiBranchAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plug
     int32_t CK = static_cast<int32_t>(inputDesc[kFeatK].dims.d[2]), CV = static_cast<int32_t>(inputDesc[kFeatV].dims.d[2]);
     int32_t const H = f["num_heads"], G = f["num_kv_heads"], D = f["head_dim"], W = f["window"];
     int32_t nSplits = 0, splitLen = 0;
-    splitPlan(S, W, nSplits, splitLen);
+    contract::splitPlan(S, W, nSplits, splitLen);
     auto dev = [](void const* p) { return reinterpret_cast<uint64_t>(p); };
     uint64_t const ws = dev(workspace);
     uint64_t partMl = ws, partW = partMl + sizeof(float) * B * H * kSplitsPad * 2,
@@ -202,7 +162,7 @@ int32_t BiBranchAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plug
     uint64_t fk = dev(inputs[kFeatK]), fv = dev(inputs[kFeatV]);
     uint64_t fks = quant ? dev(inputs[kFeatKScales]) : dummy, fvs = quant ? dev(inputs[kFeatVScales]) : dummy;
     uint64_t kUp = dev(inputs[kKUp]), vUp = dev(inputs[kVUp]), kBias = dev(inputs[kKBias]), vBias = dev(inputs[kVBias]);
-    uint64_t cosT = dev(inputs[kCos]), sinT = dev(inputs[kSin]), past = dev(inputs[kPast]);
+    uint64_t cosT = dev(inputs[kRopeCos]), sinT = dev(inputs[kRopeSin]), past = dev(inputs[kPastLength]);
     uint64_t y = dev(outputs[kY]), winK = dev(outputs[kWinKOut]), winV = dev(outputs[kWinVOut]);
     uint64_t fkn = dev(outputs[kFeatKNew]), fvn = dev(outputs[kFeatVNew]);
     uint64_t fksn = quant ? dev(outputs[kFeatKScalesNew]) : dummy, fvsn = quant ? dev(outputs[kFeatVScalesNew]) : dummy;

@@ -16,7 +16,8 @@ public:
     static constexpr char const* kName = "BiBranchAttention";
     static std::vector<std::string> fieldNames()
     {
-        return {"num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"};
+        using namespace contract::BiBranchAttention;
+        return {std::begin(kAttributes), std::end(kAttributes)};
     }
     // nullptr (and `error`) when the fields are not a configuration the kernels support.
     static BiBranchAttentionPlugin* create(nvinfer1::PluginFieldCollection const* fc, std::string& error);
@@ -31,7 +32,11 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override { return mFields["bits"] < 16 ? 7 : 5; }
+    // a 16-bit feature branch has no scales: the last kUnscaledDrop inputs and outputs are absent
+    int32_t getNbOutputs() const noexcept override
+    {
+        return contract::BiBranchAttention::kNbOutputs - (mFields["bits"] < 16 ? 0 : contract::kUnscaledDrop);
+    }
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     // IPluginV3OneRuntime
@@ -41,7 +46,10 @@ public:
 
     // The kernel specializations this configuration launches (split, reduce, append, feature quant).
     std::vector<std::string> kernelNames() const;
-    int32_t expectedInputs() const { return mFields["bits"] < 16 ? 18 : 16; }
+    int32_t expectedInputs() const
+    {
+        return contract::BiBranchAttention::kNbInputs - (mFields["bits"] < 16 ? 0 : contract::kUnscaledDrop);
+    }
 
 private:
     friend class PluginBase<BiBranchAttentionPlugin>;

@@ -3,9 +3,11 @@
 #pragma once
 
 #include "NvInferRuntime.h"
+#include "shrinkrt_ops.gen.h"
 
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -13,8 +15,8 @@
 namespace shrinkrt
 {
 
-constexpr char const* kNamespace = "shrinkrt";
-constexpr char const* kVersion = "1";
+constexpr char const* kNamespace = contract::kDomain;
+constexpr char const* kVersion = contract::kVersion;
 
 // One error line through the application's TensorRT logger (handed over by setLoggerFinder), or
 // on stderr when the library was loaded without one (dlopen + static registration).

@@ -6,23 +6,14 @@ namespace shrinkrt
 {
 namespace
 {
-constexpr int32_t kBlockN = 32; // qgemv.py BLOCK_N: one program per 32 output features
-constexpr int64_t kMaxRows = 8; // the widest GEMV specialization (M_PAD 8)
-constexpr int32_t kDequantBlockN = 32, kDequantBlockK = 64; // dequant.py BLOCK_N, BLOCK_K
+// positions of the op's inputs and the kernels' tiles: shrinkrt_ops.gen.h (op_contract.py)
+using namespace contract::QuantMatMul;
+using contract::kDequantBlockK;
+using contract::kDequantBlockN;
+constexpr int64_t kMaxRows = contract::kQgemvMaxRows; // the widest GEMV specialization
 struct dim3Like
 {
     unsigned x, y;
-};
-enum Input
-{
-    kX,
-    kCodes,
-    kScales,
-    kZeros,
-    kRowptr,
-    kCols,
-    kVals,
-    kNbInputs
 };
 } // namespace
 
@@ -106,11 +97,11 @@ bool QuantMatMulPlugin::supportsFormatCombination(
     {
     case kX:
     case kScales:
-    case kVals: return isLinear(inOut[pos], DataType::kHALF);
+    case kOutlierVals: return isLinear(inOut[pos], DataType::kHALF);
     case kCodes:
     case kZeros:
-    case kRowptr:
-    case kCols: return isLinear(inOut[pos], DataType::kINT32);
+    case kOutlierRowptr:
+    case kOutlierCols: return isLinear(inOut[pos], DataType::kINT32);
     default: return isLinear(inOut[pos], DataType::kHALF); // Y
     }
 }
@@ -147,7 +138,7 @@ int32_t QuantMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
     int32_t strideX = K, strideY = N;
     auto dev = [](void const* p) { return reinterpret_cast<uint64_t>(p); };
     uint64_t codes = dev(inputs[kCodes]), scales = dev(inputs[kScales]), zeros = dev(inputs[kZeros]);
-    uint64_t rowptr = dev(inputs[kRowptr]), cols = dev(inputs[kCols]), vals = dev(inputs[kVals]);
+    uint64_t rowptr = dev(inputs[kOutlierRowptr]), cols = dev(inputs[kOutlierCols]), vals = dev(inputs[kOutlierVals]);
     std::string error;
     if (rows > kMaxRows && mGemm && workspace)
     {
@@ -163,13 +154,13 @@ int32_t QuantMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
         }
         return 0;
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) // chunks of 8 rows through the GEMV
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) // chunks of kMaxRows rows through the GEMV
     {
         int32_t M = static_cast<int32_t>(std::min(kMaxRows, rows - r0));
         uint64_t x = dev(inputs[kX]) + 2 * r0 * K, y = dev(outputs[0]) + 2 * r0 * N;
         std::vector<void*> args{&x, &codes, &scales, &zeros, &rowptr, &cols, &vals, &y, &M, &N, &K, &G, &words,
             &zwords, &strideX, &strideY};
-        unsigned const grid = static_cast<unsigned>((N + kBlockN - 1) / kBlockN);
+        unsigned const grid = static_cast<unsigned>((N + contract::kQgemvBlockN - 1) / contract::kQgemvBlockN);
         if (!(*mKernels)[kernelName(M)].launch(grid, 1, 1, args, stream, error))
         {
             reportError("QuantMatMul", error);

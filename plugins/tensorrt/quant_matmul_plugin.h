@@ -17,7 +17,11 @@ class QuantMatMulPlugin : public PluginBase<QuantMatMulPlugin>
 {
 public:
     static constexpr char const* kName = "QuantMatMul";
-    static std::vector<std::string> fieldNames() { return {"bits", "group_size", "in_features", "out_features"}; }
+    static std::vector<std::string> fieldNames()
+    {
+        using namespace contract::QuantMatMul;
+        return {std::begin(kAttributes), std::end(kAttributes)};
+    }
     // nullptr (and `error`) when the fields are not a configuration the kernels support.
     static QuantMatMulPlugin* create(nvinfer1::PluginFieldCollection const* fc, std::string& error);
 
