@@ -90,10 +90,11 @@ class Graph:
         self.inputs, self.outputs = [], []
         self.b = None
         self.data, self.data_bytes, self.seen = data_file, 0, {}
+        self.consts = {}  # one Constant node per distinct value in the whole graph (ops.Body.const)
 
     def scope(self, prefix: str) -> ops.Body:
         self.b = ops.Body(prefix)
-        self.b.nodes = self.nodes
+        self.b.nodes, self.b.consts = self.nodes, self.consts
         return self.b
 
     def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:

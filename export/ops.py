@@ -37,10 +37,11 @@ def node(op: str, inputs: list[str], outputs: list[str], name: str, overload: st
 
 
 class Body:
-    """Builds a node list with readable, deterministic names (prefix/op_index)."""
+    """Builds a node list with readable, deterministic names (prefix/op_index). Identical constants
+    (dtype, shape, bytes) are made once per node list: `consts` maps them to the first one's output."""
 
     def __init__(self, prefix: str):
-        self.prefix, self.nodes, self.n = prefix, [], 0
+        self.prefix, self.nodes, self.n, self.consts = prefix, [], 0, {}
 
     def __call__(self, op: str, *inputs: str, n_out: int = 1, **attrs):
         self.n += 1
@@ -50,10 +51,14 @@ class Body:
 
     def const(self, value, dtype=None, name: str = "") -> str:
         arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())  # tobytes: C order (ascontiguousarray would make 0-d 1-d)
+        if key in self.consts:
+            return self.consts[key]
         self.n += 1
         out = f"{self.prefix}{name or 'const'}{self.n}"
         self.nodes.append(helper.make_node("Constant", [], [out], name=f"{self.prefix}Constant_{self.n}",
                                            value=numpy_helper.from_array(arr, out)))
+        self.consts[key] = out
         return out
 
     def cast(self, x: str, to: int, src: int | None = None) -> str:

@@ -165,3 +165,23 @@ def test_cli_export_validate_generate(tiny_dir, tmp_path, capsys):
     assert "logits of prefill differ" in capsys.readouterr().err and not (tmp_path / "exp2").exists()
     assert main(["generate", "hi", "--backend", "ort", "--model", str(exp), "--device", "cuda"]) == 2
     assert "needs onnxruntime-gpu" in capsys.readouterr().err
+
+
+def test_identical_constants_are_one_node(tmp_path):
+    """ops.Body.const: one Constant per distinct (dtype, shape, value) in the graph and in each body;
+    scalars stay scalars (Range takes 0-d inputs only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = compress(ours_from(tiny_hf_model("llama")), "post-rope", 4, quant_bits=4)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp")
+    m = onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False)
+    for where, nodes in [("graph", m.graph.node)] + [(f.name, f.node) for f in m.functions]:
+        seen = {}
+        for n in nodes:
+            if n.op_type == "Constant":
+                a = numpy_helper.to_array(n.attribute[0].t)
+                key = (a.dtype.str, a.shape, a.tobytes())
+                assert key not in seen, f"{where}: {n.name} repeats {seen.get(key)}"
+                seen[key] = n.name
+    assert sum(n.op_type == "Constant" for n in m.graph.node) <= 10  # was 29 per this model before the dedupe
