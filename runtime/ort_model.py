@@ -19,14 +19,18 @@ import torch
 from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
 from shrinkrt.runtime.exported import ExportedCaches
+from shrinkrt.runtime import ort_ops
 from shrinkrt.runtime.graph_io import GraphIO
 
 
 
-def session(path: Path, threads: int = 0, providers: list[str] | None = None, profile_prefix: str | None = None):
+def session(path: Path, threads: int = 0, providers: list[str] | None = None, profile_prefix: str | None = None,
+            ops_library: Path | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if ops_library is not None:
+        ort_ops.register(opts, ops_library)
     if profile_prefix:  # ONNX Runtime's per-node trace (benchmarks/latency.py --ort-op-profile)
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if threads:
@@ -38,13 +42,18 @@ def session(path: Path, threads: int = 0, providers: list[str] | None = None, pr
 
 class OrtModel(ExportedCaches):
     def __init__(self, export_dir: Path, threads: int = 0, providers: list[str] | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, ops_library: str | Path | None = "auto"):
+        """ops_library: 'auto' (the built CPU library if present), 'off' (reference bodies) or a path;
+        the one taken is self.ops_library (None: bodies)."""
         export_dir = Path(export_dir)
+        self.ops_library = ort_ops.resolve(ops_library)
         meta = json.loads((export_dir / "export.json").read_text())
         self.meta = meta
         self.args = ModelArgs(**meta["model_args"])
         try:
-            self.sess = session(export_dir / "model.onnx", threads, providers, profile_prefix)
+            self.sess = session(export_dir / "model.onnx", threads, providers, profile_prefix, self.ops_library)
+        except ShrinkError:
+            raise
         except Exception as e:  # ORT's own errors (invalid protobuf, unknown op, ...): one line naming the file
             raise ShrinkError(f"{export_dir / 'model.onnx'}: ONNX Runtime cannot load it ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None

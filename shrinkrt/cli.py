@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-kernels", action="store_true",
                    help="on a CUDA device, run the PyTorch reference instead of the Triton kernels (comparisons)")
+    p.add_argument("--ort-ops", default="auto", metavar="auto|off|PATH",
+                   help="--backend ort: the CPU custom-op library (auto: the one scripts/setup.sh built, if any; "
+                        "off: the ops' reference bodies; or a path to libshrinkrt_ort_ops.so)")
 
 
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
@@ -311,7 +314,8 @@ def cmd_profile_one(a) -> int:
         row["layer_ms_top"] = [[name, round(ms, 3)] for name, ms in model.times.top()]
     from shrinkrt.runtime.kernels import kernels_on
 
-    print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row, "kernels": kernels_on()}))
+    extra = {"ops_library": model.ops_library is not None} if a.backend == "ort" else {}
+    print(json.dumps({"backend": f"shrinkrt-{a.backend}", **row, "kernels": kernels_on(), **extra}))
     return 0
 
 
@@ -583,7 +587,12 @@ def load_ort(a):
         if meta["dtype"] != "float16":
             raise ShrinkError("the CUDA execution provider runs FP16 exports: export with --precision float16")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return OrtModel(Path(a.model), a.threads, providers), tokenizer
+    model = OrtModel(Path(a.model), a.threads, providers, ops_library=a.ort_ops)
+    if a.ort_ops == "auto" and model.ops_library is None:
+        from shrinkrt.runtime import ort_ops
+
+        print(f"[shrinkrt] reference bodies for the shrinkrt ops ({ort_ops.why_missing()})", file=sys.stderr)
+    return model, tokenizer
 
 
 def cmd_generate(a) -> int:
@@ -605,7 +614,9 @@ def cmd_generate(a) -> int:
         print(f"[shrinkrt] prompt {g.prompt_tokens} tok, prefill {g.prefill_s:.2f} s "
               f"({g.prompt_tokens / g.prefill_s:.0f} tok/s); {len(g.tokens)} new tok"
               + (f", decode {n / g.decode_s:.1f} tok/s" if n else "")
-              + f"; stop: {g.stop_reason}; KV cache {g.cache_bytes / 2**20:.2f} MiB", file=sys.stderr)
+              + f"; stop: {g.stop_reason}; KV cache {g.cache_bytes / 2**20:.2f} MiB"
+              + (f"; shrinkrt ops: {'library ' + model.ops_library.name if model.ops_library else 'reference bodies'}"
+                 if hasattr(model, "ops_library") else ""), file=sys.stderr)
     return 0
 
 

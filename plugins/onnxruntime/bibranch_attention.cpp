@@ -1,0 +1,481 @@
+// BiBranchAttention on the CPU: the same results as the op's reference body (export/ops.py) and
+// runtime/cskv.py, computed without materialising the dense keys of the feature branch.
+//
+// Work items are (batch, KV head, block of up to kQueryBlock queries, split of the feature rows).
+// An item dequantises each feature row once and uses it for every query of its block and every query
+// head of its KV head (GQA), over tiles of kRowTile rows with an online softmax; the last split of a
+// block also takes the window. Decode (one block per KV head) splits the feature rows so both cores
+// have work; the splits' partial sums are merged afterwards (flash-decoding). A long prefill has
+// enough blocks and runs unsplit, writing y directly.
+#include "bibranch_attention.h"
+
+#include "onnxruntime_float16.h"
+#include "shrinkrt_ops.gen.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace shrinkrt
+{
+namespace cpu
+{
+namespace
+{
+constexpr int64_t kQueryBlock = 16; // queries sharing one pass over the feature rows
+constexpr int64_t kRowTile = 64; // feature rows dequantised together
+constexpr int64_t kMinRowsPerSplit = 256; // below this a split costs more than it saves
+constexpr int64_t kTargetItems = 32; // enough items to keep a small pool busy on a decode step
+constexpr int kGroup = contract::kFeatureGroup;
+
+struct Half : onnxruntime_float16::Float16Impl<Half>
+{
+    static uint16_t fromFloat(float f) { return ToUint16Impl(f); }
+    static float toFloat(uint16_t h)
+    {
+        Half x;
+        x.val = h;
+        return x.ToFloatImpl();
+    }
+};
+
+// Hot loops: one body, compiled for AVX-512, AVX2 and plain x86-64, picked at load time (ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SHRINKRT_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SHRINKRT_SIMD
+#endif
+
+SHRINKRT_SIMD float dot(float const* a, float const* b, int64_t n)
+{
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i)
+        s += a[i] * b[i];
+    return s;
+}
+
+SHRINKRT_SIMD void axpy(float a, float const* x, float* y, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        y[i] += a * x[i];
+}
+
+SHRINKRT_SIMD void scale(float a, float* y, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        y[i] *= a;
+}
+
+int64_t rowWidth(int r, int bits)
+{
+    return bits == 4 ? (r + 1) / 2 : r;
+}
+
+int64_t nGroups(int r)
+{
+    return (r + kGroup - 1) / kGroup;
+}
+
+// One stored row -> r floats.
+void dequantRow(void const* codes, uint16_t const* scales, int r, int bits, float* out)
+{
+    if (bits == 16)
+    {
+        auto const* h = static_cast<uint16_t const*>(codes);
+        for (int i = 0; i < r; ++i)
+            out[i] = Half::toFloat(h[i]);
+        return;
+    }
+    auto const* c = static_cast<int8_t const*>(codes);
+    for (int g0 = 0; g0 < r; g0 += kGroup)
+    {
+        float const s = Half::toFloat(scales[g0 / kGroup]);
+        int const end = std::min(r, g0 + kGroup);
+        if (bits == 8)
+            for (int i = g0; i < end; ++i)
+                out[i] = static_cast<float>(c[i]) * s;
+        else
+            for (int i = g0; i < end; ++i)
+            {
+                int const byte = static_cast<uint8_t>(c[i / 2]);
+                int const nib = (i % 2 == 0) ? (byte & 15) : (byte >> 4);
+                out[i] = static_cast<float>(nib >= 8 ? nib - 16 : nib) * s;
+            }
+    }
+}
+
+// One new row (r floats) -> its stored form (codes, scales) and the values a later call reads back.
+void quantizeRow(float const* x, int r, int bits, void* codes, uint16_t* scales, float* back)
+{
+    if (bits == 16)
+    {
+        auto* h = static_cast<uint16_t*>(codes);
+        for (int i = 0; i < r; ++i)
+        {
+            h[i] = Half::fromFloat(x[i]);
+            back[i] = Half::toFloat(h[i]);
+        }
+        return;
+    }
+    float const qmax = static_cast<float>((1 << (bits - 1)) - 1);
+    auto* c = static_cast<int8_t*>(codes);
+    if (bits == 4)
+        std::memset(c, 0, static_cast<size_t>(rowWidth(r, bits)));
+    for (int g0 = 0; g0 < r; g0 += kGroup)
+    {
+        int const end = std::min(r, g0 + kGroup);
+        float amax = 0.f;
+        for (int i = g0; i < end; ++i)
+            amax = std::max(amax, std::fabs(x[i]));
+        uint16_t const s16 = Half::fromFloat(std::max(amax / qmax, contract::kScaleFloor));
+        float const s = Half::toFloat(s16);
+        scales[g0 / kGroup] = s16;
+        for (int i = g0; i < end; ++i)
+        {
+            // nearbyint: round half to even (the default rounding mode), as ONNX Round and torch.round
+            float const q = std::min(std::max(std::nearbyint(x[i] / s), -qmax - 1.f), qmax);
+            back[i] = q * s;
+            if (bits == 8)
+                c[i] = static_cast<int8_t>(q);
+            else
+            {
+                int const nib = static_cast<int>(q) & 15;
+                c[i / 2] = static_cast<int8_t>(static_cast<uint8_t>(c[i / 2]) | (i % 2 == 0 ? nib : nib << 4));
+            }
+        }
+    }
+}
+
+// Online-softmax state of one (query, head), accLen floats: max, total mass, feature-branch mass,
+// weighted window values (D), weighted value features (r_v; the up-projection is applied once at the end)
+enum AccField
+{
+    kMax,
+    kMass,
+    kFeatMass,
+    kSums
+};
+
+// Rescales an accumulator to a new running max.
+void rebase(float* a, float m, size_t len)
+{
+    if (a[kMax] == m)
+        return;
+    float const f = a[kMax] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(a[kMax] - m);
+    a[kMax] = m;
+    a[kMass] *= f;
+    a[kFeatMass] *= f;
+    scale(f, a + kSums, static_cast<int64_t>(len - kSums));
+}
+
+// Per-thread scratch, grown once and reused by every call (no allocation per decode step).
+// Per-call arrays of the calling thread (this call's rows, the queries, the split partials), also
+// grown once: a decode step allocates nothing.
+struct CallBuffers
+{
+    std::vector<float> newCK, newCV, newK, newV, qd, qf, partials;
+};
+
+float* grow(std::vector<float>& v, size_t n)
+{
+    if (v.size() < n)
+        v.resize(n);
+    return v.data();
+}
+
+std::vector<float>& scratch(size_t n)
+{
+    thread_local std::vector<float> buf;
+    if (buf.size() < n)
+        buf.resize(n);
+    return buf;
+}
+} // namespace
+
+float halfToFloat(uint16_t h)
+{
+    return Half::toFloat(h);
+}
+
+uint16_t floatToHalf(float f)
+{
+    return Half::fromFloat(f);
+}
+
+char const* checkBiBranch(BiBranchShape const& s)
+{
+    if (s.heads < 1 || s.kvHeads < 1 || s.heads % s.kvHeads != 0)
+        return "num_heads must be a positive multiple of num_kv_heads";
+    if (s.headDim < 2 || s.headDim % 2 != 0)
+        return "head_dim must be even";
+    if (s.window < 1)
+        return "window must be >= 1";
+    if (s.rankK < 1 || s.rankV < 1)
+        return "rank_k and rank_v must be >= 1";
+    if (s.bits != 16 && s.bits != 8 && s.bits != 4)
+        return "bits must be 16, 8 or 4";
+    if (s.keyMode != contract::kKeyModePreRope && s.keyMode != contract::kKeyModePostRope)
+        return "key_mode must be 0 (pre-RoPE) or 1 (post-RoPE)";
+    return "";
+}
+
+void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel)
+{
+    int64_t const B = s.batch, T = s.tokens, S = s.capacity, P = io.past;
+    int const H = s.heads, G = s.kvHeads, D = s.headDim, W = s.window, RK = s.rankK, RV = s.rankV;
+    int const rep = H / G, bits = s.bits;
+    bool const post = s.keyMode == contract::kKeyModePostRope;
+    int64_t const ck = rowWidth(RK, bits), cv = rowWidth(RV, bits), gk = nGroups(RK), gv = nGroups(RV);
+    size_t const featBytes = bits == 16 ? 2 : 1;
+    float const qScale = 1.f / std::sqrt(static_cast<float>(D));
+
+    // 1. this call's feature rows: stored form (outputs) and read-back values (used below)
+    thread_local CallBuffers cb;
+    float* newCK = grow(cb.newCK, static_cast<size_t>(B * T * RK));
+    float* newCV = grow(cb.newCV, static_cast<size_t>(B * T * RV));
+    parallel(static_cast<size_t>(B * T), [&](size_t row) {
+        quantizeRow(io.cK + row * RK, RK, bits, static_cast<char*>(io.featKNew) + row * ck * featBytes,
+            bits < 16 ? io.featKScalesNew + row * gk : nullptr, newCK + row * RK);
+        quantizeRow(io.cV + row * RV, RV, bits, static_cast<char*>(io.featVNew) + row * cv * featBytes,
+            bits < 16 ? io.featVScalesNew + row * gv : nullptr, newCV + row * RV);
+    });
+    // 2. the ring after this call (later tokens overwrite earlier ones in a slot) and the new keys and
+    //    values as the ring stores them (fp16)
+    size_t const ring = static_cast<size_t>(B * G * W * D);
+    std::memcpy(io.winKOut, io.winK, ring * 2);
+    std::memcpy(io.winVOut, io.winV, ring * 2);
+    float* newK = grow(cb.newK, static_cast<size_t>(B * T * G * D));
+    float* newV = grow(cb.newV, static_cast<size_t>(B * T * G * D));
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t)
+            for (int g = 0; g < G; ++g)
+            {
+                size_t const src = ((b * T + t) * G + g) * D;
+                size_t const slot = ((b * G + g) * W + (P + t) % W) * D;
+                for (int d = 0; d < D; ++d)
+                {
+                    uint16_t const kh = Half::fromFloat(io.k[src + d]), vh = Half::fromFloat(io.v[src + d]);
+                    io.winKOut[slot + d] = kh;
+                    io.winVOut[slot + d] = vh;
+                    newK[src + d] = Half::toFloat(kh);
+                    newV[src + d] = Half::toFloat(vh);
+                }
+            }
+    // 3. queries, scaled (qd); post-RoPE also folded through their KV head's key up-projection (qf)
+    int const QK = post ? RK : D; // width of what a query dots a feature row with
+    float* qd = grow(cb.qd, static_cast<size_t>(B * T * H * D));
+    float* qf = post ? grow(cb.qf, static_cast<size_t>(B * T * H * RK)) : nullptr;
+    parallel(static_cast<size_t>(B * T * H), [&](size_t bth) {
+        int const g = static_cast<int>(bth % H) / rep;
+        float* q = qd + bth * D;
+        for (int d = 0; d < D; ++d)
+            q[d] = io.q[bth * D + d] * qScale;
+        if (post)
+            for (int r = 0; r < RK; ++r)
+                qf[bth * RK + r] = dot(q, io.kUp + static_cast<size_t>(r) * G * D + g * D, D);
+    });
+    float const* qFeat = post ? qf : qd;
+
+    // 4. attention: items (b, g, query block, split)
+    int64_t const nBlocks = (T + kQueryBlock - 1) / kQueryBlock;
+    int64_t const maxFeatRows = std::max<int64_t>(0, P + T - W); // rows the last query attends
+    int64_t nSplit = std::max<int64_t>(1, kTargetItems / std::max<int64_t>(1, B * G * nBlocks));
+    nSplit = std::max<int64_t>(1, std::min(nSplit, maxFeatRows / kMinRowsPerSplit));
+    int64_t const splitLen = std::max<int64_t>(1, (maxFeatRows + nSplit - 1) / nSplit);
+    size_t const accLen = 3 + D + RV;
+    size_t const perItem = static_cast<size_t>(kQueryBlock * rep) * accLen;
+    float* partials = nSplit > 1 ? grow(cb.partials, static_cast<size_t>(B * G * nBlocks * nSplit) * perItem) : nullptr;
+
+    // y = (window sums + feature sums @ v_up + feature mass * v_bias) / mass
+    auto finish = [&](int64_t b, int g, int64_t t, int i, float const* a) {
+        float* y = io.y + ((b * T + t) * H + g * rep + i) * D;
+        float const* c = a + kSums + D;
+        for (int d = 0; d < D; ++d)
+            y[d] = a[kSums + d] + a[kFeatMass] * io.vBias[g * D + d];
+        for (int r = 0; r < RV; ++r)
+            axpy(c[r], io.vUp + static_cast<size_t>(r) * G * D + g * D, y, D);
+        scale(1.f / a[kMass], y, D);
+    };
+    // where row j of a store is: the input store (j < past) or this call's rows
+    auto featRow = [&](bool isKey, int64_t b, int64_t j, float* out) {
+        int const r = isKey ? RK : RV;
+        if (j >= P)
+        {
+            std::memcpy(out, (isKey ? newCK : newCV) + (b * T + j - P) * r, sizeof(float) * r);
+            return;
+        }
+        int64_t const width = isKey ? ck : cv, groups = isKey ? gk : gv;
+        void const* codes = static_cast<char const*>(isKey ? io.featK : io.featV) + (b * S + j) * width * featBytes;
+        uint16_t const* sc = bits < 16 ? (isKey ? io.featKScales : io.featVScales) + (b * S + j) * groups : nullptr;
+        dequantRow(codes, sc, r, bits, out);
+    };
+
+    size_t const nItems = static_cast<size_t>(B * G * nBlocks * nSplit);
+    parallel(nItems, [&](size_t item) {
+        int64_t const split = static_cast<int64_t>(item) % nSplit;
+        int64_t const blk = (static_cast<int64_t>(item) / nSplit) % nBlocks;
+        int const g = static_cast<int>((static_cast<int64_t>(item) / (nSplit * nBlocks)) % G);
+        int64_t const b = static_cast<int64_t>(item) / (nSplit * nBlocks * G);
+        int64_t const t0 = blk * kQueryBlock, t1 = std::min(T, t0 + kQueryBlock), nq = t1 - t0;
+        size_t const nh = static_cast<size_t>(nq) * rep; // (query, head) pairs of this item
+        std::vector<float>& buf = scratch(nh * accLen + kRowTile * (QK + RV) + nh * kRowTile + RK + D
+            + static_cast<size_t>(2 * W * D) + W);
+        float* accs = buf.data();
+        float* tileKey = accs + nh * accLen; // (kRowTile, QK): c_k rows (post-RoPE) or rebuilt keys
+        float* tileV = tileKey + kRowTile * QK; // (kRowTile, RV)
+        float* scores = tileV + kRowTile * RV; // (nh, kRowTile)
+        float* rowC = scores + nh * kRowTile; // (RK) pre-RoPE: one dequantised row
+        float* rowK = rowC + RK; // (D) pre-RoPE: the key before rotation
+        float* ringK = rowK + D; // (W, D) this KV head's ring as floats
+        float* ringV = ringK + static_cast<size_t>(W) * D;
+        for (size_t a = 0; a < nh; ++a)
+        {
+            float* acc = accs + a * accLen;
+            std::fill(acc, acc + accLen, 0.f);
+            acc[kMax] = -std::numeric_limits<float>::infinity();
+        }
+        // feature rows of this split that the block's last query attends
+        int64_t const blockRows = std::max<int64_t>(0, P + t1 - W);
+        int64_t const lo = split * splitLen, hi = std::min(blockRows, lo + splitLen);
+        for (int64_t j0 = lo; j0 < hi; j0 += kRowTile)
+        {
+            int64_t const n = std::min(kRowTile, hi - j0);
+            for (int64_t jj = 0; jj < n; ++jj)
+            {
+                int64_t const j = j0 + jj;
+                if (post)
+                    featRow(true, b, j, tileKey + jj * QK);
+                else
+                {
+                    featRow(true, b, j, rowC);
+                    for (int d = 0; d < D; ++d)
+                        rowK[d] = io.kBias[g * D + d];
+                    for (int r = 0; r < RK; ++r)
+                        axpy(rowC[r], io.kUp + static_cast<size_t>(r) * G * D + g * D, rowK, D);
+                    float const* cs = io.ropeCos + j * D;
+                    float const* sn = io.ropeSin + j * D;
+                    float* key = tileKey + jj * QK;
+                    int const half = D / 2;
+                    for (int d = 0; d < half; ++d)
+                    {
+                        key[d] = rowK[d] * cs[d] - rowK[d + half] * sn[d];
+                        key[d + half] = rowK[d + half] * cs[d + half] + rowK[d] * sn[d + half];
+                    }
+                }
+                featRow(false, b, j, tileV + jj * RV);
+            }
+            for (int64_t qi = 0; qi < nq; ++qi)
+            {
+                int64_t const t = t0 + qi;
+                int64_t const valid = std::min(n, P + t - W - j0 + 1); // rows j <= p - W
+                if (valid <= 0)
+                    continue;
+                for (int i = 0; i < rep; ++i)
+                {
+                    float const* qv = qFeat + ((b * T + t) * H + g * rep + i) * QK;
+                    float* sc = scores + (qi * rep + i) * kRowTile;
+                    float m = -std::numeric_limits<float>::infinity();
+                    for (int64_t jj = 0; jj < valid; ++jj)
+                    {
+                        sc[jj] = dot(qv, tileKey + jj * QK, QK);
+                        m = std::max(m, sc[jj]);
+                    }
+                    float* acc = accs + (qi * rep + i) * accLen;
+                    rebase(acc, std::max(acc[kMax], m), accLen);
+                    float* c = acc + kSums + D;
+                    for (int64_t jj = 0; jj < valid; ++jj)
+                    {
+                        float const p = std::exp(sc[jj] - acc[kMax]);
+                        acc[kMass] += p;
+                        acc[kFeatMass] += p;
+                        axpy(p, tileV + jj * RV, c, RV);
+                    }
+                }
+            }
+        }
+        if (split == nSplit - 1) // the window: positions p-W < j <= p, from the ring or this call
+        {
+            size_t const ringAt = static_cast<size_t>((b * G + g) * W) * D;
+            for (size_t x = 0; x < static_cast<size_t>(W) * D; ++x)
+            {
+                ringK[x] = Half::toFloat(io.winK[ringAt + x]);
+                ringV[x] = Half::toFloat(io.winV[ringAt + x]);
+            }
+            float* sc = scores;
+            for (int64_t qi = 0; qi < nq; ++qi)
+            {
+                int64_t const p = P + qi + t0, first = std::max<int64_t>(0, p - W + 1);
+                auto keyAt = [&](int64_t j, bool value) -> float const* {
+                    if (j < P)
+                        return (value ? ringV : ringK) + (j % W) * D;
+                    return (value ? newV : newK) + ((b * T + (j - P)) * G + g) * D;
+                };
+                for (int i = 0; i < rep; ++i)
+                {
+                    float const* qv = qd + ((b * T + p - P) * H + g * rep + i) * D;
+                    float m = -std::numeric_limits<float>::infinity();
+                    for (int64_t j = first; j <= p; ++j)
+                    {
+                        sc[j - first] = dot(qv, keyAt(j, false), D);
+                        m = std::max(m, sc[j - first]);
+                    }
+                    float* acc = accs + (qi * rep + i) * accLen;
+                    rebase(acc, std::max(acc[kMax], m), accLen);
+                    for (int64_t j = first; j <= p; ++j)
+                    {
+                        float const e = std::exp(sc[j - first] - acc[kMax]);
+                        acc[kMass] += e;
+                        axpy(e, keyAt(j, true), acc + kSums, D);
+                    }
+                }
+            }
+        }
+        if (nSplit == 1)
+        {
+            for (int64_t qi = 0; qi < nq; ++qi)
+                for (int i = 0; i < rep; ++i)
+                    finish(b, g, t0 + qi, i, accs + (qi * rep + i) * accLen);
+            return;
+        }
+        std::memcpy(partials + item * perItem, accs, sizeof(float) * nh * accLen);
+    });
+    if (nSplit == 1)
+        return;
+    // 5. merge the splits of each (b, g, block)
+    parallel(static_cast<size_t>(B * G * nBlocks), [&](size_t blockItem) {
+        int64_t const blk = static_cast<int64_t>(blockItem) % nBlocks;
+        int const g = static_cast<int>((static_cast<int64_t>(blockItem) / nBlocks) % G);
+        int64_t const b = static_cast<int64_t>(blockItem) / (nBlocks * G);
+        int64_t const t0 = blk * kQueryBlock, nq = std::min(T, t0 + kQueryBlock) - t0;
+        std::vector<float>& buf = scratch(accLen);
+        float* acc = buf.data();
+        for (int64_t qi = 0; qi < nq; ++qi)
+            for (int i = 0; i < rep; ++i)
+            {
+                std::fill(acc, acc + accLen, 0.f);
+                acc[kMax] = -std::numeric_limits<float>::infinity();
+                for (int64_t sp = 0; sp < nSplit; ++sp)
+                {
+                    float* part = partials + (blockItem * nSplit + sp) * perItem + (qi * rep + i) * accLen;
+                    if (part[kMass] == 0.f)
+                        continue;
+                    float const m = std::max(acc[kMax], part[kMax]);
+                    rebase(acc, m, accLen);
+                    rebase(part, m, accLen);
+                    acc[kMass] += part[kMass];
+                    acc[kFeatMass] += part[kFeatMass];
+                    axpy(1.f, part + kSums, acc + kSums, static_cast<int64_t>(accLen - kSums));
+                }
+                finish(b, g, t0 + qi, i, acc);
+            }
+    });
+}
+
+} // namespace cpu
+} // namespace shrinkrt

@@ -1,0 +1,177 @@
+"""The CPU custom-op library (plugins/onnxruntime) against the ops' reference bodies and the PyTorch
+runtime: call by call (prefill, decode at the window's edge, a chunk crossing it, a long store that
+splits the feature rows), stored bytes identical; and a whole model, library vs bodies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shrinkrt.runtime import ort_ops
+from tests.test_export_ops import bi_branch_model
+
+ort = pytest.importorskip("onnxruntime")
+
+LIB = ort_ops.resolve("auto")
+if LIB is None and ort_ops.UNAVAILABLE.is_file():  # the setup said why (no headers on this machine)
+    pytest.skip(f"CPU ops library not built: {ort_ops.why_missing()}", allow_module_level=True)
+
+# (model type, HF overrides, window, ranks): SmolLM2's attention shape, and a second one with biases
+SHAPES = {
+    "smollm2": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), 8, (48, 40)),
+    "qwen-gqa2-d32": ("qwen2", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32), 5, (5, 37)),
+}
+
+
+def test_library_is_built():
+    assert LIB is not None and LIB.is_file(), ort_ops.why_missing()
+
+
+def sessions():
+    lib = ort.SessionOptions()
+    ort_ops.register(lib, LIB)
+    return {"body": ort.SessionOptions(), "library": lib}
+
+
+def layer_for(shape: str, key_mode: str, bits: int, capacity: int, seed: int = 0):
+    from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
+    from tests.conftest import tiny_hf_model
+    from tests.test_model import ours_from
+
+    mt, over, W, (rk, rv) = SHAPES[shape]
+    model = ours_from(tiny_hf_model(mt, num_hidden_layers=1, max_position_embeddings=capacity, **over))
+    a = model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(seed)
+    cfg = CSKVConfig(key_mode, W, bits)
+    kv, dim = a.n_kv_heads * a.head_dim, a.q_proj.weight.shape[1]
+    layer = CSKVAttention(a, cfg, torch.randn(kv if key_mode == "post-rope" else dim, rk, generator=gen) / kv ** 0.5,
+                          torch.randn(rk, kv, generator=gen) * 0.3, torch.randn(dim, rv, generator=gen) / dim ** 0.5,
+                          torch.randn(rv, kv, generator=gen) * 0.3, model.rope_cos, model.rope_sin)
+    return model, a, cfg, layer
+
+
+def run_calls(shape, key_mode, bits, chunks, capacity):
+    """Feeds the same layer inputs to the op (body and library sessions) and to CSKVAttention; returns
+    the largest |y diff| of each implementation vs the runtime, and the stores each one built."""
+    from shrinkrt.runtime.model import apply_rope
+
+    model, a, cfg, layer = layer_for(shape, key_mode, bits, capacity)
+    layer.setup_cache(1, capacity, torch.float32, "cpu")
+    proto = bi_branch_model(layer, cfg).SerializeToString()
+    sess = {k: ort.InferenceSession(proto, o, providers=["CPUExecutionProvider"]) for k, o in sessions().items()}
+    H, G, D, W = layer.n_heads, layer.n_kv_heads, layer.head_dim, cfg.window
+    cache = layer.cache
+
+    def empty_state():
+        st = {"win_k": np.zeros((1, G, W, D), np.float16), "win_v": np.zeros((1, G, W, D), np.float16)}
+        for kv in "kv":
+            fs = getattr(cache, f"feat_{kv}")
+            st[f"feat_{kv}"] = np.zeros(tuple(fs.codes.shape), np.int8 if bits < 16 else np.float16)
+            if bits < 16:
+                st[f"feat_{kv}_scales"] = np.zeros(tuple(fs.scales.shape), np.float16)
+        return st
+
+    state = {k: empty_state() for k in sess}
+    worst = {k: 0.0 for k in sess}
+    gen = torch.Generator().manual_seed(1)
+    x_all = torch.randn(1, sum(chunks), a.q_proj.weight.shape[1], generator=gen)
+    bias = lambda m: (m.bias if m.bias is not None else torch.zeros(m.out_features)).detach().numpy()
+    start = 0
+    for T in chunks:
+        x = x_all[:, start:start + T]
+        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+        with torch.no_grad():
+            q = apply_rope(a.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
+            v = a.v_proj(x).view(1, T, G, D).transpose(1, 2)
+            c_k, c_v = layer.features(x, k.half().float())
+            ref = layer(x, cos, sin, start).numpy()
+        flat = lambda t: t.transpose(1, 2).reshape(1, T, -1).numpy()
+        fixed = {"q": flat(q), "k": flat(k), "v": flat(v), "c_k": c_k.numpy(), "c_v": c_v.numpy(),
+                 "k_up": layer.k_up.numpy(), "v_up": layer.v_up.numpy(), "k_bias": bias(a.k_proj),
+                 "v_bias": bias(a.v_proj), "rope_cos": model.rope_cos.numpy(), "rope_sin": model.rope_sin.numpy(),
+                 "past_length": np.array([start], np.int64)}
+        for name, s in sess.items():
+            st = state[name]
+            got = dict(zip([o.name for o in s.get_outputs()], s.run(None, {**fixed, **st})))
+            with torch.no_grad():
+                y = a.o_proj(torch.from_numpy(got["y"])).numpy()
+            worst[name] = max(worst[name], float(np.abs(y - ref).max() / max(1.0, np.abs(ref).max())))
+            st["win_k"], st["win_v"] = got["win_k_out"], got["win_v_out"]
+            for key in [n for n in st if n.startswith("feat_")]:  # the caller writes the new rows
+                st[key][:, start:start + T] = got[key + "_new"]
+        start += T
+    return worst, state, cache, start
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_library_matches_body_and_runtime(shape, key_mode, bits):
+    W = SHAPES[shape][2]
+    # prefill; decode up to the window's edge (W, W+1); a chunk crossing it; more decode
+    chunks = [W - 2, 1, 1, 1, W + 3, 1, 17, 1]
+    worst, state, cache, n = run_calls(shape, key_mode, bits, chunks, capacity=64)
+    assert worst["body"] < 1e-4 and worst["library"] < 1e-4, worst
+    for kv in "kv":  # the library's store is the body's and the runtime's, byte for byte
+        fs = getattr(cache, f"feat_{kv}")
+        lib, body = state["library"][f"feat_{kv}"], state["body"][f"feat_{kv}"]
+        assert np.array_equal(lib, body)
+        assert np.array_equal(lib[:, :n].view(np.uint8 if bits == 4 else lib.dtype), fs.codes[:, :n].numpy())
+        if bits < 16:
+            assert np.array_equal(state["library"][f"feat_{kv}_scales"], state["body"][f"feat_{kv}_scales"])
+    for w in ("win_k", "win_v"):
+        assert np.array_equal(state["library"][w], state["body"][w])
+
+
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+def test_long_store_splits_the_feature_rows(key_mode):
+    """A 700-token prefill (44 query blocks, unsplit) then decode over 690+ feature rows (split in
+    two and merged): the same numbers as the runtime."""
+    worst, state, cache, n = run_calls("smollm2", key_mode, 4, [700, 1, 1, 1], capacity=1024)
+    assert worst["library"] < 1e-4 and worst["body"] < 1e-4, worst
+    assert np.array_equal(state["library"]["feat_k"], state["body"]["feat_k"])
+
+
+def test_model_with_library_matches_bodies(tmp_path):
+    """The whole exported model: greedy tokens identical, logits within 1e-4, and far fewer nodes run."""
+    from shrinkrt.export import artifact
+    from shrinkrt.runtime.ort_model import OrtModel
+    from tests.conftest import tiny_hf_model
+    from tests.test_export import Loaded, compress
+    from tests.test_model import ours_from
+
+    model = compress(ours_from(tiny_hf_model("llama")), "post-rope", 4, quant_bits=4)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu")
+    runs = {}
+    for setting in ("off", str(LIB)):
+        m = OrtModel(tmp_path / "exp", threads=2, ops_library=setting)
+        assert (m.ops_library is None) == (setting == "off")
+        m.setup_caches(1, 64)
+        prompt = torch.randint(3, 97, (1, 19), generator=torch.Generator().manual_seed(3))
+        logits, toks = [m.forward(prompt, 0)], []
+        for i in range(12):
+            toks.append(int(logits[-1][0, -1].argmax()))
+            logits.append(m.forward(torch.tensor([[toks[-1]]]), 19 + i))
+        runs[setting] = (toks, torch.cat(logits, 1))
+    (t0, l0), (t1, l1) = runs.values()
+    assert t0 == t1
+    assert (l0 - l1).abs().max() < 1e-4 * max(1.0, l0.abs().max())
+
+
+def test_missing_library_is_one_line():
+    from shrinkrt.errors import ShrinkError
+
+    with pytest.raises(ShrinkError, match="no such library"):
+        ort_ops.resolve("/nonexistent/libshrinkrt_ort_ops.so")
+    assert ort_ops.resolve("off") is None
+
+
+def test_foreign_library_is_refused(tmp_path):
+    from shrinkrt.errors import ShrinkError
+
+    bad = tmp_path / "libnot_ops.so"
+    bad.write_bytes(b"\x7fELF not really")
+    opts = ort.SessionOptions()
+    with pytest.raises(ShrinkError, match="cannot register it"):
+        ort_ops.register(opts, bad)
