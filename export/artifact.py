@@ -82,8 +82,9 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
         meta["ort_cpu"] = {"matmul_nbits_layers": len(layers), "accuracy_level": ort_accuracy,
                            "layers_in_wider_container": sum(r["bits"] != r["container_bits"] for r in layers),
                            "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
-                           "note": "3-bit layers use MatMulNBits' 4-bit container; outliers as int64 rows/cols "
-                                   "+ fp32 values for the gather/scatter correction"}
+                           "note": "3-bit layers use MatMulNBits' 4-bit container; q/k/v and gate/up packed "
+                                   "into one node where their bits and group agree; outliers as one dense "
+                                   "correction over the columns they occupy (bytes shared pro rata)"}
     (directory / "model.onnx").write_bytes(data)
     (directory / "export.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:

@@ -153,7 +153,7 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
     if isinstance(m, QuantLinear) and g.target == "ort-cpu":
         from .ort_cpu import matmul_nbits
 
-        y = matmul_nbits(g, b, x, m, path)
+        y = matmul_nbits(g, b, x, [m], path)
         return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
     if isinstance(m, QuantLinear) and g.target == "tensorrt":  # no-plugin build: dequantized at export
         y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight().T))
@@ -173,6 +173,40 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
         y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight.T))
         bias = m.bias
     return y if bias is None else b("Add", y, g.fweight(f"{path}.bias", bias))
+
+
+def _linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, names: list[str]) -> list[str]:
+    """Several linears of one input. ort-cpu packs quantized ones of equal container bits and group
+    size into one MatMulNBits and splits its output (one GEMM instead of several); else one each."""
+    from .ort_cpu import matmul_nbits, packable
+
+    if g.target == "ort-cpu" and all(isinstance(m, QuantLinear) for m in mods) and packable(mods):
+        base = path.rsplit(".", 1)[0]
+        y = matmul_nbits(g, b, x, mods, path, [f"{base}.{n}" for n in names])
+        if any(m.bias is not None for m in mods):
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+            y = b("Add", y, g.fweight(f"{path}.bias", bias))
+        sizes = b.const([m.out_features for m in mods], np.int64)
+        return b("Split", y, sizes, axis=-1, n_out=len(mods))
+    return [_linear(g, b, x, m, f"{path.rsplit('.', 1)[0]}.{n}") for m, n in zip(mods, names)]
+
+
+def _lean_rope(g: Graph, b: ops.Body, x: str, n: int) -> str:
+    """RoPE of (B, T, n*D) in one com.microsoft RotaryEmbedding node: half-split rotation, positions
+    past_length + t (position_ids of shape (1,) is that offset), the tables' first halves."""
+    return b("RotaryEmbedding", x, "past_length", "rope_cos_half", "rope_sin_half", domain="com.microsoft",
+             interleaved=0, num_heads=n)
+
+
+def _skip_norm(g: Graph, b: ops.Body, x: str, skip: str, norm, path: str) -> tuple[str, str]:
+    """(RMSNorm(x + skip), x + skip) in one com.microsoft SkipSimplifiedLayerNormalization node."""
+    w = g.fweight(f"{path}.weight", norm.weight)
+    b.n += 1
+    y, total = f"{b.prefix}skipnorm{b.n}", f"{b.prefix}residual{b.n}"
+    b.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, w], [y, "", "", total],
+                                    name=f"{b.prefix}SkipSimplifiedLayerNormalization_{b.n}", domain="com.microsoft",
+                                    epsilon=norm.eps))
+    return y, total
 
 
 def _heads(b, x, n, D):  # (B, T, n*D) -> (B, n, T, D)
@@ -214,14 +248,15 @@ def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T, st
     return _merge(b, y, H, D)
 
 
-def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q, k, v, args, state: dict) -> str:
+def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q_flat, k_flat, v_flat, args,
+                    state: dict) -> str:
+    """q/k/v (B, T, n*D), RoPE applied -> y (B, T, H*D) of the layer's BiBranchAttention node."""
     H, G, D, cfg = args.n_heads, args.n_kv_heads, args.head_dim, attn.cfg
     if cfg.sinks:
         raise ShrinkError("export: BiBranchAttention v1 has no attention sinks; calibrate with sinks = 0")
     rk, rv = attn.k_down.shape[1], attn.v_down.shape[1]
     path = f"layers.{i}.self_attn"
     mode = ops.KEY_MODE[cfg.key_mode]
-    q_flat, k_flat, v_flat = _merge(b, q, H, D), _merge(b, k, G, D), _merge(b, v, G, D)
     if mode == 0:
         c_k = b("MatMul", x, g.fweight(f"{path}.k_down", attn.k_down))
     else:  # features of the rotated keys as the window stores them (FP16), as the runtime does
@@ -279,30 +314,61 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     E = b("Add", P, T)
     zero = b.const([0], np.int64)
     qpos = b("Range", b("Squeeze", P, zero), b("Squeeze", E, zero), b.const(np.int64(1)))
-    cos, sin = b("Slice", "rope_cos", P, E, zero), b("Slice", "rope_sin", P, E, zero)
+    # ort-cpu: the lean graph (docs/formats.md "Export"): residual + RMSNorm fused, packed projections,
+    # RoPE in one node per q/k reading the tables' halves (Llama's tables repeat them)
+    half = D // 2
+    lean = target == "ort-cpu" and torch.equal(model.rope_cos[:, :half], model.rope_cos[:, half:])
+    if lean:
+        g.fweight("rope_cos_half", model.rope_cos[:, :half])
+        g.fweight("rope_sin_half", model.rope_sin[:, :half])
+    else:
+        cos, sin = b("Slice", "rope_cos", P, E, zero), b("Slice", "rope_sin", P, E, zero)
     b = g.scope("embed/")
     h = b("Gather", g.fweight("embed_tokens.weight", model.embed_tokens.weight), ids, axis=0)
+    if lean:  # the first norm in standard ops (ORT's SimplifiedLayerNormalization is no ONNX op); the rest fused
+        x = _rms_norm(g, b, h, model.layers[0].input_layernorm, "layers.0.input_layernorm")
     for i, layer in enumerate(model.layers):
         b = g.scope(f"layers.{i}/")
         attn = layer.self_attn
-        x = _rms_norm(g, b, h, layer.input_layernorm, f"layers.{i}.input_layernorm")
+        if not lean:
+            x = _rms_norm(g, b, h, layer.input_layernorm, f"layers.{i}.input_layernorm")
         path = f"layers.{i}.self_attn"
-        q = _rope(b, _heads(b, _linear(g, b, x, attn.q_proj, f"{path}.q_proj"), H, D), cos, sin, D)
-        k = _rope(b, _heads(b, _linear(g, b, x, attn.k_proj, f"{path}.k_proj"), G, D), cos, sin, D)
-        v = _heads(b, _linear(g, b, x, attn.v_proj, f"{path}.v_proj"), G, D)
+        qf, kf, vf = _linears(g, b, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{path}.qkv_proj",
+                              ["q_proj", "k_proj", "v_proj"])
+        if lean:
+            qf, kf = _lean_rope(g, b, qf, H), _lean_rope(g, b, kf, G)
+        else:  # RoPE on heads, (B, n, T, D)
+            q = _rope(b, _heads(b, qf, H, D), cos, sin, D)
+            k = _rope(b, _heads(b, kf, G, D), cos, sin, D)
+            v = _heads(b, vf, G, D)
+            qf, kf, vf = _merge(b, q, H, D), _merge(b, k, G, D), _merge(b, v, G, D)
         if isinstance(attn, CSKVAttention):
-            y = _cskv_attention(g, b, i, attn, x, q, k, v, args, layer_state[i])
+            y = _cskv_attention(g, b, i, attn, x, qf, kf, vf, args, layer_state[i])
         else:
-            y = _full_attention(g, b, i, q, k, v, args, qpos, E, T, layer_state[i])
-        h = b("Add", h, _linear(g, b, y, attn.o_proj, f"{path}.o_proj"))
-        x = _rms_norm(g, b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+            y = _full_attention(g, b, i, _heads(b, qf, H, D), _heads(b, kf, G, D), _heads(b, vf, G, D), args, qpos,
+                                E, T, layer_state[i])
+        o = _linear(g, b, y, attn.o_proj, f"{path}.o_proj")
+        if lean:
+            x, h = _skip_norm(g, b, o, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+        else:
+            h = b("Add", h, o)
+            x = _rms_norm(g, b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
         mlp, mp = layer.mlp, f"layers.{i}.mlp"
-        gate = _linear(g, b, x, mlp.gate_proj, f"{mp}.gate_proj")
-        act = b("Mul", b("Mul", gate, b("Sigmoid", gate)), _linear(g, b, x, mlp.up_proj, f"{mp}.up_proj"))
-        h = b("Add", h, _linear(g, b, act, mlp.down_proj, f"{mp}.down_proj"))
+        gate, up = _linears(g, b, x, [mlp.gate_proj, mlp.up_proj], f"{mp}.gate_up_proj", ["gate_proj", "up_proj"])
+        act = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
+        d = _linear(g, b, act, mlp.down_proj, f"{mp}.down_proj")
+        if lean:  # the next RMSNorm (the next layer's input norm, or the final one) with this residual
+            last_layer = i + 1 == len(model.layers)
+            norm = model.norm if last_layer else model.layers[i + 1].input_layernorm
+            x, h = _skip_norm(g, b, d, h, norm, "norm" if last_layer else f"layers.{i + 1}.input_layernorm")
+        else:
+            h = b("Add", h, d)
     b = g.scope("head/")
-    last = b("Gather", h, b("Sub", T, b.const([1], np.int64)), axis=1)  # (B, 1, dim)
-    x = _rms_norm(g, b, last, model.norm, "norm")
+    if lean:  # x holds every position normed already
+        x = b("Gather", x, b("Sub", T, b.const([1], np.int64)), axis=1)  # (B, 1, dim)
+    else:
+        last = b("Gather", h, b("Sub", T, b.const([1], np.int64)), axis=1)  # (B, 1, dim)
+        x = _rms_norm(g, b, last, model.norm, "norm")
     if args.tie_embeddings:
         w = "embed_tokens.weight"
         logits = b("MatMul", x, b("Transpose", w, perm=[1, 0]))

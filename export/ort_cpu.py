@@ -33,8 +33,9 @@ def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def matmul_nbits(g, b, x: str, m, path: str) -> str:
-    """MatMulNBits node (+ outlier correction) for one QuantLinear; records its bytes in g.stats."""
+def _nbits_parts(m):
+    """One QuantLinear in MatMulNBits' packing: B (N, blocks, bytes), fp32 scales (N*blocks,), zero
+    points (N, bytes), and its outliers as (rows, cols, values)."""
     N, K, gs = m.out_features, m.in_features, m.group_size
     bits = CONTAINER[m.bits]
     G = n_groups(K, gs)
@@ -42,8 +43,34 @@ def matmul_nbits(g, b, x: str, m, path: str) -> str:
     codes = np.pad(codes, ((0, 0), (0, G * gs - K)))
     zeros = unpack_bits(m.zeros, m.bits, G).numpy()
     B = _pack_rows(codes, bits).reshape(N, G, gs * bits // 8)
-    zp = _pack_rows(zeros, bits)
-    scales = m.scales.float().numpy().reshape(-1)
+    rows, cols, vals = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if m.n_outliers:
+        rows = np.repeat(np.arange(N), np.diff(m.outlier_rowptr.numpy()))
+        c = m.outlier_cols
+        cols = (c.long() & 0xFFFF if c.dtype.itemsize == 2 else c.long()).numpy()
+        vals = m.outlier_vals.float().numpy()
+    return B, m.scales.float().numpy().reshape(-1), _pack_rows(zeros, bits), (rows, cols, vals)
+
+
+def packable(mods) -> bool:
+    """Linears one MatMulNBits can carry side by side: same input, container bits and group size."""
+    return all(m.in_features == mods[0].in_features and CONTAINER[m.bits] == CONTAINER[mods[0].bits]
+               and m.group_size == mods[0].group_size for m in mods)
+
+
+def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None = None) -> str:
+    """One MatMulNBits node for `mods` (one QuantLinear, or several packed along N: q/k/v, gate/up),
+    plus the outliers as one dense correction over the columns they occupy:
+    y += Gather(x, cols) @ dense(cols, N) (3 nodes, whatever their number). Records bytes in g.stats."""
+    mods = mods if isinstance(mods, (list, tuple)) else [mods]
+    assert packable(mods)
+    K, gs = mods[0].in_features, mods[0].group_size
+    bits = CONTAINER[mods[0].bits]
+    parts = [_nbits_parts(m) for m in mods]
+    B = np.concatenate([p[0] for p in parts])
+    scales = np.concatenate([p[1] for p in parts])
+    zp = np.concatenate([p[2] for p in parts])
+    N = B.shape[0]
     names = [g.weight(f"{path}.nbits_B", B), g.weight(f"{path}.nbits_scales", scales.astype(g.np_float)),
              g.weight(f"{path}.nbits_zero_points", zp.reshape(-1))]
     y = f"{path}/y"
@@ -51,16 +78,19 @@ def matmul_nbits(g, b, x: str, m, path: str) -> str:
                                     domain="com.microsoft", K=K, N=N, bits=bits, block_size=gs,
                                     accuracy_level=g.ort_accuracy))
     nbytes = B.nbytes + scales.nbytes + zp.nbytes
-    if m.n_outliers:
-        rows = np.repeat(np.arange(N), np.diff(m.outlier_rowptr.numpy()))
-        c = m.outlier_cols
-        cols = (c.long() & 0xFFFF if c.dtype.itemsize == 2 else c.long()).numpy()
-        xs = b("Gather", x, g.weight(f"{path}.outlier_cols", cols.astype(np.int64)), axis=-1)  # (B, T, nnz)
-        upd = b("Mul", xs, g.weight(f"{path}.outlier_vals", m.outlier_vals.float().numpy().astype(g.np_float)))
-        idx = b("Expand", g.weight(f"{path}.outlier_rows", rows.astype(np.int64)), b("Shape", upd))
-        zero = b("ConstantOfShape", b("Shape", y), value=numpy_helper.from_array(np.zeros(1, g.np_float)))
-        y = b("Add", y, b("ScatterElements", zero, idx, upd, axis=-1, reduction="add"))
-        nbytes += 16 * len(rows)  # int64 column + int64 row + fp32 value per outlier
-    g.stats.setdefault("matmul_nbits", []).append({"name": path, "bits": m.bits, "container_bits": bits,
-                                                    "bytes": int(nbytes)})
+    offsets = np.cumsum([0] + [m.out_features for m in mods])
+    rows = np.concatenate([p[3][0] + off for p, off in zip(parts, offsets)])
+    cols = np.concatenate([p[3][1] for p in parts])
+    vals = np.concatenate([p[3][2] for p in parts])
+    if len(rows):
+        used, col_at = np.unique(cols, return_inverse=True)
+        dense = np.zeros((len(used), N), np.float32)
+        np.add.at(dense, (col_at, rows), vals)
+        xs = b("Gather", x, g.weight(f"{path}.outlier_cols", used.astype(np.int64)), axis=-1)  # (B, T, |cols|)
+        y = b("Add", y, b("MatMul", xs, g.weight(f"{path}.outlier_dense", dense.astype(g.np_float))))
+        nbytes += 8 * len(used) + dense.astype(g.np_float).nbytes
+    for m, name in zip(mods, module_names or [path]):
+        g.stats.setdefault("matmul_nbits", []).append({"name": name, "bits": m.bits, "container_bits": bits,
+                                                        "bytes": int(nbytes * m.out_features / N),
+                                                        "packed_with": len(mods)})
     return y

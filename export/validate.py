@@ -5,9 +5,12 @@ and identical greedy tokens), and Polygraphy's ONNX Runtime runner on the artifa
 Tolerance, max |logit difference|: both sides compute in fp32 from the same stored numbers, so what
 is left is summation order (~1e-4 over 30 layers). A quantized feature branch adds codes that round
 the other way when a feature sits near a rounding boundary: one int4 step is 1/7 of its group's
-range, which moved logits by up to ~0.03 on the embedded model (int8: 1/127). Hence 2e-2 for FP and
-int8 branches and 0.1 with int4 features, far below what a real mismatch produces (a wrong mask,
-rotation or packing moves logits by whole units). Greedy tokens must be identical wherever the
+range (int8: 1/127). On the embedded model's main checkpoint (2026-12-02) the prefill differs by
+~0.009 and the decode steps stay below 0.015 until the first token leaves the 64-token window; from
+that step on, flipped int4 codes move logits by up to 0.128, the same with the lean ort-cpu graph or
+the generic one, with the CPU library or the reference bodies. Hence 2e-2 for FP and int8 branches
+and 0.25 with int4 features, still far below what a real mismatch produces (a wrong mask, rotation
+or packing moves logits by whole units). Greedy tokens must be identical wherever the
 reference's top-2 gap exceeds the tolerance (a closer call may flip on either side legitimately).
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.ort_model import OrtModel
 
 TOLERANCE = {"float32": 2e-2, "float16": 0.5}
-INT4_TOLERANCE = 0.1
+INT4_TOLERANCE = 0.25
 INT8_ACTIVATION_TOLERANCE = 2.0  # ort-cpu, MatMulNBits accuracy_level 4: int8 activations moved SmolLM2's logits by 1.08
 DECODE_STEPS = 32
 PROMPTS = ("What is the capital of France?", "Write a haiku about compilers.",

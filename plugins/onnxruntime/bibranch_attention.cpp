@@ -1,11 +1,11 @@
 // BiBranchAttention on the CPU: the same results as the op's reference body (export/ops.py) and
 // runtime/cskv.py, computed without materialising the dense keys of the feature branch.
 //
-// Work items are (batch, KV head, block of up to kQueryBlock queries, split of the feature rows).
-// An item dequantises each feature row once and uses it for every query of its block and every query
-// head of its KV head (GQA), over tiles of kRowTile rows with an online softmax; the last split of a
-// block also takes the window. Decode (one block per KV head) splits the feature rows so both cores
-// have work; the splits' partial sums are merged afterwards (flash-decoding). A long prefill has
+// Work items are (batch, block of up to kQueryBlock queries, split of the feature rows), each over
+// every head: a feature row is per token, shared by all KV heads, so an item dequantises it once and
+// uses it for every query of its block and every query head (tiles of kRowTile rows, online softmax);
+// the last split of a block also takes the window. Decode (one block) splits the feature rows so the
+// pool has work, and merges the splits' partial sums afterwards (flash-decoding). A long prefill has
 // enough blocks and runs unsplit, writing y directly.
 #include "bibranch_attention.h"
 
@@ -27,8 +27,8 @@ namespace
 {
 constexpr int64_t kQueryBlock = 16; // queries sharing one pass over the feature rows
 constexpr int64_t kRowTile = 64; // feature rows dequantised together
-constexpr int64_t kMinRowsPerSplit = 256; // below this a split costs more than it saves
-constexpr int64_t kTargetItems = 32; // enough items to keep a small pool busy on a decode step
+constexpr int64_t kMinRowsPerSplit = 128; // below this a split costs more than it saves
+constexpr int64_t kTargetItems = 8; // items of a decode step: enough to keep a small pool busy
 constexpr int kGroup = contract::kFeatureGroup;
 
 struct Half : onnxruntime_float16::Float16Impl<Half>
@@ -98,15 +98,24 @@ void dequantRow(void const* codes, uint16_t const* scales, int r, int bits, floa
         float const s = Half::toFloat(scales[g0 / kGroup]);
         int const end = std::min(r, g0 + kGroup);
         if (bits == 8)
+        {
+#pragma omp simd
             for (int i = g0; i < end; ++i)
                 out[i] = static_cast<float>(c[i]) * s;
-        else
-            for (int i = g0; i < end; ++i)
-            {
-                int const byte = static_cast<uint8_t>(c[i / 2]);
-                int const nib = (i % 2 == 0) ? (byte & 15) : (byte >> 4);
-                out[i] = static_cast<float>(nib >= 8 ? nib - 16 : nib) * s;
-            }
+            continue;
+        }
+        int const pairs = (end - g0) / 2; // whole bytes: low nibble = even feature, sign by shifts
+        int8_t const* bytes = c + g0 / 2;
+        float* o = out + g0;
+#pragma omp simd
+        for (int i = 0; i < pairs; ++i)
+        {
+            int const v = bytes[i];
+            o[2 * i] = static_cast<float>(static_cast<int8_t>(v << 4) >> 4) * s;
+            o[2 * i + 1] = static_cast<float>(v >> 4) * s;
+        }
+        if ((end - g0) % 2) // an odd rank's last feature
+            o[2 * pairs] = static_cast<float>(static_cast<int8_t>(bytes[pairs] << 4) >> 4) * s;
     }
 }
 
@@ -282,19 +291,22 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     });
     float const* qFeat = post ? qf : qd;
 
-    // 4. attention: items (b, g, query block, split)
+    // 4. attention: items (b, query block, split), each over every head: a feature row is shared by
+    //    all KV heads (c is per token), so it is dequantised once per item
     int64_t const nBlocks = (T + kQueryBlock - 1) / kQueryBlock;
     int64_t const maxFeatRows = std::max<int64_t>(0, P + T - W); // rows the last query attends
-    int64_t nSplit = std::max<int64_t>(1, kTargetItems / std::max<int64_t>(1, B * G * nBlocks));
+    int64_t nSplit = std::max<int64_t>(1, (kTargetItems + B * nBlocks - 1) / (B * nBlocks));
     nSplit = std::max<int64_t>(1, std::min(nSplit, maxFeatRows / kMinRowsPerSplit));
     int64_t const splitLen = std::max<int64_t>(1, (maxFeatRows + nSplit - 1) / nSplit);
     size_t const accLen = 3 + D + RV;
-    size_t const perItem = static_cast<size_t>(kQueryBlock * rep) * accLen;
-    float* partials = nSplit > 1 ? grow(cb.partials, static_cast<size_t>(B * G * nBlocks * nSplit) * perItem) : nullptr;
+    size_t const perItem = static_cast<size_t>(kQueryBlock * H) * accLen;
+    int const KW = post ? RK : G * D; // a tile row: c_k (post-RoPE) or the rebuilt keys of every KV head
+    float* partials = nSplit > 1 ? grow(cb.partials, static_cast<size_t>(B * nBlocks * nSplit) * perItem) : nullptr;
 
     // y = (window sums + feature sums @ v_up + feature mass * v_bias) / mass
-    auto finish = [&](int64_t b, int g, int64_t t, int i, float const* a) {
-        float* y = io.y + ((b * T + t) * H + g * rep + i) * D;
+    auto finish = [&](int64_t b, int64_t t, int h, float const* a) {
+        int const g = h / rep;
+        float* y = io.y + ((b * T + t) * H + h) * D;
         float const* c = a + kSums + D;
         for (int d = 0; d < D; ++d)
             y[d] = a[kSums + d] + a[kFeatMass] * io.vBias[g * D + d];
@@ -316,56 +328,58 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         dequantRow(codes, sc, r, bits, out);
     };
 
-    size_t const nItems = static_cast<size_t>(B * G * nBlocks * nSplit);
+    size_t const nItems = static_cast<size_t>(B * nBlocks * nSplit);
     parallel(nItems, [&](size_t item) {
         int64_t const split = static_cast<int64_t>(item) % nSplit;
         int64_t const blk = (static_cast<int64_t>(item) / nSplit) % nBlocks;
-        int const g = static_cast<int>((static_cast<int64_t>(item) / (nSplit * nBlocks)) % G);
-        int64_t const b = static_cast<int64_t>(item) / (nSplit * nBlocks * G);
+        int64_t const b = static_cast<int64_t>(item) / (nSplit * nBlocks);
         int64_t const t0 = blk * kQueryBlock, t1 = std::min(T, t0 + kQueryBlock), nq = t1 - t0;
-        size_t const nh = static_cast<size_t>(nq) * rep; // (query, head) pairs of this item
-        std::vector<float>& buf = scratch(nh * accLen + kRowTile * (QK + RV) + nh * kRowTile + RK + D
-            + static_cast<size_t>(2 * W * D) + W);
+        size_t const nh = static_cast<size_t>(nq) * H; // (query, head) pairs of this item
+        std::vector<float>& buf = scratch(nh * accLen + kRowTile * (KW + RV) + kRowTile + RK
+            + static_cast<size_t>(2 * G * W * D) + W);
         float* accs = buf.data();
-        float* tileKey = accs + nh * accLen; // (kRowTile, QK): c_k rows (post-RoPE) or rebuilt keys
-        float* tileV = tileKey + kRowTile * QK; // (kRowTile, RV)
-        float* scores = tileV + kRowTile * RV; // (nh, kRowTile)
-        float* rowC = scores + nh * kRowTile; // (RK) pre-RoPE: one dequantised row
-        float* rowK = rowC + RK; // (D) pre-RoPE: the key before rotation
-        float* ringK = rowK + D; // (W, D) this KV head's ring as floats
-        float* ringV = ringK + static_cast<size_t>(W) * D;
-        for (size_t a = 0; a < nh; ++a)
+        float* tileKey = accs + nh * accLen; // (kRowTile, KW)
+        float* tileV = tileKey + kRowTile * KW; // (kRowTile, RV)
+        float* sc = tileV + kRowTile * RV; // (kRowTile) scores of one (query, head)
+        float* rowC = sc + kRowTile; // (RK) pre-RoPE: one dequantised row
+        float* ringK = rowC + RK; // (G, W, D) the ring as floats
+        float* ringV = ringK + static_cast<size_t>(G) * W * D;
+        for (size_t x = 0; x < nh; ++x)
         {
-            float* acc = accs + a * accLen;
+            float* acc = accs + x * accLen;
             std::fill(acc, acc + accLen, 0.f);
             acc[kMax] = -std::numeric_limits<float>::infinity();
         }
         // feature rows of this split that the block's last query attends
         int64_t const blockRows = std::max<int64_t>(0, P + t1 - W);
         int64_t const lo = split * splitLen, hi = std::min(blockRows, lo + splitLen);
+        int const half = D / 2;
         for (int64_t j0 = lo; j0 < hi; j0 += kRowTile)
         {
             int64_t const n = std::min(kRowTile, hi - j0);
             for (int64_t jj = 0; jj < n; ++jj)
             {
                 int64_t const j = j0 + jj;
+                float* key = tileKey + jj * KW;
                 if (post)
-                    featRow(true, b, j, tileKey + jj * QK);
-                else
+                    featRow(true, b, j, key);
+                else // K_j = RoPE(c_j @ k_up + k_bias, j), every KV head at once
                 {
                     featRow(true, b, j, rowC);
-                    for (int d = 0; d < D; ++d)
-                        rowK[d] = io.kBias[g * D + d];
+                    std::memcpy(key, io.kBias, sizeof(float) * G * D);
                     for (int r = 0; r < RK; ++r)
-                        axpy(rowC[r], io.kUp + static_cast<size_t>(r) * G * D + g * D, rowK, D);
+                        axpy(rowC[r], io.kUp + static_cast<size_t>(r) * G * D, key, G * D);
                     float const* cs = io.ropeCos + j * D;
                     float const* sn = io.ropeSin + j * D;
-                    float* key = tileKey + jj * QK;
-                    int const half = D / 2;
-                    for (int d = 0; d < half; ++d)
+                    for (int g = 0; g < G; ++g)
                     {
-                        key[d] = rowK[d] * cs[d] - rowK[d + half] * sn[d];
-                        key[d + half] = rowK[d + half] * cs[d + half] + rowK[d] * sn[d + half];
+                        float* kg = key + g * D;
+                        for (int d = 0; d < half; ++d)
+                        {
+                            float const x1 = kg[d], x2 = kg[d + half];
+                            kg[d] = x1 * cs[d] - x2 * sn[d];
+                            kg[d + half] = x2 * cs[d + half] + x1 * sn[d + half];
+                        }
                     }
                 }
                 featRow(false, b, j, tileV + jj * RV);
@@ -376,17 +390,17 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 int64_t const valid = std::min(n, P + t - W - j0 + 1); // rows j <= p - W
                 if (valid <= 0)
                     continue;
-                for (int i = 0; i < rep; ++i)
+                for (int h = 0; h < H; ++h)
                 {
-                    float const* qv = qFeat + ((b * T + t) * H + g * rep + i) * QK;
-                    float* sc = scores + (qi * rep + i) * kRowTile;
+                    float const* qv = qFeat + ((b * T + t) * H + h) * QK;
+                    int const off = post ? 0 : (h / rep) * D;
                     float m = -std::numeric_limits<float>::infinity();
                     for (int64_t jj = 0; jj < valid; ++jj)
                     {
-                        sc[jj] = dot(qv, tileKey + jj * QK, QK);
+                        sc[jj] = dot(qv, tileKey + jj * KW + off, QK);
                         m = std::max(m, sc[jj]);
                     }
-                    float* acc = accs + (qi * rep + i) * accLen;
+                    float* acc = accs + (qi * H + h) * accLen;
                     rebase(acc, std::max(acc[kMax], m), accLen);
                     float* c = acc + kSums + D;
                     for (int64_t jj = 0; jj < valid; ++jj)
@@ -401,31 +415,31 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         }
         if (split == nSplit - 1) // the window: positions p-W < j <= p, from the ring or this call
         {
-            size_t const ringAt = static_cast<size_t>((b * G + g) * W) * D;
-            for (size_t x = 0; x < static_cast<size_t>(W) * D; ++x)
+            size_t const ringAt = static_cast<size_t>(b * G * W) * D, ringLen = static_cast<size_t>(G) * W * D;
+            for (size_t x = 0; x < ringLen; ++x)
             {
                 ringK[x] = Half::toFloat(io.winK[ringAt + x]);
                 ringV[x] = Half::toFloat(io.winV[ringAt + x]);
             }
-            float* sc = scores;
             for (int64_t qi = 0; qi < nq; ++qi)
             {
-                int64_t const p = P + qi + t0, first = std::max<int64_t>(0, p - W + 1);
-                auto keyAt = [&](int64_t j, bool value) -> float const* {
-                    if (j < P)
-                        return (value ? ringV : ringK) + (j % W) * D;
-                    return (value ? newV : newK) + ((b * T + (j - P)) * G + g) * D;
-                };
-                for (int i = 0; i < rep; ++i)
+                int64_t const t = t0 + qi, p = P + t, first = std::max<int64_t>(0, p - W + 1);
+                for (int h = 0; h < H; ++h)
                 {
-                    float const* qv = qd + ((b * T + p - P) * H + g * rep + i) * D;
+                    int const g = h / rep;
+                    auto keyAt = [&](int64_t j, bool value) -> float const* {
+                        if (j < P)
+                            return (value ? ringV : ringK) + (static_cast<size_t>(g) * W + j % W) * D;
+                        return (value ? newV : newK) + ((b * T + (j - P)) * G + g) * D;
+                    };
+                    float const* qv = qd + ((b * T + t) * H + h) * D;
                     float m = -std::numeric_limits<float>::infinity();
                     for (int64_t j = first; j <= p; ++j)
                     {
                         sc[j - first] = dot(qv, keyAt(j, false), D);
                         m = std::max(m, sc[j - first]);
                     }
-                    float* acc = accs + (qi * rep + i) * accLen;
+                    float* acc = accs + (qi * H + h) * accLen;
                     rebase(acc, std::max(acc[kMax], m), accLen);
                     for (int64_t j = first; j <= p; ++j)
                     {
@@ -439,41 +453,40 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         if (nSplit == 1)
         {
             for (int64_t qi = 0; qi < nq; ++qi)
-                for (int i = 0; i < rep; ++i)
-                    finish(b, g, t0 + qi, i, accs + (qi * rep + i) * accLen);
+                for (int h = 0; h < H; ++h)
+                    finish(b, t0 + qi, h, accs + (qi * H + h) * accLen);
             return;
         }
         std::memcpy(partials + item * perItem, accs, sizeof(float) * nh * accLen);
     });
     if (nSplit == 1)
         return;
-    // 5. merge the splits of each (b, g, block)
-    parallel(static_cast<size_t>(B * G * nBlocks), [&](size_t blockItem) {
-        int64_t const blk = static_cast<int64_t>(blockItem) % nBlocks;
-        int const g = static_cast<int>((static_cast<int64_t>(blockItem) / nBlocks) % G);
-        int64_t const b = static_cast<int64_t>(blockItem) / (nBlocks * G);
+    // 5. merge the splits of each (b, block), in parallel over (b, block, head)
+    parallel(static_cast<size_t>(B * nBlocks * H), [&](size_t x) {
+        int const h = static_cast<int>(x % H);
+        int64_t const blockItem = static_cast<int64_t>(x) / H;
+        int64_t const blk = blockItem % nBlocks, b = blockItem / nBlocks;
         int64_t const t0 = blk * kQueryBlock, nq = std::min(T, t0 + kQueryBlock) - t0;
         std::vector<float>& buf = scratch(accLen);
         float* acc = buf.data();
         for (int64_t qi = 0; qi < nq; ++qi)
-            for (int i = 0; i < rep; ++i)
+        {
+            std::fill(acc, acc + accLen, 0.f);
+            acc[kMax] = -std::numeric_limits<float>::infinity();
+            for (int64_t sp = 0; sp < nSplit; ++sp)
             {
-                std::fill(acc, acc + accLen, 0.f);
-                acc[kMax] = -std::numeric_limits<float>::infinity();
-                for (int64_t sp = 0; sp < nSplit; ++sp)
-                {
-                    float* part = partials + (blockItem * nSplit + sp) * perItem + (qi * rep + i) * accLen;
-                    if (part[kMass] == 0.f)
-                        continue;
-                    float const m = std::max(acc[kMax], part[kMax]);
-                    rebase(acc, m, accLen);
-                    rebase(part, m, accLen);
-                    acc[kMass] += part[kMass];
-                    acc[kFeatMass] += part[kFeatMass];
-                    axpy(1.f, part + kSums, acc + kSums, static_cast<int64_t>(accLen - kSums));
-                }
-                finish(b, g, t0 + qi, i, acc);
+                float* part = partials + (blockItem * nSplit + sp) * perItem + (qi * H + h) * accLen;
+                if (part[kMass] == 0.f)
+                    continue;
+                float const m = std::max(acc[kMax], part[kMax]);
+                rebase(acc, m, accLen);
+                rebase(part, m, accLen);
+                acc[kMass] += part[kMass];
+                acc[kFeatMass] += part[kFeatMass];
+                axpy(1.f, part + kSums, acc + kSums, static_cast<int64_t>(accLen - kSums));
             }
+            finish(b, t0 + qi, h, acc);
+        }
     });
 }
 
