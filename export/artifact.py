@@ -40,13 +40,13 @@ def is_export(path: Path) -> bool:
 
 
 def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
-           checkpoint: dict | None = None, check=None, ort_accuracy: int = 0) -> Path:
+           checkpoint: dict | None = None, check=None, ort_accuracy: int = 0, lm_head_bits: int = 0) -> Path:
     """lm: a LoadedModel with any checkpoint already applied; `checkpoint` = its manifest (identity).
     `check(tmp_dir)` runs on the complete files before they replace `out`: an export that fails its
     validation never appears. `out` may only be missing or an earlier export."""
 
     def fill(tmp: Path) -> None:
-        write(lm, tmp, dtype, target, base, checkpoint, ort_accuracy)
+        write(lm, tmp, dtype, target, base, checkpoint, ort_accuracy, lm_head_bits)
         if check is not None:
             check(tmp)
 
@@ -54,7 +54,7 @@ def export(lm, out: Path, dtype: str = "float32", target: str = "generic", base:
 
 
 def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", base: dict | None = None,
-          checkpoint: dict | None = None, ort_accuracy: int = 0) -> dict:
+          checkpoint: dict | None = None, ort_accuracy: int = 0, lm_head_bits: int = 0) -> dict:
     """The export's files into an existing (temp) directory; returns export.json's content."""
     if target not in TARGETS:
         raise ShrinkError(f"unknown export target '{target}' (use {', '.join(TARGETS)})")
@@ -63,7 +63,8 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
         raise ShrinkError(f"--ort-accuracy must be 0 or 4 (got {ort_accuracy})")
     directory = Path(directory)
     with open(directory / llama.DATA_FILE, "wb") as weights:  # weights streamed as they are made
-        model = llama.build(lm.model, dtype, target, stats=stats, ort_accuracy=ort_accuracy, data_file=weights)
+        model = llama.build(lm.model, dtype, target, stats=stats, ort_accuracy=ort_accuracy, data_file=weights,
+                            lm_head_bits=lm_head_bits)
     data = model.SerializeToString()  # the graph alone: small whatever the model's size
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": lm.name, "dtype": dtype, "target": target,
             "model_args": dataclasses.asdict(lm.model.args), "base_model": base,
@@ -80,6 +81,7 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
         layers = stats["matmul_nbits"]
         packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
         meta["ort_cpu"] = {"matmul_nbits_layers": len(layers), "accuracy_level": ort_accuracy,
+                           "lm_head": stats.get("lm_head", {"bits": 0}),
                            "layers_in_wider_container": sum(r["bits"] != r["container_bits"] for r in layers),
                            "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
                            "note": "3-bit layers use MatMulNBits' 4-bit container; q/k/v and gate/up packed "

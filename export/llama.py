@@ -82,8 +82,10 @@ class Graph:
     graph stays small (no 2 GiB protobuf limit) and peak memory stays near the model's own bytes.
     Identical tensors (same dtype, shape and bytes) are stored once, under the first name."""
 
-    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 0, data_file=None):
+    def __init__(self, dtype: str, target: str = "generic", ort_accuracy: int = 0, data_file=None,
+                 lm_head_bits: int = 0):
         self.dtype, self.F, self.target, self.ort_accuracy = dtype, ops.ONNX_DTYPE[dtype], target, ort_accuracy
+        self.lm_head_bits = lm_head_bits
         self.np_float = np.float16 if dtype == "float16" else np.float32
         self.stats = {}
         self.nodes, self.inits, self.functions = [], {}, {}
@@ -291,7 +293,7 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q_fla
 
 
 def build(model, dtype: str = "float32", target: str = "generic", name: str = "shrinkrt",
-          stats: dict | None = None, ort_accuracy: int = 0, data_file=None) -> onnx.ModelProto:
+          stats: dict | None = None, ort_accuracy: int = 0, data_file=None, lm_head_bits: int = 0) -> onnx.ModelProto:
     """The runtime Transformer (compressions applied) -> ONNX ModelProto. Deterministic.
     target "ort-cpu" lowers quantized linears to MatMulNBits; `stats` receives what that costs.
     `data_file`: stream the weights there as external data (Graph); None keeps them in the proto."""
@@ -303,7 +305,9 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
     io = describe(model, dtype)
     layer_state = [{c.role: c for c in io.caches if c.layer == i} for i in range(args.n_layers)]
-    g = Graph(dtype, target, ort_accuracy, data_file)
+    if lm_head_bits and target != "ort-cpu":
+        raise ShrinkError("export: --lm-head-bits is for --target ort-cpu (MatMulNBits)")
+    g = Graph(dtype, target, ort_accuracy, data_file, lm_head_bits)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     g.input("past_length", TensorProto.INT64, [1])
     b = g.scope("rope/")
@@ -369,7 +373,11 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     else:
         last = b("Gather", h, b("Sub", T, b.const([1], np.int64)), axis=1)  # (B, 1, dim)
         x = _rms_norm(g, b, last, model.norm, "norm")
-    if args.tie_embeddings:
+    if g.lm_head_bits:
+        from .ort_cpu import lm_head_nbits
+
+        logits = lm_head_nbits(g, b, x, model.lm_head.weight.detach().float().numpy(), g.lm_head_bits)
+    elif args.tie_embeddings:
         w = "embed_tokens.weight"
         logits = b("MatMul", x, b("Transpose", w, perm=[1, 0]))
     else:

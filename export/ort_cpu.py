@@ -94,3 +94,33 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
                                                         "bytes": int(nbytes * m.out_features / N),
                                                         "packed_with": len(mods)})
     return y
+
+
+LM_HEAD_BITS = (0, 4, 8)  # 0: the head stays a float MatMul
+LM_HEAD_BLOCK = 32  # llama.cpp's Q4_1 / Q8_0 block: the peers' heads are quantized this finely
+
+
+def lm_head_nbits(g, b, x: str, weight: np.ndarray, bits: int) -> str:
+    """The LM head (vocab, dim) as one MatMulNBits, quantized by ONNX Runtime's own block quantizer
+    (asymmetric, LM_HEAD_BLOCK columns per block): the largest single weight of a small model, read
+    whole on every decode step."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    N, K = weight.shape
+    blocks, per = -(-K // LM_HEAD_BLOCK), 8 // bits
+    wt = np.zeros((blocks * LM_HEAD_BLOCK, N), np.float32)
+    wt[:K] = weight.T
+    packed = np.zeros((N, blocks, LM_HEAD_BLOCK * bits // 8), np.uint8)
+    zp = np.zeros((N, -(-blocks // per)), np.uint8)
+    scales = np.zeros((N, blocks), np.float32)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zp, LM_HEAD_BLOCK, N,
+                                                                     blocks * LM_HEAD_BLOCK, False)
+    names = [g.weight("lm_head.nbits_B", packed), g.weight("lm_head.nbits_scales", scales.reshape(-1).astype(g.np_float)),
+             g.weight("lm_head.nbits_zero_points", zp.reshape(-1))]
+    y = "head/lm_head_y"
+    g.nodes.append(helper.make_node("MatMulNBits", [x, *names], [y], name="head/lm_head/MatMulNBits",
+                                    domain="com.microsoft", K=K, N=N, bits=bits, block_size=LM_HEAD_BLOCK,
+                                    accuracy_level=g.ort_accuracy))
+    g.stats["lm_head"] = {"bits": bits, "block": LM_HEAD_BLOCK, "bytes": int(packed.nbytes + scales.nbytes + zp.nbytes)}
+    g.stats.setdefault("matmul_nbits", [])
+    return y

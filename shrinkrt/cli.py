@@ -125,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
                    help="ort-cpu: MatMulNBits accuracy level; 0 = fp32 (default: matches the reference to summation "
                         "order), 4 = int8 activations inside the kernel (2.6x faster GEMV; logits move by ~1 on "
                         "SmolLM2, so validation then checks tokens more than logits)")
+    x.add_argument("--lm-head-bits", type=int, default=0, choices=[0, 4, 8],
+                   help="ort-cpu: quantize the LM head too (MatMulNBits, ONNX Runtime's block quantizer, 32 columns "
+                        "per block; 0 = keep it float, the default). The head is the largest weight a small model "
+                        "reads per token")
     x.add_argument("--no-validate", action="store_true", help="skip the validation run")
     v = sub.add_parser("validate", help="check an export against the reference runtime",
                        description="ONNX checker, ONNX Runtime vs the PyTorch reference (prefill + 32 greedy decode "
@@ -523,7 +527,10 @@ def cmd_export(a) -> int:
     check_target(out, "--out", artifact.is_export, need_bytes=need)
     report = {}
     check = None if a.no_validate else (lambda d: report.update(run_validation(d, lm, a.threads)))
-    artifact.export(lm, out, a.precision, a.target, checkpoint.base_identity(lm), ck, check, a.ort_accuracy)
+    if a.lm_head_bits and a.target != "ort-cpu":
+        raise ShrinkError("--lm-head-bits is for --target ort-cpu")
+    artifact.export(lm, out, a.precision, a.target, checkpoint.base_identity(lm), ck, check, a.ort_accuracy,
+                    a.lm_head_bits)
     if report:
         print(f"[shrinkrt] validated: {json.dumps(report)}")
     print(f"[shrinkrt] wrote {a.out}/model.onnx")

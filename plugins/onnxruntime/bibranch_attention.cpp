@@ -19,9 +19,15 @@
 #include <string>
 #include <vector>
 
+#ifndef SHRINKRT_ISA
+#define SHRINKRT_ISA base
+#endif
+
 namespace shrinkrt
 {
 namespace cpu
+{
+namespace SHRINKRT_ISA
 {
 namespace
 {
@@ -42,14 +48,9 @@ struct Half : onnxruntime_float16::Float16Impl<Half>
     }
 };
 
-// Hot loops: one body, compiled for AVX-512, AVX2 and plain x86-64, picked at load time (ifunc).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SHRINKRT_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SHRINKRT_SIMD
-#endif
-
-SHRINKRT_SIMD float dot(float const* a, float const* b, int64_t n)
+// The hot loops are inline: this file is compiled once per instruction set (CMake: AVX-512, AVX2+FMA,
+// x86-64), each copy in its own namespace, and dispatch.cpp picks one at load time.
+inline float dot(float const* a, float const* b, int64_t n)
 {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -58,14 +59,14 @@ SHRINKRT_SIMD float dot(float const* a, float const* b, int64_t n)
     return s;
 }
 
-SHRINKRT_SIMD void axpy(float a, float const* x, float* y, int64_t n)
+inline void axpy(float a, float const* x, float* y, int64_t n)
 {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
         y[i] += a * x[i];
 }
 
-SHRINKRT_SIMD void scale(float a, float* y, int64_t n)
+inline void scale(float a, float* y, int64_t n)
 {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
@@ -83,7 +84,7 @@ int64_t nGroups(int r)
 }
 
 // One stored row -> r floats.
-void dequantRow(void const* codes, uint16_t const* scales, int r, int bits, float* out)
+inline void dequantRow(void const* codes, uint16_t const* scales, int r, int bits, float* out)
 {
     if (bits == 16)
     {
@@ -172,7 +173,7 @@ enum AccField
 };
 
 // Rescales an accumulator to a new running max.
-void rebase(float* a, float m, size_t len)
+inline void rebase(float* a, float m, size_t len)
 {
     if (a[kMax] == m)
         return;
@@ -207,33 +208,6 @@ std::vector<float>& scratch(size_t n)
 }
 } // namespace
 
-float halfToFloat(uint16_t h)
-{
-    return Half::toFloat(h);
-}
-
-uint16_t floatToHalf(float f)
-{
-    return Half::fromFloat(f);
-}
-
-char const* checkBiBranch(BiBranchShape const& s)
-{
-    if (s.heads < 1 || s.kvHeads < 1 || s.heads % s.kvHeads != 0)
-        return "num_heads must be a positive multiple of num_kv_heads";
-    if (s.headDim < 2 || s.headDim % 2 != 0)
-        return "head_dim must be even";
-    if (s.window < 1)
-        return "window must be >= 1";
-    if (s.rankK < 1 || s.rankV < 1)
-        return "rank_k and rank_v must be >= 1";
-    if (s.bits != 16 && s.bits != 8 && s.bits != 4)
-        return "bits must be 16, 8 or 4";
-    if (s.keyMode != contract::kKeyModePreRope && s.keyMode != contract::kKeyModePostRope)
-        return "key_mode must be 0 (pre-RoPE) or 1 (post-RoPE)";
-    return "";
-}
-
 void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel)
 {
     int64_t const B = s.batch, T = s.tokens, S = s.capacity, P = io.past;
@@ -244,11 +218,20 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     size_t const featBytes = bits == 16 ? 2 : 1;
     float const qScale = 1.f / std::sqrt(static_cast<float>(D));
 
+    // a decode step's side work is too small to pay a pool dispatch (~10 us each): run it inline
+    bool const fewTokens = B * T <= 4;
+    auto light = [&](size_t n, std::function<void(size_t)> const& fn) {
+        if (fewTokens)
+            for (size_t i = 0; i < n; ++i)
+                fn(i);
+        else
+            parallel(n, fn);
+    };
     // 1. this call's feature rows: stored form (outputs) and read-back values (used below)
     thread_local CallBuffers cb;
     float* newCK = grow(cb.newCK, static_cast<size_t>(B * T * RK));
     float* newCV = grow(cb.newCV, static_cast<size_t>(B * T * RV));
-    parallel(static_cast<size_t>(B * T), [&](size_t row) {
+    light(static_cast<size_t>(B * T), [&](size_t row) {
         quantizeRow(io.cK + row * RK, RK, bits, static_cast<char*>(io.featKNew) + row * ck * featBytes,
             bits < 16 ? io.featKScalesNew + row * gk : nullptr, newCK + row * RK);
         quantizeRow(io.cV + row * RV, RV, bits, static_cast<char*>(io.featVNew) + row * cv * featBytes,
@@ -280,7 +263,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     int const QK = post ? RK : D; // width of what a query dots a feature row with
     float* qd = grow(cb.qd, static_cast<size_t>(B * T * H * D));
     float* qf = post ? grow(cb.qf, static_cast<size_t>(B * T * H * RK)) : nullptr;
-    parallel(static_cast<size_t>(B * T * H), [&](size_t bth) {
+    light(static_cast<size_t>(B * T * H), [&](size_t bth) {
         int const g = static_cast<int>(bth % H) / rep;
         float* q = qd + bth * D;
         for (int d = 0; d < D; ++d)
@@ -462,7 +445,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     if (nSplit == 1)
         return;
     // 5. merge the splits of each (b, block), in parallel over (b, block, head)
-    parallel(static_cast<size_t>(B * nBlocks * H), [&](size_t x) {
+    light(static_cast<size_t>(B * nBlocks * H), [&](size_t x) {
         int const h = static_cast<int>(x % H);
         int64_t const blockItem = static_cast<int64_t>(x) / H;
         int64_t const blk = blockItem % nBlocks, b = blockItem / nBlocks;
@@ -490,5 +473,6 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     });
 }
 
+} // namespace SHRINKRT_ISA
 } // namespace cpu
 } // namespace shrinkrt

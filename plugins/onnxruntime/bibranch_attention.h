@@ -41,6 +41,9 @@ char const* checkBiBranch(BiBranchShape const& s);
 
 void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel);
 
+// The instruction set the kernel copy in use was compiled for: avx512, avx2 or x86-64.
+char const* isaName();
+
 // fp16 <-> fp32 as ONNX Runtime rounds (round to nearest even)
 float halfToFloat(uint16_t h);
 uint16_t floatToHalf(float f);

@@ -238,5 +238,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
 // What this library implements, for `shrinkrt` to report (no ONNX Runtime needed to ask).
 extern "C" __attribute__((visibility("default"))) char const* shrinkrt_ort_ops()
 {
-    return "BiBranchAttention";
+    static std::string const what = std::string("BiBranchAttention (") + cpu::isaName() + ")";
+    return what.c_str();
 }

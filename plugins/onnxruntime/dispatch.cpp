@@ -1,0 +1,90 @@
+// BiBranchAttention's entry points: shape checks, fp16 conversion, and the pick of the kernel copy
+// compiled for this CPU (bibranch_attention.cpp is built once per instruction set, CMakeLists.txt).
+#include "bibranch_attention.h"
+
+#include "onnxruntime_float16.h"
+#include "shrinkrt_ops.gen.h"
+
+namespace shrinkrt
+{
+namespace cpu
+{
+#define SHRINKRT_DECLARE_ISA(isa)                                                                                  \
+    namespace isa                                                                                                  \
+    {                                                                                                              \
+    void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel);            \
+    }
+SHRINKRT_DECLARE_ISA(avx512)
+SHRINKRT_DECLARE_ISA(avx2)
+SHRINKRT_DECLARE_ISA(base)
+
+namespace
+{
+struct Half : onnxruntime_float16::Float16Impl<Half>
+{
+    static uint16_t fromFloat(float f) { return ToUint16Impl(f); }
+    static float toFloat(uint16_t h)
+    {
+        Half x;
+        x.val = h;
+        return x.ToFloatImpl();
+    }
+};
+
+using Kernel = void (*)(BiBranchShape const&, BiBranchIO const&, ParallelFor const&);
+
+Kernel pick()
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq"))
+        return avx512::biBranchAttention;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return avx2::biBranchAttention;
+#endif
+    return base::biBranchAttention;
+}
+
+Kernel const gKernel = pick();
+} // namespace
+
+char const* isaName()
+{
+    return gKernel == avx512::biBranchAttention ? "avx512" : gKernel == avx2::biBranchAttention ? "avx2" : "x86-64";
+}
+
+float halfToFloat(uint16_t h)
+{
+    return Half::toFloat(h);
+}
+
+uint16_t floatToHalf(float f)
+{
+    return Half::fromFloat(f);
+}
+
+char const* checkBiBranch(BiBranchShape const& s)
+{
+    if (s.heads < 1 || s.kvHeads < 1 || s.heads % s.kvHeads != 0)
+        return "num_heads must be a positive multiple of num_kv_heads";
+    if (s.headDim < 2 || s.headDim % 2 != 0)
+        return "head_dim must be even";
+    if (s.window < 1)
+        return "window must be >= 1";
+    if (s.rankK < 1 || s.rankV < 1)
+        return "rank_k and rank_v must be >= 1";
+    if (s.bits != 16 && s.bits != 8 && s.bits != 4)
+        return "bits must be 16, 8 or 4";
+    if (s.keyMode != contract::kKeyModePreRope && s.keyMode != contract::kKeyModePostRope)
+        return "key_mode must be 0 (pre-RoPE) or 1 (post-RoPE)";
+    return "";
+}
+
+void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel)
+{
+    gKernel(s, io, parallel);
+}
+
+} // namespace cpu
+} // namespace shrinkrt
