@@ -19,8 +19,8 @@ if python -c "import tensorrt_rtx" 2>/dev/null || python -c "import tensorrt" 2>
   shrinkrt build --checkpoint "$CKPT" --target sm75 --capacity 4096 --out "$OUT/trt-sm75"
 fi
 shrinkrt generate "What is the capital of France?" --backend ort --model "$OUT/export-ort" --stats
-backends=shrinkrt-ort,transformers
-python -c "import llama_cpp" 2>/dev/null && backends="$backends,llama.cpp"
+# peers that are installed (llama-cpp-python, onnxruntime-genai) join; one repetition keeps it short
+# (benchmarks/latency.py's defaults are the full run: 3 repetitions, depths up to 8000)
 python benchmarks/latency.py --export "$OUT/export-ort" --contexts 512,2048 --decode-steps 16 \
-  --backends "$backends" --out "$OUT/latency"
+  --decode-steps-first 32 --reps 1 --backends shrinkrt-ort,transformers,llama.cpp,ort-genai --out "$OUT/latency"
 cat "$OUT/latency.md"
