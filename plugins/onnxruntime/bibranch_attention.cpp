@@ -9,7 +9,7 @@
 // enough blocks and runs unsplit, writing y directly.
 #include "bibranch_attention.h"
 
-#include "onnxruntime_float16.h"
+#include "half.h"
 #include "shrinkrt_ops.gen.h"
 
 #include <algorithm>
@@ -37,16 +37,6 @@ constexpr int64_t kMinRowsPerSplit = 128; // below this a split costs more than 
 constexpr int64_t kTargetItems = 8; // items of a decode step: enough to keep a small pool busy
 constexpr int kGroup = contract::kFeatureGroup;
 
-struct Half : onnxruntime_float16::Float16Impl<Half>
-{
-    static uint16_t fromFloat(float f) { return ToUint16Impl(f); }
-    static float toFloat(uint16_t h)
-    {
-        Half x;
-        x.val = h;
-        return x.ToFloatImpl();
-    }
-};
 
 // The hot loops are inline: this file is compiled once per instruction set (CMake: AVX-512, AVX2+FMA,
 // x86-64), each copy in its own namespace, and dispatch.cpp picks one at load time.

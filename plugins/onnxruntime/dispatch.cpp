@@ -2,7 +2,7 @@
 // compiled for this CPU (bibranch_attention.cpp is built once per instruction set, CMakeLists.txt).
 #include "bibranch_attention.h"
 
-#include "onnxruntime_float16.h"
+#include "half.h"
 #include "shrinkrt_ops.gen.h"
 
 namespace shrinkrt
@@ -20,16 +20,6 @@ SHRINKRT_DECLARE_ISA(base)
 
 namespace
 {
-struct Half : onnxruntime_float16::Float16Impl<Half>
-{
-    static uint16_t fromFloat(float f) { return ToUint16Impl(f); }
-    static float toFloat(uint16_t h)
-    {
-        Half x;
-        x.val = h;
-        return x.ToFloatImpl();
-    }
-};
 
 using Kernel = void (*)(BiBranchShape const&, BiBranchIO const&, ParallelFor const&);
 
