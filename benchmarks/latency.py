@@ -324,6 +324,9 @@ def main(argv=None):
     contexts = [int(c) for c in a.contexts.split(",")]
     runs, skipped = [], []
     backends = [b for b in a.backends.split(",") if b]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        ap.error(f"--backends: unknown {', '.join(unknown)} (choose from {', '.join(BACKENDS)})")
     for b in backends:
         why = available(b)
         if why:

@@ -50,13 +50,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results/ort_accuracy")
     a = ap.parse_args(argv)
-    from shrinkrt.atomic import MD_MARKER, write_atomic
+    from shrinkrt.atomic import MD_MARKER, check_target, results_file_is_ours, write_atomic
     from shrinkrt.export.validate import PROMPTS
     from shrinkrt.runtime.generate import chat_prompt
     from shrinkrt.runtime.loader import load_tokenizer
     from shrinkrt.runtime.ort_model import OrtModel
     from shrinkrt.runtime.profile import prompt_tokens
 
+    out = Path(a.out)
+    for suffix in (".json", ".md"):  # never over a file this tool did not write
+        check_target(out.with_suffix(suffix), "--out", results_file_is_ours, kind="file")
+    for e in a.exports:
+        if not (Path(e) / "export.json").is_file():
+            ap.error(f"{e}: not an export directory (no export.json)")
     rows, ref = [], None
     for e in a.exports:
         meta = json.loads((Path(e) / "export.json").read_text())
@@ -76,7 +82,6 @@ def main(argv=None) -> int:
                    first_divergence=first_diff)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "greedy"}), flush=True)
-    out = Path(a.out)
     write_atomic(json.dumps({"format": "shrinkrt-ort-accuracy", "tokens": a.tokens, "new_tokens": a.new,
                              "runs": rows}, indent=2) + "\n", out.with_suffix(".json"))
     md = ["# ort-cpu settings: speed levers vs quality", MD_MARKER, "",

@@ -339,18 +339,21 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
         path = f"layers.{i}.self_attn"
         qf, kf, vf = _linears(g, b, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{path}.qkv_proj",
                               ["q_proj", "k_proj", "v_proj"])
-        if lean:
+        cskv = isinstance(attn, CSKVAttention)
+        if lean:  # RoPE on (B, T, n*D); BiBranchAttention takes that layout, full attention wants heads
             qf, kf = _lean_rope(g, b, qf, H), _lean_rope(g, b, kf, G)
-        else:  # RoPE on heads, (B, n, T, D)
+            if not cskv:
+                q, k, v = _heads(b, qf, H, D), _heads(b, kf, G, D), _heads(b, vf, G, D)
+        else:  # RoPE on heads, (B, n, T, D); BiBranchAttention gets them merged back
             q = _rope(b, _heads(b, qf, H, D), cos, sin, D)
             k = _rope(b, _heads(b, kf, G, D), cos, sin, D)
             v = _heads(b, vf, G, D)
-            qf, kf, vf = _merge(b, q, H, D), _merge(b, k, G, D), _merge(b, v, G, D)
-        if isinstance(attn, CSKVAttention):
+            if cskv:
+                qf, kf, vf = _merge(b, q, H, D), _merge(b, k, G, D), _merge(b, v, G, D)
+        if cskv:
             y = _cskv_attention(g, b, i, attn, x, qf, kf, vf, args, layer_state[i])
         else:
-            y = _full_attention(g, b, i, _heads(b, qf, H, D), _heads(b, kf, G, D), _heads(b, vf, G, D), args, qpos,
-                                E, T, layer_state[i])
+            y = _full_attention(g, b, i, q, k, v, args, qpos, E, T, layer_state[i])
         o = _linear(g, b, y, attn.o_proj, f"{path}.o_proj")
         if lean:
             x, h = _skip_norm(g, b, o, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
