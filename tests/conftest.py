@@ -71,3 +71,22 @@ def embedded():
     from shrinkrt.runtime.loader import load
 
     return load(None, progress=False)
+
+
+def bibranch_call_inputs(model, attn, layer, x, start: int):
+    """One call's BiBranchAttention inputs from a CSKV layer: q/k/v (1, T, n*D) with RoPE applied, the
+    features c_k/c_v of the new tokens (keys as the window stores them, fp16), and the runtime's
+    output for the same call (which advances its cache)."""
+    from shrinkrt.runtime.model import apply_rope
+
+    T = x.shape[1]
+    H, G, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+    with torch.no_grad():
+        q = apply_rope(attn.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(1, T, G, D).transpose(1, 2)
+        c_k, c_v = layer.features(x, k.half().float())
+        ref = layer(x, cos, sin, start)
+    flat = lambda t: t.transpose(1, 2).reshape(1, T, -1)  # noqa: E731
+    return {"q": flat(q), "k": flat(k), "v": flat(v), "c_k": c_k, "c_v": c_v}, ref

@@ -112,8 +112,7 @@ def test_bi_branch_body_matches_runtime(key_mode, bits, ranks):
     """The body, fed the layer's q/k/v/features and the cache state it returns, reproduces
     CSKVAttention call by call (prefill, decode, chunk), including the stored feature rows."""
     from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
-    from shrinkrt.runtime.model import apply_rope
-    from tests.conftest import tiny_hf_model
+    from tests.conftest import bibranch_call_inputs, tiny_hf_model
     from tests.test_model import ours_from
 
     model = ours_from(tiny_hf_model("qwen2"))  # q/k/v biases, GQA
@@ -139,16 +138,8 @@ def test_bi_branch_body_matches_runtime(key_mode, bits, ranks):
     x_all = torch.randn(1, S, 64, generator=gen)
     start = 0
     for T in (13, 1, 1, 9, 1, 7):
-        x = x_all[:, start:start + T]
-        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
-        with torch.no_grad():
-            q = apply_rope(a.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
-            v = a.v_proj(x).view(1, T, G, D).transpose(1, 2)
-            c_k, c_v = layer.features(x, k.half().float())
-            ref = layer(x, cos, sin, start)
-        flat = lambda t: t.transpose(1, 2).reshape(1, T, -1).numpy()
-        feeds = {"q": flat(q), "k": flat(k), "v": flat(v), "c_k": c_k.numpy(), "c_v": c_v.numpy(), **state, **store,
+        inputs, ref = bibranch_call_inputs(model, a, layer, x_all[:, start:start + T], start)
+        feeds = {**{n: t.numpy() for n, t in inputs.items()}, **state, **store,
                  "k_up": layer.k_up.numpy(), "v_up": layer.v_up.numpy(),
                  "k_bias": a.k_proj.bias.detach().numpy(), "v_bias": a.v_proj.bias.detach().numpy(),
                  "rope_cos": model.rope_cos.numpy(), "rope_sin": model.rope_sin.numpy(),

@@ -176,7 +176,7 @@ def test_bibranch_op_other_shapes(H, G, D, key_mode, bits):
 def check_op_against_cskv(model, key_mode, bits, W):
     from shrinkrt.plugins.kernels.bibranch_attn import bibranch_attention
     from shrinkrt.runtime.cskv import CSKVAttention, CSKVConfig
-    from shrinkrt.runtime.model import apply_rope
+    from tests.conftest import bibranch_call_inputs
 
     a = model.layers[0].self_attn
     gen = torch.Generator().manual_seed(2)
@@ -198,16 +198,9 @@ def check_op_against_cskv(model, key_mode, bits, W):
     x_all = torch.randn(1, S, dim, generator=gen)
     start = 0
     for T in (8, 1, 5, 1):  # prompt > W; decode at token W+1... ; a chunk crossing the window
-        x = x_all[:, start:start + T]
-        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+        inp, ref = bibranch_call_inputs(model, a, layer, x_all[:, start:start + T], start)
         with torch.no_grad():
-            q = apply_rope(a.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
-            v = a.v_proj(x).view(1, T, G, D).transpose(1, 2)
-            c_k, c_v = layer.features(x, k.half().float())
-            ref = layer(x, cos, sin, start)
-            flat = lambda t: t.transpose(1, 2).reshape(1, T, -1)  # noqa: E731
-            got = bibranch_attention(flat(q), flat(k), flat(v), c_k, c_v, win["win_k"], win["win_v"],
+            got = bibranch_attention(inp["q"], inp["k"], inp["v"], inp["c_k"], inp["c_v"], win["win_k"], win["win_v"],
                                      store["feat_k"], store["feat_v"], layer.k_up, layer.v_up, a.k_proj.bias.detach(),
                                      a.v_proj.bias.detach(), model.rope_cos, model.rope_sin,
                                      torch.tensor([start]), bits, int(key_mode == "post-rope"),

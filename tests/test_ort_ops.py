@@ -53,7 +53,7 @@ def layer_for(shape: str, key_mode: str, bits: int, capacity: int, seed: int = 0
 def run_calls(shape, key_mode, bits, chunks, capacity):
     """Feeds the same layer inputs to the op (body and library sessions) and to CSKVAttention; returns
     the largest |y diff| of each implementation vs the runtime, and the stores each one built."""
-    from shrinkrt.runtime.model import apply_rope
+    from tests.conftest import bibranch_call_inputs
 
     model, a, cfg, layer = layer_for(shape, key_mode, bits, capacity)
     layer.setup_cache(1, capacity, torch.float32, "cpu")
@@ -78,16 +78,9 @@ def run_calls(shape, key_mode, bits, chunks, capacity):
     bias = lambda m: (m.bias if m.bias is not None else torch.zeros(m.out_features)).detach().numpy()
     start = 0
     for T in chunks:
-        x = x_all[:, start:start + T]
-        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
-        with torch.no_grad():
-            q = apply_rope(a.q_proj(x).view(1, T, H, D).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(x).view(1, T, G, D).transpose(1, 2), cos, sin)
-            v = a.v_proj(x).view(1, T, G, D).transpose(1, 2)
-            c_k, c_v = layer.features(x, k.half().float())
-            ref = layer(x, cos, sin, start).numpy()
-        flat = lambda t: t.transpose(1, 2).reshape(1, T, -1).numpy()
-        fixed = {"q": flat(q), "k": flat(k), "v": flat(v), "c_k": c_k.numpy(), "c_v": c_v.numpy(),
+        inputs, ref = bibranch_call_inputs(model, a, layer, x_all[:, start:start + T], start)
+        ref = ref.numpy()
+        fixed = {**{n: t.numpy() for n, t in inputs.items()},
                  "k_up": layer.k_up.numpy(), "v_up": layer.v_up.numpy(), "k_bias": bias(a.k_proj),
                  "v_bias": bias(a.v_proj), "rope_cos": model.rope_cos.numpy(), "rope_sin": model.rope_sin.numpy(),
                  "past_length": np.array([start], np.int64)}
