@@ -6,7 +6,8 @@ Caches: every cache tensor of the export's graph description (export.json "io") 
 at setup_caches, allocated once and bound to the session by IO binding as an OrtValue over the same
 memory (no copy, no per-step reallocation). The graph returns this call's rows, which are written
 into the buffers at the call's positions; the CSKV window ring comes back whole and is copied into
-its buffer.
+its buffer. The shrinkrt ops run the CPU library's kernels when it is built (runtime/ort_ops.py),
+else their reference bodies.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from shrinkrt.runtime import ort_ops
 from shrinkrt.runtime.graph_io import GraphIO
 
 
-
 def session(path: Path, threads: int = 0, providers: list[str] | None = None, profile_prefix: str | None = None,
             ops_library: Path | None = None):
     import onnxruntime as ort
@@ -31,7 +31,7 @@ def session(path: Path, threads: int = 0, providers: list[str] | None = None, pr
     opts = ort.SessionOptions()
     if ops_library is not None:
         ort_ops.register(opts, ops_library)
-    if profile_prefix:  # ONNX Runtime's per-node trace (benchmarks/latency.py --ort-op-profile)
+    if profile_prefix:  # ONNX Runtime's per-node trace (benchmarks/latency.py counts nodes per step with it)
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
