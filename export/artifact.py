@@ -77,8 +77,8 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
             "weights_sha256": file_sha256(directory / llama.DATA_FILE),
             "io": llama.describe(lm.model, dtype).to_json(),
             "custom_op_attributes": custom_op_attributes(model)}
-    if "matmul_nbits" in stats:
-        layers = stats["matmul_nbits"]
+    if target == "ort-cpu":
+        layers = stats.get("matmul_nbits", [])
         packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
         meta["ort_cpu"] = {"matmul_nbits_layers": len(layers), "accuracy_level": ort_accuracy,
                            "lm_head": stats.get("lm_head", {"bits": 0}),

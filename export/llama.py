@@ -392,7 +392,7 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     g.outputs = [g.outputs[-1]] + g.outputs[:-1]
     graph = helper.make_graph(g.nodes, name, g.inputs, g.outputs, list(g.inits.values()))
     opsets = [helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, 1)]
-    if "matmul_nbits" in g.stats:
+    if any(n.domain == "com.microsoft" for n in g.nodes):  # MatMulNBits, the lean graph's fused ops
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     m = helper.make_model(graph, opset_imports=opsets,
                           functions=[g.functions[k] for k in sorted(g.functions)], producer_name="shrinkrt",

@@ -62,7 +62,6 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
     """One MatMulNBits node for `mods` (one QuantLinear, or several packed along N: q/k/v, gate/up),
     plus the outliers as one dense correction over the columns they occupy:
     y += Gather(x, cols) @ dense(cols, N) (3 nodes, whatever their number). Records bytes in g.stats."""
-    mods = mods if isinstance(mods, (list, tuple)) else [mods]
     assert packable(mods)
     K, gs = mods[0].in_features, mods[0].group_size
     bits = CONTAINER[mods[0].bits]
@@ -96,7 +95,6 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
     return y
 
 
-LM_HEAD_BITS = (0, 4, 8)  # 0: the head stays a float MatMul
 LM_HEAD_BLOCK = 32  # llama.cpp's Q4_1 / Q8_0 block: the peers' heads are quantized this finely
 
 
@@ -122,5 +120,4 @@ def lm_head_nbits(g, b, x: str, weight: np.ndarray, bits: int) -> str:
                                     domain="com.microsoft", K=K, N=N, bits=bits, block_size=LM_HEAD_BLOCK,
                                     accuracy_level=g.ort_accuracy))
     g.stats["lm_head"] = {"bits": bits, "block": LM_HEAD_BLOCK, "bytes": int(packed.nbytes + scales.nbytes + zp.nbytes)}
-    g.stats.setdefault("matmul_nbits", [])
     return y
