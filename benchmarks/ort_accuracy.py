@@ -18,14 +18,22 @@ from pathlib import Path
 import torch
 
 
-def perplexity(m, ids: list[int]) -> float:
+def perplexity(m, ids: list[int], ref_logp: list | None = None) -> tuple[float, list, float | None]:
+    """Perplexity over ids, each position's log-probabilities (fp16, to compare later exports with),
+    and, given the first export's, the mean KL(first || this) per position in nats."""
     m.setup_caches(1, len(ids) + 1)
-    nll = 0.0
+    nll, logps, kl = 0.0, [], 0.0
     for i in range(len(ids) - 1):
-        logits = m.forward(torch.tensor([[ids[i]]]), i)[0, -1].double()
-        nll -= float(torch.log_softmax(logits, -1)[ids[i + 1]])
+        logp = torch.log_softmax(m.forward(torch.tensor([[ids[i]]]), i)[0, -1].double(), -1)
+        nll -= float(logp[ids[i + 1]])
+        if ref_logp is None:
+            logps.append(logp.half())
+        else:
+            ref = ref_logp[i].double()
+            kl += float((ref.exp() * (ref - logp)).sum())
     m.clear_caches()
-    return math.exp(nll / (len(ids) - 1))
+    n = len(ids) - 1
+    return math.exp(nll / n), logps, (kl / n if ref_logp is not None else None)
 
 
 def greedy(m, ids: list[int], new: int) -> list[int]:
@@ -68,12 +76,14 @@ def main(argv=None) -> int:
         meta = json.loads((Path(e) / "export.json").read_text())
         tok = load_tokenizer(Path(e))
         m = OrtModel(Path(e), threads=a.threads)
-        ppl = perplexity(m, prompt_tokens(tok, a.tokens))
+        ppl, logps, kl = perplexity(m, prompt_tokens(tok, a.tokens), None if ref is None else ref_logp)
+        if ref is None:
+            ref_logp = logps
         gens = [greedy(m, chat_prompt(tok, p), a.new) for p in PROMPTS]
         ort_cpu = meta.get("ort_cpu") or {}
         row = {"export": e, "accuracy_level": ort_cpu.get("accuracy_level"),
                "lm_head_bits": (ort_cpu.get("lm_head") or {}).get("bits", 0), "ops_library": m.ops_library is not None,
-               "perplexity": ppl, "greedy": gens}
+               "perplexity": ppl, "mean_kl_vs_first": kl or 0.0, "greedy": gens}
         if ref is None:
             ref = row
         same = [sum(1 for x, y in zip(g, r) if x == y) / len(r) for g, r in zip(gens, ref["greedy"])]
@@ -87,11 +97,13 @@ def main(argv=None) -> int:
     md = ["# ort-cpu settings: speed levers vs quality", MD_MARKER, "",
           f"Perplexity over the first {a.tokens} tokens of the evaluation text (teacher-forced, one token per call); "
           f"greedy agreement: share of {a.new} greedy tokens per validation prompt equal to the first row's, "
-          "position of the first difference.", "",
-          "| export | accuracy level | LM head bits | perplexity | change | greedy agreement | first divergence |",
-          "|---|---|---|---|---|---|---|"]
+          "position of the first difference; mean KL: KL(first row || this row) of the next-token distribution, "
+          "per position, nats.", "",
+          "| export | accuracy level | LM head bits | perplexity | change | mean KL | greedy agreement | first divergence |",
+          "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['export']} | {r['accuracy_level']} | {r['lm_head_bits'] or 'float'} | {r['perplexity']:.3f} | "
-           f"{r['perplexity_change']:+.2%} | {r['greedy_agreement']:.0%} | {r['first_divergence']} |" for r in rows]
+           f"{r['perplexity_change']:+.2%} | {r['mean_kl_vs_first']:.4f} | {r['greedy_agreement']:.0%} | "
+           f"{r['first_divergence']} |" for r in rows]
     write_atomic("\n".join(md) + "\n", out.with_suffix(".md"))
     return 0
 

@@ -331,3 +331,36 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
                               [helper.make_opsetid("", OPSET)], attributes=attrs)
     fn.overload = bi_branch_overload(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
     return fn
+
+
+def bi_branch_model(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
+                    bits: int, key_mode: int, dtype: str = "float32") -> onnx.ModelProto:
+    """One BiBranchAttention node and its body as a whole model (tests, benchmarks/ort_ops.py):
+    batch B, call length T and store rows S symbolic."""
+    H, G, D, W, F = num_heads, num_kv_heads, head_dim, window, ONNX_DTYPE[dtype]
+    fn = bi_branch_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
+    ins, outs, _ = bi_branch_io(bits)
+    n = node("BiBranchAttention", ins, outs, "attn", fn.overload, num_heads=H, num_kv_heads=G, head_dim=D,
+             window=W, rank_k=rank_k, rank_v=rank_v, bits=bits, key_mode=key_mode)
+    fdt = TensorProto.FLOAT16 if bits == 16 else TensorProto.INT8
+    width = lambda r: r if bits != 4 else (r + 1) // 2
+    groups = kv_quant.n_groups
+    ring = (TensorProto.FLOAT16, ["B", G, W, D])
+    shapes = {"q": (F, ["B", "T", H * D]), "k": (F, ["B", "T", G * D]), "v": (F, ["B", "T", G * D]),
+              "c_k": (F, ["B", "T", rank_k]), "c_v": (F, ["B", "T", rank_v]), "win_k": ring, "win_v": ring,
+              "feat_k": (fdt, ["B", "S", width(rank_k)]), "feat_v": (fdt, ["B", "S", width(rank_v)]),
+              "k_up": (F, [rank_k, G * D]), "v_up": (F, [rank_v, G * D]), "k_bias": (F, [G * D]),
+              "v_bias": (F, [G * D]), "rope_cos": (F, ["S", D]), "rope_sin": (F, ["S", D]),
+              "past_length": (TensorProto.INT64, [1]),
+              "feat_k_scales": (TensorProto.FLOAT16, ["B", "S", groups(rank_k)]),
+              "feat_v_scales": (TensorProto.FLOAT16, ["B", "S", groups(rank_v)]),
+              "y": (F, ["B", "T", H * D]), "win_k_out": ring, "win_v_out": ring,
+              "feat_k_new": (fdt, ["B", "T", width(rank_k)]), "feat_v_new": (fdt, ["B", "T", width(rank_v)]),
+              "feat_k_scales_new": (TensorProto.FLOAT16, ["B", "T", groups(rank_k)]),
+              "feat_v_scales_new": (TensorProto.FLOAT16, ["B", "T", groups(rank_v)])}
+    graph = helper.make_graph([n], "bibranch", [helper.make_tensor_value_info(i, *shapes[i]) for i in ins],
+                              [helper.make_tensor_value_info(o, *shapes[o]) for o in outs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+                              functions=[fn])
+    model.ir_version = 10
+    return model

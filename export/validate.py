@@ -12,6 +12,13 @@ the generic one, with the CPU library or the reference bodies. Hence 2e-2 for FP
 and 0.25 with int4 features, still far below what a real mismatch produces (a wrong mask, rotation
 or packing moves logits by whole units). Greedy tokens must be identical wherever the
 reference's top-2 gap exceeds the tolerance (a closer call may flip on either side legitimately).
+
+Quantized activations (MatMulNBits accuracy level 4: int8 activations) or a quantized LM head move
+logits by units while perplexity stays (docs/results/ort_accuracy.md: -0.56% over 2048 tokens), so
+there the gate is the next-token distribution instead: KL(reference || export) per step <= 0.5 nats
+(SmolLM2's main checkpoint, 2026-12-02: max 0.25 over 99 steps; a wrong mask or rotation gives whole
+nats), mean over the steps <= 0.05 (measured 0.010-0.015), greedy flips only where the reference's top-2
+gap is <= 2.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ from shrinkrt.runtime.ort_model import OrtModel
 
 TOLERANCE = {"float32": 2e-2, "float16": 0.5}
 INT4_TOLERANCE = 0.25
-INT8_ACTIVATION_TOLERANCE = 2.0  # ort-cpu, MatMulNBits accuracy_level 4: int8 activations moved SmolLM2's logits by 1.08
+QUANTIZED_FLIP_GAP = 2.0  # int8 activations / quantized head: greedy flips allowed up to this top-2 gap
+QUANTIZED_MAX_KL = 0.5  # nats, any one step
+QUANTIZED_MEAN_KL = 0.05  # nats, mean over a prompt's steps
 DECODE_STEPS = 32
 PROMPTS = ("What is the capital of France?", "Write a haiku about compilers.",
            "Explain in two sentences why the sky is blue.")
@@ -40,21 +49,31 @@ def check_onnx(path: Path) -> None:
 
 
 @torch.inference_mode()
-def compare(ref_model, ort_model: OrtModel, prompt_ids: list[int], steps: int, tol: float) -> float:
+def compare(ref_model, ort_model: OrtModel, prompt_ids: list[int], steps: int, tol: float,
+            kl_tol: float | None = None) -> float:
     """Teacher-forced on the reference's greedy tokens; returns the largest |logit difference|.
-    Near-tie token flips (top-2 gap <= tol) are allowed and counted in `compare.flips`."""
+    Near-tie token flips (top-2 gap <= tol) are allowed and counted in `compare.flips`. With kl_tol
+    (quantized activations) the gate is KL per step instead of |logit difference|; the mean KL is
+    `compare.mean_kl`."""
     total = len(prompt_ids) + steps
     ref_model.setup_caches(1, total)
     ort_model.setup_caches(1, total)
     tokens = torch.tensor([prompt_ids])
     worst, pos = 0.0, 0
-    compare.flips = 0
+    compare.flips, compare.max_kl, kls = 0, 0.0, []
     for step in range(steps + 1):
         a = ref_model(tokens, pos, last_only=True)[0, -1].float()
         b = ort_model(tokens, pos)[0, -1].float()
         where = "prefill" if step == 0 else f"decode step {step}"
         diff = float((a - b).abs().max())
-        if not np.isfinite(diff) or diff > tol:
+        kl = float(torch.nn.functional.kl_div(b.double().log_softmax(-1), a.double().log_softmax(-1),
+                                              log_target=True, reduction="sum"))  # KL(reference || ORT), nats
+        compare.max_kl = max(compare.max_kl, kl)
+        kls.append(kl)
+        if kl_tol is not None and not kl <= kl_tol:
+            raise ShrinkError(f"validate: next-token distribution of {where} differs by KL {kl:.4g} nats "
+                              f"(threshold {kl_tol:g}) after {len(prompt_ids)} prompt tokens")
+        if not np.isfinite(diff) or (kl_tol is None and diff > tol):
             raise ShrinkError(f"validate: logits of {where} differ by {diff:.4g} (threshold {tol:g}) "
                               f"after {len(prompt_ids)} prompt tokens")
         top2 = a.topk(2).values
@@ -68,6 +87,10 @@ def compare(ref_model, ort_model: OrtModel, prompt_ids: list[int], steps: int, t
         tokens = a.argmax().view(1, 1)
     ref_model.clear_caches()
     ort_model.clear_caches()
+    compare.mean_kl = sum(kls) / len(kls)
+    if kl_tol is not None and compare.mean_kl > QUANTIZED_MEAN_KL:
+        raise ShrinkError(f"validate: next-token distributions differ by a mean KL of {compare.mean_kl:.4g} nats "
+                          f"over {len(kls)} steps (threshold {QUANTIZED_MEAN_KL:g})")
     return worst
 
 
@@ -103,13 +126,16 @@ def validate(path: Path, lm, steps: int = DECODE_STEPS, threads: int = 0) -> dic
            for layer in lm.model.layers):
         tol = max(tol, INT4_TOLERANCE)
     ort_cpu = meta.get("ort_cpu") or {}
+    kl_tol = None
     if ort_cpu.get("accuracy_level") == 4 or (ort_cpu.get("lm_head") or {}).get("bits"):
-        tol = max(tol, INT8_ACTIVATION_TOLERANCE)  # a quantized head moves every logit the same way
+        tol, kl_tol = max(tol, QUANTIZED_FLIP_GAP), QUANTIZED_MAX_KL
     rows = []
     for p in PROMPTS:
         ids = chat_prompt(lm.tokenizer, p)
-        worst = compare(lm.model, ort_model, ids, steps, tol)
+        worst = compare(lm.model, ort_model, ids, steps, tol, kl_tol)
         rows.append({"prompt": p, "prompt_tokens": len(ids), "max_abs_logit_diff": worst,
-                     "near_tie_token_flips": compare.flips})
-    return {"checker": "ok (full shape inference)", "tolerance": tol, "decode_steps": steps, "prompts": rows,
+                     "max_kl": compare.max_kl, "mean_kl": compare.mean_kl, "near_tie_token_flips": compare.flips})
+    gate = ({"max_abs_logit_diff": tol} if kl_tol is None else
+            {"max_kl": kl_tol, "mean_kl": QUANTIZED_MEAN_KL, "flip_gap": tol})
+    return {"checker": "ok (full shape inference)", "tolerance": tol, "gate": gate, "decode_steps": steps, "prompts": rows,
             "greedy_tokens_identical": all(r["near_tie_token_flips"] == 0 for r in rows), "polygraphy": polygraphy_run(path, lm.model.args.vocab_size)}

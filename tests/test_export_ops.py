@@ -74,33 +74,8 @@ def test_quant_matmul_attributes_are_int32_and_plugin_tagged():
 
 
 def bi_branch_model(attn, cfg, dtype="float32"):
-    H, G, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    rk, rv = attn.k_down.shape[1], attn.v_down.shape[1]
-    mode = ops.KEY_MODE[cfg.key_mode]
-    fn = ops.bi_branch_function(H, G, D, cfg.window, rk, rv, cfg.bits, mode, dtype)
-    ins, outs, _ = ops.bi_branch_io(cfg.bits)
-    n = ops.node("BiBranchAttention", ins, outs, "attn", fn.overload, num_heads=H, num_kv_heads=G, head_dim=D,
-                 window=cfg.window, rank_k=rk, rank_v=rv, bits=cfg.bits, key_mode=mode)
-    F = ops.ONNX_DTYPE[dtype]
-    fdt = {16: TensorProto.FLOAT16, 8: TensorProto.INT8, 4: TensorProto.INT8}[cfg.bits]
-    C = lambda r: r if cfg.bits != 4 else (r + 1) // 2
-    shapes = {"q": (F, ["B", "T", H * D]), "k": (F, ["B", "T", G * D]), "v": (F, ["B", "T", G * D]),
-              "c_k": (F, ["B", "T", rk]), "c_v": (F, ["B", "T", rv]),
-              "win_k": (TensorProto.FLOAT16, ["B", G, cfg.window, D]), "win_v": (TensorProto.FLOAT16, ["B", G, cfg.window, D]),
-              "feat_k": (fdt, ["B", "S", C(rk)]), "feat_v": (fdt, ["B", "S", C(rv)]),
-              "k_up": (F, [rk, G * D]), "v_up": (F, [rv, G * D]), "k_bias": (F, [G * D]), "v_bias": (F, [G * D]),
-              "rope_cos": (F, ["S", D]), "rope_sin": (F, ["S", D]), "past_length": (TensorProto.INT64, [1]),
-              "feat_k_scales": (TensorProto.FLOAT16, ["B", "S", -(-rk // 32)]),
-              "feat_v_scales": (TensorProto.FLOAT16, ["B", "S", -(-rv // 32)])}
-    out_shapes = {"y": (F, ["B", "T", H * D]), "win_k_out": shapes["win_k"], "win_v_out": shapes["win_v"],
-                  "feat_k_new": (fdt, ["B", "T", C(rk)]), "feat_v_new": (fdt, ["B", "T", C(rv)]),
-                  "feat_k_scales_new": (TensorProto.FLOAT16, ["B", "T", -(-rk // 32)]),
-                  "feat_v_scales_new": (TensorProto.FLOAT16, ["B", "T", -(-rv // 32)])}
-    graph = helper.make_graph([n], "bibranch", [helper.make_tensor_value_info(i, *shapes[i]) for i in ins],
-                              [helper.make_tensor_value_info(o, *out_shapes[o]) for o in outs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET),
-                                                    helper.make_opsetid(ops.DOMAIN, 1)], functions=[fn])
-    model.ir_version = 10
+    model = ops.bi_branch_model(attn.n_heads, attn.n_kv_heads, attn.head_dim, cfg.window, attn.k_down.shape[1],
+                                attn.v_down.shape[1], cfg.bits, ops.KEY_MODE[cfg.key_mode], dtype)
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -3,6 +3,8 @@ runtime: call by call (prefill, decode at the window's edge, a chunk crossing it
 splits the feature rows), stored bytes identical; and a whole model, library vs bodies."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -20,11 +22,44 @@ if LIB is None and ort_ops.UNAVAILABLE.is_file():  # the setup said why (no head
 SHAPES = {
     "smollm2": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), 8, (48, 40)),
     "qwen-gqa2-d32": ("qwen2", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32), 5, (5, 37)),
+    # the main job's rank range (up to G*D) and a window wider than the kernel's 64-row tile
+    "smollm2-w80-wide": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), 80, (144, 176)),
 }
 
 
 def test_library_is_built():
     assert LIB is not None and LIB.is_file(), ort_ops.why_missing()
+    import ctypes
+
+    f = ctypes.CDLL(str(LIB)).shrinkrt_ort_ops
+    f.restype = ctypes.c_char_p
+    isa = f().decode().split("(")[1].rstrip(")")
+    assert isa in ("avx512", "avx2", "x86-64")
+    if os.environ.get("SHRINKRT_ORT_ISA"):  # the copy asked for (test_every_isa_copy runs each)
+        assert isa == os.environ["SHRINKRT_ORT_ISA"]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "x86-64"])
+def test_every_isa_copy(isa):
+    """The narrower kernel copies (this CPU runs the widest one by default) pass the same call-by-call
+    checks: each ISA's tile GEMMs, int4 unpack, fp16 conversion and transposes are separate code."""
+    import subprocess
+    import sys
+
+    if isa == "avx2" and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    sel = "test_library_is_built or (test_library_matches_body_and_runtime and (smollm2-w80-wide or qwen)) or test_long_store"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
+                       env={**os.environ, "SHRINKRT_ORT_ISA": isa}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-500:]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except OSError:
+        return False
 
 
 def sessions():
@@ -104,7 +139,7 @@ def test_library_matches_body_and_runtime(shape, key_mode, bits):
     W = SHAPES[shape][2]
     # prefill; decode up to the window's edge (W, W+1); a chunk crossing it; more decode
     chunks = [W - 2, 1, 1, 1, W + 3, 1, 17, 1]
-    worst, state, cache, n = run_calls(shape, key_mode, bits, chunks, capacity=64)
+    worst, state, cache, n = run_calls(shape, key_mode, bits, chunks, capacity=max(64, sum(chunks) + 1))
     assert worst["body"] < 1e-4 and worst["library"] < 1e-4, worst
     for kv in "kv":  # the library's store is the body's and the runtime's, byte for byte
         fs = getattr(cache, f"feat_{kv}")

@@ -74,8 +74,9 @@ def test_the_shape_is_the_one_asked_for(qwen_dir, qwen_ckpt):
 @pytest.mark.parametrize("target", ["generic", "ort-cpu"])
 def test_export_validate_generate(target, qwen_dir, qwen_ckpt, tmp_path, capsys):
     exp = tmp_path / f"exp-{target}"
+    exact = ["--ort-accuracy", "0"] if target == "ort-cpu" else []  # fp32 MatMulNBits: tokens comparable 1:1
     assert main(["export", "--model", str(qwen_dir), "--checkpoint", str(qwen_ckpt), "--target", target,
-                 "--out", str(exp)]) == 0  # validated against the reference before it appears
+                 "--out", str(exp), *exact]) == 0  # validated against the reference before it appears
     report = json.loads((exp / "validation.json").read_text())
     assert report["greedy_tokens_identical"]
     assert main(["validate", str(exp), "--model", str(qwen_dir), "--checkpoint", str(qwen_ckpt)]) == 0
@@ -85,6 +86,23 @@ def test_export_validate_generate(target, qwen_dir, qwen_ckpt, tmp_path, capsys)
     torch_text = capsys.readouterr().out
     assert main(["generate", *args, "--backend", "ort", "--model", str(exp)]) == 0
     assert capsys.readouterr().out == torch_text and len(torch_text.split()) >= 1
+
+
+def test_ort_cpu_defaults_are_the_fast_settings(qwen_dir, qwen_ckpt, tmp_path, capsys):
+    """--target ort-cpu exports int8-activation MatMulNBits and an 8-bit head unless told otherwise,
+    validated by the next-token distribution; the flags are refused for the generic target."""
+    exp = tmp_path / "exp"
+    assert main(["export", "--model", str(qwen_dir), "--checkpoint", str(qwen_ckpt), "--target", "ort-cpu",
+                 "--out", str(exp)]) == 0
+    ort_cpu = json.loads((exp / "export.json").read_text())["ort_cpu"]
+    assert ort_cpu["accuracy_level"] == 4 and ort_cpu["lm_head"]["bits"] == 8
+    report = json.loads((exp / "validation.json").read_text())
+    assert report["gate"] == {"max_kl": 0.5, "mean_kl": 0.05, "flip_gap": 2.0}
+    assert all(0 <= r["mean_kl"] <= r["max_kl"] <= 0.5 for r in report["prompts"])
+    capsys.readouterr()
+    assert main(["export", "--model", str(qwen_dir), "--out", str(tmp_path / "g"), "--ort-accuracy", "4"]) == 2
+    assert "--ort-accuracy is for --target ort-cpu" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
 
 
 def test_graph_description_is_the_graph(qwen_dir, qwen_ckpt, tmp_path):

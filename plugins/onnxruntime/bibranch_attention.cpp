@@ -14,6 +14,9 @@
 
 #include <algorithm>
 #include <cmath>
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <limits>
 #include <string>
@@ -63,6 +66,133 @@ inline void scale(float a, float* y, int64_t n)
         y[i] *= a;
 }
 
+// e^x for x <= 0 in a form the `omp simd` loops vectorise (std::exp is a scalar libm call, and a decode
+// step at depth takes one per feature row and head): Cody-Waite reduction by ln 2, the Cephes expf
+// polynomial (about 1 ulp), 2^n put into the exponent bits. Below -87 the result is ~1e-38, not 0:
+// callers zero masked entries themselves.
+inline float expNonPositive(float x)
+{
+    x = std::max(x, -87.f);
+    float const n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; // round to nearest: 1.5 * 2^23
+    float const r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t const e = (static_cast<int32_t>(n) + 127) << 23;
+    float twoN;
+    std::memcpy(&twoN, &e, sizeof twoN);
+    return p * twoN;
+}
+
+// The tile products as small GEMMs on the ISA's native vectors (GCC vector extensions: the same source
+// becomes zmm, ymm or xmm code in each copy of this file): kMR rows x kNV vectors of accumulators stay
+// in registers while k runs, so each loaded vector of b feeds kMR FMAs.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr int kMR = 3, kNV = 4;
+constexpr int kPad = 16; // value-feature rows padded to a multiple of every ISA's lanes
+
+inline Vec loadVec(float const* p)
+{
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void storeVec(float* p, Vec v)
+{
+    std::memcpy(p, &v, sizeof v);
+}
+
+template <int MR, int NV>
+void microKernel(float const* __restrict a, int64_t lda, float const* __restrict b, int64_t ldb, int64_t K,
+    float* __restrict c, int64_t ldc)
+{
+    Vec acc[MR][NV] = {};
+    for (int64_t k = 0; k < K; ++k)
+    {
+        Vec bv[NV];
+        for (int v = 0; v < NV; ++v)
+            bv[v] = loadVec(b + k * ldb + v * kLanes);
+        for (int m = 0; m < MR; ++m)
+        {
+            Vec const am = Vec{} + a[m * lda + k];
+            for (int v = 0; v < NV; ++v)
+                acc[m][v] += am * bv[v];
+        }
+    }
+    for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < NV; ++v)
+            storeVec(c + m * ldc + v * kLanes, loadVec(c + m * ldc + v * kLanes) + acc[m][v]);
+}
+
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Transposes a kLanes x kLanes block held as kLanes vectors (rows) in place: log2(kLanes) stages, each
+// swapping the off-diagonal b x b sub-blocks of every 2b x 2b block with two-input shuffles.
+inline void transposeBlock(Vec* r)
+{
+    IVec iota;
+    for (int c = 0; c < kLanes; ++c)
+        iota[c] = c;
+    for (int b = kLanes / 2; b >= 1; b /= 2)
+    {
+        IVec const upper = (iota & b) != 0; // columns in the upper half of their 2b block
+        IVec const lo = upper ? iota - b + kLanes : iota; // row i keeps its lower half, takes row i+b's lower half
+        IVec const hi = upper ? iota + kLanes : iota + b; // row i+b takes row i's upper half, keeps its own
+        for (int i = 0; i < kLanes; ++i)
+            if ((i & b) == 0)
+            {
+                Vec const x = r[i], y = r[i + b];
+                r[i] = __builtin_shuffle(x, y, lo);
+                r[i + b] = __builtin_shuffle(x, y, hi);
+            }
+    }
+}
+
+using MicroKernel = void (*)(float const*, int64_t, float const*, int64_t, int64_t, float*, int64_t);
+template <int MR>
+constexpr MicroKernel kKernelsOfRows[kNV] = {microKernel<MR, 1>, microKernel<MR, 2>, microKernel<MR, 3>, microKernel<MR, 4>};
+constexpr MicroKernel const* kKernels[kMR] = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>};
+
+// c (M x N) += a (M x K) b (K x N), row-major with leading dimensions; N a multiple of kLanes.
+void gemmAdd(float const* a, int64_t lda, float const* b, int64_t ldb, float* c, int64_t ldc, int64_t M, int64_t N,
+    int64_t K)
+{
+    for (int64_t m0 = 0; m0 < M; m0 += kMR)
+    {
+        int const mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+        for (int64_t n0 = 0; n0 < N; n0 += kNV * kLanes)
+        {
+            int const nv = static_cast<int>(std::min<int64_t>(kNV, (N - n0) / kLanes));
+            kKernels[mr - 1][nv - 1](a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
+        }
+    }
+}
+
+// n fp16 values -> floats: F16C's vector conversion where the ISA has it (the ring is G*W*D values per
+// call), else ONNX Runtime's scalar one (the same values: fp16 -> fp32 is exact).
+inline void halvesToFloats(uint16_t const* h, float* out, int64_t n)
+{
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(h + i))));
+#endif
+    for (; i < n; ++i)
+        out[i] = Half::toFloat(h[i]);
+}
+
 int64_t rowWidth(int r, int bits)
 {
     return bits == 4 ? (r + 1) / 2 : r;
@@ -73,14 +203,49 @@ int64_t nGroups(int r)
     return (r + kGroup - 1) / kGroup;
 }
 
+// 32 int4 features (16 bytes, low nibble = even feature) -> floats times their group's scale: the
+// sign-extended bytes' nibbles by shifts, converted, interleaved back into feature order. The scalar
+// loop in dequantRow is the fallback (a decode step at depth unpacks every stored row once).
+// (GCC 12 warns of an uninitialised variable inside its own AVX-512 intrinsics headers: GCC bug 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline bool unpackGroup32(int8_t const* bytes, float s, float* out)
+{
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512i const w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<__m128i const*>(bytes)));
+    __m512 const lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 28), 28));
+    __m512 const hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 4));
+    __m512i const first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    __m512i const second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    __m512 const sv = _mm512_set1_ps(s);
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), sv));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), sv));
+    return true;
+#elif defined(__AVX2__)
+    __m256 const sv = _mm256_set1_ps(s);
+    for (int half = 0; half < 2; ++half) // 8 bytes -> 16 features
+    {
+        __m256i const w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<__m128i const*>(bytes + 8 * half)));
+        __m256 const lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 28), 28));
+        __m256 const hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 4));
+        __m256 const a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi); // (l0 h0 l1 h1 | l4 ..), (l2 .. | l6 ..)
+        _mm256_storeu_ps(out + 16 * half, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x20), sv));
+        _mm256_storeu_ps(out + 16 * half + 8, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x31), sv));
+    }
+    return true;
+#else
+    (void) bytes, (void) s, (void) out;
+    return false;
+#endif
+}
+#pragma GCC diagnostic pop
+
 // One stored row -> r floats.
 inline void dequantRow(void const* codes, uint16_t const* scales, int r, int bits, float* out)
 {
     if (bits == 16)
     {
-        auto const* h = static_cast<uint16_t const*>(codes);
-        for (int i = 0; i < r; ++i)
-            out[i] = Half::toFloat(h[i]);
+        halvesToFloats(static_cast<uint16_t const*>(codes), out, r);
         return;
     }
     auto const* c = static_cast<int8_t const*>(codes);
@@ -95,9 +260,11 @@ inline void dequantRow(void const* codes, uint16_t const* scales, int r, int bit
                 out[i] = static_cast<float>(c[i]) * s;
             continue;
         }
-        int const pairs = (end - g0) / 2; // whole bytes: low nibble = even feature, sign by shifts
         int8_t const* bytes = c + g0 / 2;
         float* o = out + g0;
+        if (end - g0 == kGroup && unpackGroup32(bytes, s, o))
+            continue;
+        int const pairs = (end - g0) / 2; // whole bytes: low nibble = even feature, sign by shifts
 #pragma omp simd
         for (int i = 0; i < pairs; ++i)
         {
@@ -167,7 +334,7 @@ inline void rebase(float* a, float m, size_t len)
 {
     if (a[kMax] == m)
         return;
-    float const f = a[kMax] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(a[kMax] - m);
+    float const f = a[kMax] == -std::numeric_limits<float>::infinity() ? 0.f : expNonPositive(a[kMax] - m);
     a[kMax] = m;
     a[kMass] *= f;
     a[kFeatMass] *= f;
@@ -271,7 +438,8 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     int64_t nSplit = std::max<int64_t>(1, (kTargetItems + B * nBlocks - 1) / (B * nBlocks));
     nSplit = std::max<int64_t>(1, std::min(nSplit, maxFeatRows / kMinRowsPerSplit));
     int64_t const splitLen = std::max<int64_t>(1, (maxFeatRows + nSplit - 1) / nSplit);
-    size_t const accLen = 3 + D + RV;
+    int64_t const RVp = (RV + kPad - 1) / kPad * kPad; // value features as the tile GEMM reads them
+    size_t const accLen = 3 + D + RVp;
     size_t const perItem = static_cast<size_t>(kQueryBlock * H) * accLen;
     int const KW = post ? RK : G * D; // a tile row: c_k (post-RoPE) or the rebuilt keys of every KV head
     float* partials = nSplit > 1 ? grow(cb.partials, static_cast<size_t>(B * nBlocks * nSplit) * perItem) : nullptr;
@@ -301,6 +469,88 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         dequantRow(codes, sc, r, bits, out);
     };
 
+    // The window of a query block: the keys at positions first..last (the block's windows together,
+    // <= kQueryBlock + W - 1 of them) from the ring or this call, per KV head feature-major (D, Lp) for
+    // the scores and row-major (L, D) for the value sums; each query masks the ones outside its own
+    // window (p - W < j <= p).
+    auto windowByGemm = [&](int64_t b, int64_t t0, int64_t nq, float* accs) {
+        int64_t const first = std::max<int64_t>(0, P + t0 - W + 1), last = P + t0 + nq - 1;
+        int64_t const L = last - first + 1, Lp = (L + kPad - 1) / kPad * kPad;
+        size_t const nh = static_cast<size_t>(nq) * H;
+        thread_local std::vector<float> wbuf;
+        float* kt = grow(wbuf, static_cast<size_t>(G) * D * Lp * 2 + nh * Lp + D); // (G, D, Lp)
+        float* vr = kt + static_cast<size_t>(G) * D * Lp; // (G, Lp, D)
+        float* ws = vr + static_cast<size_t>(G) * Lp * D; // (nh, Lp) scores, then weights
+        float* tmp = ws + nh * Lp; // (D) one converted ring row
+        for (int g = 0; g < G; ++g)
+        {
+            float* ktg = kt + static_cast<size_t>(g) * D * Lp;
+            float* vg = vr + static_cast<size_t>(g) * Lp * D;
+            for (int64_t i = 0; i < L; ++i)
+            {
+                int64_t const j = first + i;
+                float const* key;
+                if (j < P)
+                {
+                    size_t const slot = ((b * G + g) * W + j % W) * static_cast<size_t>(D);
+                    halvesToFloats(io.winK + slot, tmp, D);
+                    halvesToFloats(io.winV + slot, vg + i * D, D);
+                    key = tmp;
+                }
+                else
+                {
+                    size_t const at = ((b * T + (j - P)) * G + g) * static_cast<size_t>(D);
+                    key = newK + at;
+                    std::memcpy(vg + i * D, newV + at, sizeof(float) * D);
+                }
+                for (int d = 0; d < D; ++d)
+                    ktg[d * Lp + i] = key[d];
+            }
+            for (int d = 0; d < D; ++d)
+                std::fill(ktg + d * Lp + L, ktg + (d + 1) * Lp, 0.f);
+        }
+        std::fill(ws, ws + nh * Lp, 0.f);
+        for (int64_t qi = 0; qi < nq; ++qi) // a KV head's window keys serve its rep query heads
+            for (int g = 0; g < G; ++g)
+            {
+                int64_t const x = qi * H + g * rep;
+                gemmAdd(qd + ((b * T + t0) * H + x) * D, D, kt + static_cast<size_t>(g) * D * Lp, Lp, ws + x * Lp, Lp,
+                    rep, Lp, D);
+            }
+        for (size_t x = 0; x < nh; ++x)
+        {
+            int64_t const p = P + t0 + static_cast<int64_t>(x) / H;
+            int64_t const lo = std::max<int64_t>(0, p - W + 1) - first, hi = p - first; // this query's columns
+            float* w = ws + x * Lp;
+            float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+            for (int64_t i = 0; i < Lp; ++i)
+            {
+                float const v = i >= lo && i <= hi ? w[i] : -std::numeric_limits<float>::infinity();
+                m = m > v ? m : v;
+            }
+            float* acc = accs + x * accLen;
+            rebase(acc, std::max(acc[kMax], m), accLen);
+            float const mx = acc[kMax];
+            float mass = 0.f;
+#pragma omp simd reduction(+ : mass)
+            for (int64_t i = 0; i < Lp; ++i)
+            {
+                float const e = i >= lo && i <= hi ? expNonPositive(w[i] - mx) : 0.f;
+                w[i] = e;
+                mass += e;
+            }
+            acc[kMass] += mass;
+        }
+        for (int64_t qi = 0; qi < nq; ++qi) // window sums += weights x the window's values
+            for (int g = 0; g < G; ++g)
+            {
+                int64_t const x = qi * H + g * rep;
+                gemmAdd(ws + x * Lp, Lp, vr + static_cast<size_t>(g) * Lp * D, D, accs + x * accLen + kSums,
+                    static_cast<int64_t>(accLen), rep, D, L);
+            }
+    };
+
     size_t const nItems = static_cast<size_t>(B * nBlocks * nSplit);
     parallel(nItems, [&](size_t item) {
         int64_t const split = static_cast<int64_t>(item) % nSplit;
@@ -308,13 +558,17 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         int64_t const b = static_cast<int64_t>(item) / (nSplit * nBlocks);
         int64_t const t0 = blk * kQueryBlock, t1 = std::min(T, t0 + kQueryBlock), nq = t1 - t0;
         size_t const nh = static_cast<size_t>(nq) * H; // (query, head) pairs of this item
-        std::vector<float>& buf = scratch(nh * accLen + kRowTile * (KW + RV) + kRowTile + RK
-            + static_cast<size_t>(2 * G * W * D) + W);
+        // scores of every (query, head) of the item against a tile, or one (query, head)'s window
+        size_t const scoreLen = std::max(nh * kRowTile, static_cast<size_t>(W));
+        int64_t const KWp = (KW + kLanes - 1) / kLanes * kLanes;
+        std::vector<float>& buf = scratch(nh * accLen + kRowTile * (KW + RVp) + scoreLen + kLanes * KWp + RK
+            + static_cast<size_t>(2 * G * W * D));
         float* accs = buf.data();
-        float* tileKey = accs + nh * accLen; // (kRowTile, KW)
-        float* tileV = tileKey + kRowTile * KW; // (kRowTile, RV)
-        float* sc = tileV + kRowTile * RV; // (kRowTile) scores of one (query, head)
-        float* rowC = sc + kRowTile; // (RK) pre-RoPE: one dequantised row
+        float* tileKey = accs + nh * accLen; // (KW, kRowTile): feature-major, the scores' right factor
+        float* tileV = tileKey + kRowTile * KW; // (kRowTile, RVp): row-major, the value sums' right factor
+        float* sc = tileV + kRowTile * RVp; // (nh, kRowTile) scores, then softmax weights
+        float* keyRows = sc + scoreLen; // (kLanes, KWp) key rows, dequantised or rebuilt, before the transpose
+        float* rowC = keyRows + kLanes * KWp; // (RK) pre-RoPE: one row of c_k
         float* ringK = rowC + RK; // (G, W, D) the ring as floats
         float* ringV = ringK + static_cast<size_t>(G) * W * D;
         for (size_t x = 0; x < nh; ++x)
@@ -333,7 +587,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             for (int64_t jj = 0; jj < n; ++jj)
             {
                 int64_t const j = j0 + jj;
-                float* key = tileKey + jj * KW;
+                float* key = keyRows + (jj % kLanes) * KWp;
                 if (post)
                     featRow(true, b, j, key);
                 else // K_j = RoPE(c_j @ k_up + k_bias, j), every KV head at once
@@ -355,45 +609,83 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                         }
                     }
                 }
-                featRow(false, b, j, tileV + jj * RV);
-            }
-            for (int64_t qi = 0; qi < nq; ++qi)
-            {
-                int64_t const t = t0 + qi;
-                int64_t const valid = std::min(n, P + t - W - j0 + 1); // rows j <= p - W
-                if (valid <= 0)
-                    continue;
-                for (int h = 0; h < H; ++h)
-                {
-                    float const* qv = qFeat + ((b * T + t) * H + h) * QK;
-                    int const off = post ? 0 : (h / rep) * D;
-                    float m = -std::numeric_limits<float>::infinity();
-                    for (int64_t jj = 0; jj < valid; ++jj)
+                float* v = tileV + jj * RVp;
+                featRow(false, b, j, v);
+                std::fill(v + RV, v + RVp, 0.f);
+                if (jj % kLanes == kLanes - 1 || jj == n - 1) // a block of kLanes key rows: into the
+                {                                              // feature-major tile, kLanes x kLanes at a time
+                    int64_t const jb = jj - jj % kLanes;
+                    std::fill(keyRows + (jj % kLanes + 1) * KWp, keyRows + kLanes * KWp, 0.f); // rows past n: zero
+                    for (int e0 = 0; e0 < KW; e0 += kLanes)
                     {
-                        sc[jj] = dot(qv, tileKey + jj * KW + off, QK);
-                        m = std::max(m, sc[jj]);
-                    }
-                    float* acc = accs + (qi * H + h) * accLen;
-                    rebase(acc, std::max(acc[kMax], m), accLen);
-                    float* c = acc + kSums + D;
-                    for (int64_t jj = 0; jj < valid; ++jj)
-                    {
-                        float const p = std::exp(sc[jj] - acc[kMax]);
-                        acc[kMass] += p;
-                        acc[kFeatMass] += p;
-                        axpy(p, tileV + jj * RV, c, RV);
+                        Vec blk[kLanes];
+                        for (int i = 0; i < kLanes; ++i)
+                            blk[i] = loadVec(keyRows + i * KWp + e0);
+                        transposeBlock(blk);
+                        for (int i = 0; i < kLanes && e0 + i < KW; ++i)
+                            storeVec(tileKey + (e0 + i) * kRowTile + jb, blk[i]);
                     }
                 }
             }
+            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < kRowTile; jb += kLanes) // blocks past n
+                for (int e = 0; e < KW; ++e)
+                    std::fill(tileKey + e * kRowTile + jb, tileKey + e * kRowTile + jb + kLanes, 0.f);
+            // queries before qLo see no row of this tile (prefill's causal edge); rows j <= p - W are seen
+            auto validOf = [&](int64_t qi) { return std::min(n, P + t0 + qi - W - j0 + 1); };
+            int64_t qLo = 0;
+            while (qLo < nq && validOf(qLo) <= 0)
+                ++qLo;
+            if (qLo == nq)
+                continue;
+            size_t const x0 = static_cast<size_t>(qLo) * H, rows = nh - x0;
+            std::fill(sc + x0 * kRowTile, sc + nh * kRowTile, 0.f);
+            if (post) // every head dots the same c_k rows: one GEMM over all (query, head) rows
+                gemmAdd(qFeat + ((b * T + t0) * H + static_cast<int64_t>(x0)) * QK, QK, tileKey, kRowTile,
+                    sc + x0 * kRowTile, kRowTile, static_cast<int64_t>(rows), kRowTile, QK);
+            else // a KV head's keys serve its rep query heads
+                for (int64_t qi = qLo; qi < nq; ++qi)
+                    for (int g = 0; g < G; ++g)
+                    {
+                        int64_t const x = qi * H + g * rep;
+                        gemmAdd(qd + ((b * T + t0) * H + x) * D, D, tileKey + static_cast<int64_t>(g) * D * kRowTile,
+                            kRowTile, sc + x * kRowTile, kRowTile, rep, kRowTile, D);
+                    }
+            for (size_t x = x0; x < nh; ++x) // online softmax per (query, head): weights in place of scores
+            {
+                int64_t const valid = validOf(static_cast<int64_t>(x) / H);
+                float* s = sc + x * kRowTile;
+                float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+                for (int64_t jj = 0; jj < kRowTile; ++jj) // whole tile, masked: a fixed trip count vectorises
+                {
+                    float const v = jj < valid ? s[jj] : -std::numeric_limits<float>::infinity();
+                    m = m > v ? m : v;
+                }
+                float* acc = accs + x * accLen;
+                rebase(acc, std::max(acc[kMax], m), accLen);
+                float const mx = acc[kMax];
+                float mass = 0.f;
+#pragma omp simd reduction(+ : mass)
+                for (int64_t jj = 0; jj < kRowTile; ++jj)
+                {
+                    float const e = jj < valid ? expNonPositive(s[jj] - mx) : 0.f;
+                    s[jj] = e;
+                    mass += e;
+                }
+                acc[kMass] += mass;
+                acc[kFeatMass] += mass;
+            }
+            // value-feature sums += weights @ the tile's c_v rows, for every (query, head) row at once
+            gemmAdd(sc + x0 * kRowTile, kRowTile, tileV, RVp, accs + x0 * accLen + kSums + D,
+                static_cast<int64_t>(accLen), static_cast<int64_t>(rows), RVp, n);
         }
-        if (split == nSplit - 1) // the window: positions p-W < j <= p, from the ring or this call
+        if (split == nSplit - 1 && D % kPad == 0) // the window as two small GEMMs per KV head (below)
+            windowByGemm(b, t0, nq, accs);
+        else if (split == nSplit - 1) // the window: positions p-W < j <= p, from the ring or this call
         {
             size_t const ringAt = static_cast<size_t>(b * G * W) * D, ringLen = static_cast<size_t>(G) * W * D;
-            for (size_t x = 0; x < ringLen; ++x)
-            {
-                ringK[x] = Half::toFloat(io.winK[ringAt + x]);
-                ringV[x] = Half::toFloat(io.winV[ringAt + x]);
-            }
+            halvesToFloats(io.winK + ringAt, ringK, static_cast<int64_t>(ringLen));
+            halvesToFloats(io.winV + ringAt, ringV, static_cast<int64_t>(ringLen));
             for (int64_t qi = 0; qi < nq; ++qi)
             {
                 int64_t const t = t0 + qi, p = P + t, first = std::max<int64_t>(0, p - W + 1);
@@ -414,12 +706,18 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     }
                     float* acc = accs + (qi * H + h) * accLen;
                     rebase(acc, std::max(acc[kMax], m), accLen);
-                    for (int64_t j = first; j <= p; ++j)
+                    float const mx = acc[kMax];
+                    int64_t const cnt = p - first + 1;
+                    float mass = 0.f;
+#pragma omp simd reduction(+ : mass)
+                    for (int64_t i = 0; i < cnt; ++i)
                     {
-                        float const e = std::exp(sc[j - first] - acc[kMax]);
-                        acc[kMass] += e;
-                        axpy(e, keyAt(j, true), acc + kSums, D);
+                        sc[i] = expNonPositive(sc[i] - mx);
+                        mass += sc[i];
                     }
+                    acc[kMass] += mass;
+                    for (int64_t j = first; j <= p; ++j)
+                        axpy(sc[j - first], keyAt(j, true), acc + kSums, D);
                 }
             }
         }

@@ -5,6 +5,9 @@
 #include "half.h"
 #include "shrinkrt_ops.gen.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace shrinkrt
 {
 namespace cpu
@@ -23,11 +26,17 @@ namespace
 
 using Kernel = void (*)(BiBranchShape const&, BiBranchIO const&, ParallelFor const&);
 
+// SHRINKRT_ORT_ISA=avx2|x86-64 caps the choice at a narrower copy (tests run every copy on one
+// machine; a user can rule out a suspect one); it never picks a copy the CPU cannot run.
 Kernel pick()
 {
+    char const* cap = std::getenv("SHRINKRT_ORT_ISA");
+    std::string const want = cap ? cap : "";
+    if (want == "x86-64")
+        return base::biBranchAttention;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
+    if (want != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512dq"))
         return avx512::biBranchAttention;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
