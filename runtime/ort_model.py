@@ -4,9 +4,12 @@ generation, evaluation and profiling run unchanged on either backend.
 
 Caches: every cache tensor of the export's graph description (export.json "io") gets one buffer of the capacity asked for
 at setup_caches, allocated once and bound to the session by IO binding as an OrtValue over the same
-memory (no copy, no per-step reallocation). The graph returns this call's rows, which are written
-into the buffers at the call's positions; the CSKV window ring comes back whole and is copied into
-its buffer. The shrinkrt ops run the CPU library's kernels when it is built (runtime/ort_ops.py),
+memory (no copy, no per-step reallocation). The graph returns this call's rows: each such output is
+bound to the buffer's own slice at the call's positions where that slice is contiguous (batch 1), so
+ONNX Runtime writes the rows in place (they never overlap the rows the call reads); otherwise they
+are copied in. The CSKV window ring comes back whole, into a second buffer of its shape, and the two
+swap roles each call. The logits go to one preallocated buffer. A decode step copies no cache byte
+and creates no output array. The shrinkrt ops run the CPU library's kernels when it is built (runtime/ort_ops.py),
 else their reference bodies.
 """
 from __future__ import annotations
@@ -73,15 +76,29 @@ class OrtModel(ExportedCaches):
             raise ValueError(f"cache of {max_seq_len} tokens exceeds the model's context {self.args.max_seq_len}")
         import onnxruntime as ort
 
-        self.buffers, self.bound = {}, {}
+        self.buffers, self.bound, self.spare = {}, {}, {}
         for c in self.io.caches:
             buf = np.zeros(c.buffer_shape(batch, max_seq_len), np.dtype(c.dtype))
             self.buffers[c.input] = buf
             self.bound[c.input] = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
+            if c.update == "ring":  # the ring's next state is written here, then the two swap
+                other = np.zeros_like(buf)
+                self.spare[c.input] = (other, ort.OrtValue.ortvalue_from_numpy(other))
         self.binding = self.sess.io_binding()
         for name, v in self.bound.items():
             self.binding.bind_ortvalue_input(name, v)
+        shape = next(o.shape for o in self.sess.get_outputs() if o.name == self.io.logits)
+        if len(shape) == 3 and shape[1] == 1 and isinstance(shape[2], int):  # (B, 1, vocab) float32: preallocated
+            self.logits_buf = np.zeros((batch, 1, shape[2]), np.float32)
+            self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits_buf)
+        else:
+            self.logits_buf = None
         self.length, self.capacity, self.batch = 0, max_seq_len, batch
+
+    @staticmethod
+    def in_place(rows: np.ndarray) -> bool:
+        """Whether ONNX Runtime can write a call's rows straight into this slice of a cache buffer."""
+        return rows.flags.c_contiguous
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         """Logits of the last position, (B, 1, vocab) float32 (the graph computes only that row)."""
@@ -89,10 +106,37 @@ class OrtModel(ExportedCaches):
         self.check_call(start, T)
         self.binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)))
         self.binding.bind_cpu_input(self.io.past_length, np.array([start], np.int64))
+        import onnxruntime as ort
+
         self.binding.clear_binding_outputs()  # outputs are this call's rows: their shapes follow T
+        copied, keep = [], []  # outputs ONNX Runtime allocates (then copied in); views kept alive for the run
+        by_output = {c.output: c for c in self.io.caches}
         for name in self.outputs:
-            self.binding.bind_output(name, "cpu")
+            c = by_output.get(name)
+            if name == self.io.logits and self.logits_buf is not None and self.logits_buf.shape[0] == tokens.shape[0]:
+                self.binding.bind_ortvalue_output(name, self.logits_value)
+            elif c is not None and c.update == "ring":
+                self.binding.bind_ortvalue_output(name, self.spare[c.input][1])
+            elif c is not None and self.in_place(rows := self.buffers[c.input][
+                    (slice(None),) * c.token_axis + (slice(start, start + T),)]):
+                keep.append(rows)
+                self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(rows))
+            else:
+                self.binding.bind_output(name, "cpu")
+                copied.append(name)
         self.sess.run_with_iobinding(self.binding)
-        outs = dict(zip(self.outputs, self.binding.copy_outputs_to_cpu()))
-        self.store_outputs(outs, start, T)
-        return torch.from_numpy(outs[self.io.logits])
+        for c in self.io.caches:  # the ring just written becomes the input of the next call
+            if c.update == "ring":
+                (new, new_value), old = self.spare[c.input], (self.buffers[c.input], self.bound[c.input])
+                self.buffers[c.input], self.bound[c.input], self.spare[c.input] = new, new_value, old
+                self.binding.bind_ortvalue_input(c.input, new_value)
+        if copied:
+            values = dict(zip(self.outputs, self.binding.get_outputs()))
+            outs = {n: values[n].numpy() for n in copied}
+            for c in self.io.caches:
+                if c.output in outs:
+                    self.buffers[c.input][(slice(None),) * c.token_axis + (slice(start, start + T),)] = outs[c.output]
+        self.length = start + T
+        if copied and self.io.logits in outs:
+            return torch.from_numpy(outs[self.io.logits])
+        return torch.from_numpy(self.logits_buf.copy())
