@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-body", action="store_true", help="the library only (the body is slow at depth)")
-    ap.add_argument("--library", default="auto", help="the library to time: auto (the built one) or a path")
+    ap.add_argument("--ort-ops", dest="library", default="auto", help="the library to time: auto (the built one) or a path")
     ap.add_argument("--out", default="docs/results/ort_ops")
     a = ap.parse_args(argv)
     import onnxruntime as ort
@@ -74,14 +74,25 @@ def main(argv=None) -> int:
     from shrinkrt.export import ops
     from shrinkrt.runtime import ort_ops
 
+    from shrinkrt.errors import ShrinkError
+
     out = Path(a.out)
-    for suffix in (".json", ".md", ".png"):
-        check_target(out.with_suffix(suffix), "--out", results_file_is_ours, kind="file")
-    lib = ort_ops.resolve(a.library)
+    try:
+        for suffix in (".json", ".md", ".png"):  # never over a file this tool did not write
+            check_target(out.with_suffix(suffix), "--out", results_file_is_ours, kind="file")
+        lib = ort_ops.resolve(a.library)
+        rk, rv = (int(r) for r in a.ranks.split(","))
+        depths = [int(d) for d in a.depths.split(",")]
+    except ShrinkError as e:
+        ap.error(str(e))
+    except ValueError:
+        ap.error(f"--ranks takes RANK_K,RANK_V and --depths a comma-separated list of integers "
+                 f"(got {a.ranks!r}, {a.depths!r})")
+    if rk < 1 or rv < 1 or a.prefill < 1 or a.reps < 1 or any(d < 1 for d in depths):
+        ap.error("--ranks, --depths, --prefill and --reps must be positive")
     if lib is None:
         ap.error(f"the CPU ops library is not built: {ort_ops.why_missing()}")
     H, G, D, W = 9, 3, 64, 64
-    rk, rv = (int(r) for r in a.ranks.split(","))
     mode = ops.KEY_MODE[a.key_mode]
     proto = ops.bi_branch_model(H, G, D, W, rk, rv, a.bits, mode).SerializeToString()
 
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
 
     paths = {"library": session(True)} | ({} if a.no_body else {"body": session(False)})
     rows = []
-    for depth in (int(d) for d in a.depths.split(",")):
+    for depth in depths:
         for phase, T, past in (("decode", 1, depth), ("prefill", a.prefill, max(0, depth - a.prefill))):
             feeds = inputs_for(H, G, D, W, rk, rv, a.bits, past, T)
             row = {"phase": phase, "depth": depth, "tokens": T, "past": past}

@@ -67,6 +67,7 @@ class OrtModel(ExportedCaches):
         if missing:
             raise ShrinkError(f"{export_dir / 'model.onnx'} lacks the cache input {missing[0]} that export.json describes")
         self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.cache_of_output = {c.output: c for c in self.io.caches}
         self.buffers: dict[str, np.ndarray] = {}
         self.length = 0
         self.capacity = 0
@@ -110,9 +111,8 @@ class OrtModel(ExportedCaches):
 
         self.binding.clear_binding_outputs()  # outputs are this call's rows: their shapes follow T
         copied, keep = [], []  # outputs ONNX Runtime allocates (then copied in); views kept alive for the run
-        by_output = {c.output: c for c in self.io.caches}
         for name in self.outputs:
-            c = by_output.get(name)
+            c = self.cache_of_output.get(name)
             if name == self.io.logits and self.logits_buf is not None and self.logits_buf.shape[0] == tokens.shape[0]:
                 self.binding.bind_ortvalue_output(name, self.logits_value)
             elif c is not None and c.update == "ring":

@@ -341,6 +341,32 @@ inline void rebase(float* a, float m, size_t len)
     scale(f, a + kSums, static_cast<int64_t>(len - kSums));
 }
 
+// One (query, head)'s scores s[0, len) -> softmax weights in place, merged into its accumulator's
+// running max; only columns lo..hi count (masked ones get weight 0). Returns their mass. Whole-row
+// loops with a mask: a fixed trip count vectorises.
+inline float softmaxInto(float* s, int64_t len, int64_t lo, int64_t hi, float* acc, size_t accLen)
+{
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < len; ++i)
+    {
+        float const v = i >= lo && i <= hi ? s[i] : -std::numeric_limits<float>::infinity();
+        m = m > v ? m : v;
+    }
+    rebase(acc, std::max(acc[kMax], m), accLen);
+    float const mx = acc[kMax];
+    float mass = 0.f;
+#pragma omp simd reduction(+ : mass)
+    for (int64_t i = 0; i < len; ++i)
+    {
+        float const e = i >= lo && i <= hi ? expNonPositive(s[i] - mx) : 0.f;
+        s[i] = e;
+        mass += e;
+    }
+    acc[kMass] += mass;
+    return mass;
+}
+
 // Per-thread scratch, grown once and reused by every call (no allocation per decode step).
 // Per-call arrays of the calling thread (this call's rows, the queries, the split partials), also
 // grown once: a decode step allocates nothing.
@@ -521,26 +547,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         {
             int64_t const p = P + t0 + static_cast<int64_t>(x) / H;
             int64_t const lo = std::max<int64_t>(0, p - W + 1) - first, hi = p - first; // this query's columns
-            float* w = ws + x * Lp;
-            float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-            for (int64_t i = 0; i < Lp; ++i)
-            {
-                float const v = i >= lo && i <= hi ? w[i] : -std::numeric_limits<float>::infinity();
-                m = m > v ? m : v;
-            }
-            float* acc = accs + x * accLen;
-            rebase(acc, std::max(acc[kMax], m), accLen);
-            float const mx = acc[kMax];
-            float mass = 0.f;
-#pragma omp simd reduction(+ : mass)
-            for (int64_t i = 0; i < Lp; ++i)
-            {
-                float const e = i >= lo && i <= hi ? expNonPositive(w[i] - mx) : 0.f;
-                w[i] = e;
-                mass += e;
-            }
-            acc[kMass] += mass;
+            softmaxInto(ws + x * Lp, Lp, lo, hi, accs + x * accLen, accLen);
         }
         for (int64_t qi = 0; qi < nq; ++qi) // window sums += weights x the window's values
             for (int g = 0; g < G; ++g)
@@ -652,28 +659,9 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     }
             for (size_t x = x0; x < nh; ++x) // online softmax per (query, head): weights in place of scores
             {
-                int64_t const valid = validOf(static_cast<int64_t>(x) / H);
-                float* s = sc + x * kRowTile;
-                float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-                for (int64_t jj = 0; jj < kRowTile; ++jj) // whole tile, masked: a fixed trip count vectorises
-                {
-                    float const v = jj < valid ? s[jj] : -std::numeric_limits<float>::infinity();
-                    m = m > v ? m : v;
-                }
                 float* acc = accs + x * accLen;
-                rebase(acc, std::max(acc[kMax], m), accLen);
-                float const mx = acc[kMax];
-                float mass = 0.f;
-#pragma omp simd reduction(+ : mass)
-                for (int64_t jj = 0; jj < kRowTile; ++jj)
-                {
-                    float const e = jj < valid ? expNonPositive(s[jj] - mx) : 0.f;
-                    s[jj] = e;
-                    mass += e;
-                }
-                acc[kMass] += mass;
-                acc[kFeatMass] += mass;
+                acc[kFeatMass] += softmaxInto(sc + x * kRowTile, kRowTile, 0, validOf(static_cast<int64_t>(x) / H) - 1,
+                    acc, accLen);
             }
             // value-feature sums += weights @ the tile's c_v rows, for every (query, head) row at once
             gemmAdd(sc + x0 * kRowTile, kRowTile, tileV, RVp, accs + x0 * accLen + kSums + D,
