@@ -1,7 +1,9 @@
 """Latency and memory of ShrinkRT against its peers, one run, same model, same threads, in
 llama-bench's shape -> docs/results/latency.{json,md,png}.
 
-Per backend and depth d (a fresh process each, so peak RSS is the backend's own), `--reps` times:
+Per backend and depth d (a fresh process each, so peak RSS is the backend's own: the prompt's token ids
+are made once by this process and piped to each worker, which loads its backend and nothing else; the
+shrinkrt-ort worker runs OrtModel.run on numpy, without torch or transformers), `--reps` times:
 prefill of d prompt tokens (pp: tokens/s), then greedy decode of `--decode-steps` tokens at that
 depth (tg: tokens/s); figures are mean +- std over the repetitions, raw samples in the JSON. At the
 first depth (512) that is pp512 and tg128 (`--decode-steps-first`, default 128).
@@ -47,7 +49,7 @@ def _bench(reset, prefill, step, ids: list[int], steps: int, reps: int) -> dict:
         for _ in range(steps):
             tok = step(tok)
         tg.append(steps / (time.perf_counter() - t0))
-    from shrinkrt.runtime.profile import peak_rss_mb
+    from shrinkrt.runtime.profile import peak_rss_mb  # torch-free module
 
     (p, ps), (d, ds) = _stats(pp), _stats(tg)
     return {"context": len(ids), "decode_steps": steps, "reps": reps, "prefill_tokens_per_s": p,
@@ -55,25 +57,40 @@ def _bench(reset, prefill, step, ids: list[int], steps: int, reps: int) -> dict:
             "samples": {"prefill_tokens_per_s": pp, "decode_tokens_per_s": tg}, "peak_rss_mb": peak_rss_mb()}
 
 
-def _ids(context: int) -> list[int]:
+def prompt_ids(context: int) -> list[int]:
+    """The prompt of `context` tokens (the evaluation text, repeated as needed); in the parent only."""
     from shrinkrt.runtime.loader import load_tokenizer, resolve_model_dir
     from shrinkrt.runtime.profile import prompt_tokens
 
     return prompt_tokens(load_tokenizer(resolve_model_dir(None)), context)
 
 
-def worker_shrinkrt(backend: str, export: str, context: int, steps: int, threads: int, reps: int) -> dict:
-    import torch
+def _ids(context: int) -> list[int]:
+    """A worker's prompt: the parent's token ids on stdin (a JSON list of `context` ids)."""
+    ids = json.loads(sys.stdin.read())
+    if len(ids) != context:
+        raise SystemExit(f"worker: {len(ids)} prompt ids on stdin, expected {context}")
+    return ids
 
-    if backend == "shrinkrt-ort":
+
+def worker_shrinkrt(backend: str, export: str, context: int, steps: int, threads: int, reps: int) -> dict:
+    import contextlib
+
+    import numpy as np
+
+    if backend == "shrinkrt-ort":  # numpy in and out: this process never loads torch
         from shrinkrt.runtime.ort_model import OrtModel
 
         m = OrtModel(Path(export), threads=threads)
+        call, ids_of, no_grad = m.run, lambda ids: np.array([ids], np.int64), contextlib.nullcontext()
     else:
+        import torch
+
         from shrinkrt.runtime.loader import load
 
         torch.set_num_threads(threads)
         m = load(progress=False).model
+        call, ids_of, no_grad = m.forward, lambda ids: torch.tensor([ids]), torch.inference_mode()
     ids = _ids(context)
     state = {}
 
@@ -83,16 +100,16 @@ def worker_shrinkrt(backend: str, export: str, context: int, steps: int, threads
 
     def prefill(ids):
         for s in range(0, len(ids), 512):
-            logits = m.forward(torch.tensor([ids[s:s + 512]]), s)
+            logits = call(ids_of(ids[s:s + 512]), s)
         state["pos"] = len(ids)
         return int(logits[0, -1].argmax())
 
     def step(tok):
-        logits = m.forward(torch.tensor([[tok]]), state["pos"])
+        logits = call(ids_of([tok]), state["pos"])
         state["pos"] += 1
         return int(logits[0, -1].argmax())
 
-    with torch.inference_mode():
+    with no_grad:
         row = _bench(reset, prefill, step, ids, steps, reps)
         row["kv_bytes"] = m.cache_nbytes()
     if backend == "shrinkrt-ort":
@@ -105,16 +122,16 @@ def _ort_nodes_per_step(export: str, threads: int) -> int:
     """Nodes ONNX Runtime runs per decode step (its profiler, 2 steps after a short prompt)."""
     import tempfile
 
-    import torch
+    import numpy as np
 
     from shrinkrt.runtime.ort_model import OrtModel
 
     with tempfile.TemporaryDirectory() as tmp:
         m = OrtModel(Path(export), threads=threads, profile_prefix=str(Path(tmp) / "ort"))
         m.setup_caches(1, 16)
-        m.forward(torch.tensor([[5, 6, 7]]), 0)
+        m.run(np.array([[5, 6, 7]]), 0)
         for i in range(2):
-            m.forward(torch.tensor([[8]]), 3 + i)
+            m.run(np.array([[8]]), 3 + i)
         events = json.loads(Path(m.sess.end_profiling()).read_text())
     first = [e for e in events if e.get("name") == "model_run"][-2]["ts"]
     return round(sum(1 for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
@@ -184,9 +201,9 @@ def worker_llamacpp(context: int, steps: int, threads: int, reps: int) -> dict:
 
 def genai_model(threads: int) -> Path:
     """onnxruntime-genai's own int4 CPU build of the cached model (once), threads in its config."""
-    from shrinkrt.runtime.loader import resolve_model_dir
-
     if not (GENAI_DIR / "genai_config.json").is_file():
+        from shrinkrt.runtime.loader import resolve_model_dir  # loads torch: only when building
+
         tmp = GENAI_DIR.with_name(GENAI_DIR.name + ".tmp")
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(resolve_model_dir(None)),
                         "-o", str(tmp), "-p", "int4", "-e", "cpu"], check=True, capture_output=True)
@@ -236,9 +253,9 @@ def available(backend: str) -> str | None:
     return None
 
 
-def run_one(backend: str, context: int, steps: int, a) -> dict:
+def run_one(backend: str, context: int, steps: int, ids: list[int], a) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, str(context), str(steps), str(a.threads), str(a.reps), a.export]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"{backend} at {context}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -332,12 +349,15 @@ def main(argv=None):
         if why:
             skipped.append(why)
     backends = [b for b in backends if not available(b)]
+    if "ort-genai" in backends:  # its build (once) here, so no worker's peak RSS includes it
+        genai_model(a.threads)
     for i, c in enumerate(contexts):
+        ids = prompt_ids(c)
         for b in backends:
             steps = a.decode_steps_first if i == 0 else a.decode_steps
             t0 = time.perf_counter()
             try:
-                r = run_one(b, c, steps, a)
+                r = run_one(b, c, steps, ids, a)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 skipped.append(str(e))
                 print(f"FAILED {e}", flush=True)

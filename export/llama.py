@@ -86,6 +86,7 @@ class Graph:
                  lm_head_bits: int = 0):
         self.dtype, self.F, self.target, self.ort_accuracy = dtype, ops.ONNX_DTYPE[dtype], target, ort_accuracy
         self.lm_head_bits = lm_head_bits
+        self.lm_head_codes = None  # export/ort_cpu.py: the quantized head, shared by a tied embedding
         self.np_float = np.float16 if dtype == "float16" else np.float32
         self.stats = {}
         self.nodes, self.inits, self.functions = [], {}, {}
@@ -328,7 +329,12 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     else:
         cos, sin = b("Slice", "rope_cos", P, E, zero), b("Slice", "rope_sin", P, E, zero)
     b = g.scope("embed/")
-    h = b("Gather", g.fweight("embed_tokens.weight", model.embed_tokens.weight), ids, axis=0)
+    if g.lm_head_bits and args.tie_embeddings:  # the table once: the quantized head's codes serve both
+        from .ort_cpu import embedding_from_head
+
+        h = embedding_from_head(g, b, ids, model.lm_head.weight.detach().float().numpy(), g.lm_head_bits)
+    else:
+        h = b("Gather", g.fweight("embed_tokens.weight", model.embed_tokens.weight), ids, axis=0)
     if lean:  # the first norm in standard ops (ORT's SimplifiedLayerNormalization is no ONNX op); the rest fused
         x = _rms_norm(g, b, h, model.layers[0].input_layernorm, "layers.0.input_layernorm")
     for i, layer in enumerate(model.layers):

@@ -98,10 +98,11 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
 LM_HEAD_BLOCK = 32  # llama.cpp's Q4_1 / Q8_0 block: the peers' heads are quantized this finely
 
 
-def lm_head_nbits(g, b, x: str, weight: np.ndarray, bits: int) -> str:
-    """The LM head (vocab, dim) as one MatMulNBits, quantized by ONNX Runtime's own block quantizer
-    (asymmetric, LM_HEAD_BLOCK columns per block): the largest single weight of a small model, read
-    whole on every decode step."""
+def _lm_head_codes(g, weight: np.ndarray, bits: int) -> dict:
+    """The LM head (vocab, dim) quantized once per export by ONNX Runtime's own block quantizer
+    (asymmetric, LM_HEAD_BLOCK columns per block): its initializers' names and sizes."""
+    if g.lm_head_codes is not None:
+        return g.lm_head_codes
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     N, K = weight.shape
@@ -113,11 +114,41 @@ def lm_head_nbits(g, b, x: str, weight: np.ndarray, bits: int) -> str:
     scales = np.zeros((N, blocks), np.float32)
     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zp, LM_HEAD_BLOCK, N,
                                                                      blocks * LM_HEAD_BLOCK, False)
-    names = [g.weight("lm_head.nbits_B", packed), g.weight("lm_head.nbits_scales", scales.reshape(-1).astype(g.np_float)),
-             g.weight("lm_head.nbits_zero_points", zp.reshape(-1))]
-    y = "head/lm_head_y"
-    g.nodes.append(helper.make_node("MatMulNBits", [x, *names], [y], name="head/lm_head/MatMulNBits",
-                                    domain="com.microsoft", K=K, N=N, bits=bits, block_size=LM_HEAD_BLOCK,
-                                    accuracy_level=g.ort_accuracy))
+    g.lm_head_codes = {"N": N, "K": K, "bits": bits, "blocks": blocks, "scales": scales, "zero_points": zp,
+                       "B": g.weight("lm_head.nbits_B", packed),
+                       "names": [g.weight("lm_head.nbits_scales", scales.reshape(-1).astype(g.np_float)),
+                                 g.weight("lm_head.nbits_zero_points", zp.reshape(-1))]}
     g.stats["lm_head"] = {"bits": bits, "block": LM_HEAD_BLOCK, "bytes": int(packed.nbytes + scales.nbytes + zp.nbytes)}
+    return g.lm_head_codes
+
+
+def lm_head_nbits(g, b, x: str, weight: np.ndarray, bits: int) -> str:
+    """The LM head as one MatMulNBits: the largest single weight of a small model, read whole on every
+    decode step."""
+    q = _lm_head_codes(g, weight, bits)
+    y = "head/lm_head_y"
+    g.nodes.append(helper.make_node("MatMulNBits", [x, q["B"], *q["names"]], [y], name="head/lm_head/MatMulNBits",
+                                    domain="com.microsoft", K=q["K"], N=q["N"], bits=bits, block_size=LM_HEAD_BLOCK,
+                                    accuracy_level=g.ort_accuracy))
     return y
+
+
+def embedding_from_head(g, b, ids: str, weight: np.ndarray, bits: int) -> str:
+    """Tied embeddings over the quantized head's own codes: one com.microsoft::GatherBlockQuantized reads
+    the rows of the head's MatMulNBits B (vocab, blocks, bytes) with its scales and zero points viewed
+    as (vocab, blocks, 1), so the model holds the table once, in `bits` bits, instead of also in fp32
+    (SmolLM2: 113 MB of 236). Rows come out (B, T, blocks, LM_HEAD_BLOCK), reshaped to (B, T, dim)."""
+    q = _lm_head_codes(g, weight, bits)
+    N, blocks = q["N"], q["blocks"]
+    zp = q["zero_points"]
+    if bits == 4:  # (vocab, ceil(blocks/2)) nibble pairs -> one zero point per block
+        zp = np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, :blocks]
+    rows = b("GatherBlockQuantized", q["B"], ids,
+             g.weight("embed_tokens.from_head_scales", q["scales"].reshape(N, blocks, 1).astype(g.np_float)),
+             g.weight("embed_tokens.from_head_zero_points", zp.astype(np.uint8).reshape(N, blocks, 1)),  # 4-bit: low nibble
+             domain="com.microsoft", bits=bits, block_size=LM_HEAD_BLOCK, gather_axis=0, quantize_axis=2)
+    h = b("Reshape", rows, b.const([0, 0, blocks * LM_HEAD_BLOCK], np.int64))
+    if blocks * LM_HEAD_BLOCK != q["K"]:  # the last block's padding columns
+        h = b("Slice", h, b.const([0], np.int64), b.const([q["K"]], np.int64), b.const([-1], np.int64))
+    g.stats["embed_tokens"] = {"from_lm_head": True, "bits": bits}
+    return h

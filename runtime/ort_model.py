@@ -11,6 +11,10 @@ are copied in. The CSKV window ring comes back whole, into a second buffer of it
 swap roles each call. The logits go to one preallocated buffer. A decode step copies no cache byte
 and creates no output array. The shrinkrt ops run the CPU library's kernels when it is built (runtime/ort_ops.py),
 else their reference bodies.
+
+`run` is the numpy core (token ids in, logits out) and needs neither torch nor transformers: a deployment
+(and the latency benchmark's process, whose peak RSS is reported) loads ONNX Runtime and numpy only.
+`forward` wraps it in torch tensors for the shared model interface (generation, evaluation, profiling).
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from shrinkrt.errors import ShrinkError
 from shrinkrt.runtime.config import ModelArgs
@@ -60,7 +63,6 @@ class OrtModel(ExportedCaches):
         except Exception as e:  # ORT's own errors (invalid protobuf, unknown op, ...): one line naming the file
             raise ShrinkError(f"{export_dir / 'model.onnx'}: ONNX Runtime cannot load it ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or ['?'])[0][:300]})") from None
-        self.device = torch.device("cpu")
         self.io = GraphIO.from_json(meta.get("io"), str(export_dir / "export.json"))
         graph_inputs = {i.name for i in self.sess.get_inputs()}
         missing = [c.input for c in self.io.caches if c.input not in graph_inputs]
@@ -96,16 +98,29 @@ class OrtModel(ExportedCaches):
             self.logits_buf = None
         self.length, self.capacity, self.batch = 0, max_seq_len, batch
 
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
     @staticmethod
     def in_place(rows: np.ndarray) -> bool:
         """Whether ONNX Runtime can write a call's rows straight into this slice of a cache buffer."""
         return rows.flags.c_contiguous
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
-        """Logits of the last position, (B, 1, vocab) float32 (the graph computes only that row)."""
+    def forward(self, tokens, start: int = 0, last_only: bool = True):
+        """`run` on a torch tensor of token ids, (B, T): the logits as a torch tensor (B, 1, vocab)."""
+        import torch
+
+        return torch.from_numpy(self.run(tokens.cpu().numpy(), start))
+
+    def run(self, tokens: np.ndarray, start: int = 0) -> np.ndarray:
+        """Logits of the last position, (B, 1, vocab) float32 (the graph computes only that row), for token
+        ids (B, T) at positions start..start+T-1; a new array the next call does not overwrite."""
         T = tokens.shape[1]
         self.check_call(start, T)
-        self.binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)))
+        self.binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
         self.binding.bind_cpu_input(self.io.past_length, np.array([start], np.int64))
         import onnxruntime as ort
 
@@ -138,5 +153,5 @@ class OrtModel(ExportedCaches):
                     self.buffers[c.input][(slice(None),) * c.token_axis + (slice(start, start + T),)] = outs[c.output]
         self.length = start + T
         if copied and self.io.logits in outs:
-            return torch.from_numpy(outs[self.io.logits])
-        return torch.from_numpy(self.logits_buf.copy())
+            return outs[self.io.logits]
+        return self.logits_buf.copy()

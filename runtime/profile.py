@@ -14,8 +14,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -31,9 +29,17 @@ def prompt_tokens(tokenizer, context: int) -> list[int]:
     return ids[:context]
 
 
-@torch.inference_mode()
 def measure(model, tokens: list[int], decode_steps: int = 32, prefill_chunk: int = 512, warmup: int = 2) -> dict:
     """Greedy decode after a prefill of `tokens`; times are wall-clock seconds on this process."""
+    import torch  # here, not at import: peak_rss_mb's callers may not load torch
+
+    with torch.inference_mode():
+        return _measure(model, tokens, decode_steps, prefill_chunk, warmup)
+
+
+def _measure(model, tokens, decode_steps, prefill_chunk, warmup) -> dict:
+    import torch
+
     n = len(tokens)
     model.setup_caches(1, n + decode_steps + warmup)
     t0 = time.perf_counter()

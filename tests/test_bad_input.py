@@ -664,8 +664,10 @@ def test_sigint_mid_export_keeps_the_old_export(base, tmp_path):
         cli.run_validation = slow
         sys.exit(cli.main(["export", "--model", {str(base["model"])!r}, "--out", {str(exp)!r}, "--target", "ort-cpu"]))
     """)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then keeps it
+    # ignored: the child gets the default action back, as a user's terminal gives it
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=ROOT)
+                         cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not ready.exists():
         assert p.poll() is None and time.time() - t0 < 240, p.stderr.read() if p.poll() is not None else "timeout"

@@ -73,6 +73,43 @@ def test_onnx_runtime_matches_reference(variant, tmp_path):
     assert compare(model, ort_model, prompt, steps=12, tol=tol) < tol
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tied_embedding_reads_the_quantized_heads_codes(bits, tmp_path):
+    """With a quantized head and tied embeddings the table is stored once: the embedding gathers the
+    head's MatMulNBits codes (GatherBlockQuantized), row for row the head's dequantized weight."""
+    import onnx
+    import onnxruntime as ort
+
+    model = compress(ours_from(tiny_hf_model("llama", tie_word_embeddings=True)), quant_bits=4)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu", lm_head_bits=bits)
+    m = onnx.load(str(tmp_path / "exp" / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert "embed_tokens.weight" not in inits
+    gather = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather) == 1 and gather[0].input[0] == "lm_head.nbits_B"
+    # the embedding's output against the head's codes dequantized by hand
+    emb = next(n.output[0] for n in m.graph.node if n.name.startswith("embed/") and n.op_type in ("Reshape", "Slice"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(emb, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.dtype(
+        {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8", "tensor(int64)": "int64"}[i.type]))
+        for i in sess.get_inputs()}
+    ids = np.array([[0, 5, 96, 3]], np.int64)
+    feeds["input_ids"] = ids
+    got = sess.run([emb], feeds)[0]
+    B, zp = inits["lm_head.nbits_B"], inits["lm_head.nbits_zero_points"]
+    N, blocks = B.shape[:2]
+    codes = np.stack([B & 15, B >> 4], -1).reshape(N, blocks, -1) if bits == 4 else B
+    zp = (np.stack([zp & 15, zp >> 4], -1).reshape(N, -1) if bits == 4 else zp.reshape(N, -1))[:, :blocks]
+    w = (codes.astype(np.float32) - zp[:, :, None]) * inits["lm_head.nbits_scales"].reshape(N, blocks, 1)
+    K = model.embed_tokens.weight.shape[1]
+    np.testing.assert_array_equal(got[0], w.reshape(N, -1)[ids[0], :K])
+    assert np.abs(got[0] - model.embed_tokens.weight[ids[0]].detach().numpy()).max() < (0.02 if bits == 8 else 0.3)
+    ort_model = OrtModel(tmp_path / "exp")  # the whole model still tracks the reference
+    prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert compare(model, ort_model, prompt, steps=8, tol=1.0) < (0.02 if bits == 8 else 0.2)  # measured 0.004 / 0.065
+
+
 def test_export_is_deterministic_and_atomic(tmp_path):
     model = compress(ours_from(tiny_hf_model("llama")), "pre-rope", 4, quant_bits=3)
     a = artifact.export(Loaded(model, tmp_path), tmp_path / "a")

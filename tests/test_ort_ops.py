@@ -161,6 +161,19 @@ def test_long_store_splits_the_feature_rows(key_mode):
     assert np.array_equal(state["library"]["feat_k"], state["body"]["feat_k"])
 
 
+@pytest.mark.parametrize("shape", ["smollm2", "qwen-gqa2-d32"])
+@pytest.mark.parametrize("key_mode", ["pre-rope", "post-rope"])
+@pytest.mark.parametrize("bits", [16, 4])
+def test_long_chunks_attend_over_rebuilt_rows(shape, key_mode, bits):
+    """Calls of >= 4 query blocks rebuild the feature rows' keys and values once and attend over them
+    densely: a 300-token prefill (unsplit), a 100-token chunk over ~400 rows (7 blocks, the rows split
+    in two on a tile boundary and merged), decode between them in feature space; the runtime's numbers."""
+    worst, state, cache, n = run_calls(shape, key_mode, bits, [300, 1, 100, 1], capacity=512)
+    assert worst["library"] < 1e-4 and worst["body"] < 1e-4, worst
+    for kv in "kv":
+        assert np.array_equal(state["library"][f"feat_{kv}"], state["body"][f"feat_{kv}"])
+
+
 def test_model_with_library_matches_bodies(tmp_path):
     """The whole exported model: greedy tokens identical, logits within 1e-4, and far fewer nodes run."""
     from shrinkrt.export import artifact

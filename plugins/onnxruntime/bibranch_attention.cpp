@@ -38,6 +38,11 @@ constexpr int64_t kQueryBlock = 16; // queries sharing one pass over the feature
 constexpr int64_t kRowTile = 64; // feature rows dequantised together
 constexpr int64_t kMinRowsPerSplit = 128; // below this a split costs more than it saves
 constexpr int64_t kTargetItems = 8; // items of a decode step: enough to keep a small pool busy
+// A call of at least this many query blocks rebuilds the feature branch's dense keys and values once
+// (per token: r_k x G*D + r_v x G*D multiply-adds) and attends over them with head_dim-wide GEMMs, instead
+// of working in feature space per block: per (query, row, head) that is 2*D multiply-adds instead of
+// r_k + r_v (SmolLM2's calibrated ranks: 128 vs ~243), and no block dequantises or transposes rows again.
+constexpr int64_t kDenseMinBlocks = 4;
 constexpr int kGroup = contract::kFeatureGroup;
 
 
@@ -372,7 +377,7 @@ inline float softmaxInto(float* s, int64_t len, int64_t lo, int64_t hi, float* a
 // grown once: a decode step allocates nothing.
 struct CallBuffers
 {
-    std::vector<float> newCK, newCV, newK, newV, qd, qf, partials;
+    std::vector<float> newCK, newCV, newK, newV, qd, qf, partials, denseK, denseV;
 };
 
 float* grow(std::vector<float>& v, size_t n)
@@ -442,28 +447,32 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     newV[src + d] = Half::toFloat(vh);
                 }
             }
-    // 3. queries, scaled (qd); post-RoPE also folded through their KV head's key up-projection (qf)
+    int64_t const nBlocks = (T + kQueryBlock - 1) / kQueryBlock;
+    int64_t const maxFeatRows = std::max<int64_t>(0, P + T - W); // rows the last query attends
+    bool const dense = nBlocks >= kDenseMinBlocks && D % kPad == 0 && maxFeatRows > 0;
+    // 3. queries, scaled (qd); post-RoPE in feature space also folded through their KV head's key
+    //    up-projection (qf)
     int const QK = post ? RK : D; // width of what a query dots a feature row with
     float* qd = grow(cb.qd, static_cast<size_t>(B * T * H * D));
-    float* qf = post ? grow(cb.qf, static_cast<size_t>(B * T * H * RK)) : nullptr;
+    float* qf = post && !dense ? grow(cb.qf, static_cast<size_t>(B * T * H * RK)) : nullptr;
     light(static_cast<size_t>(B * T * H), [&](size_t bth) {
         int const g = static_cast<int>(bth % H) / rep;
         float* q = qd + bth * D;
         for (int d = 0; d < D; ++d)
             q[d] = io.q[bth * D + d] * qScale;
-        if (post)
+        if (qf)
             for (int r = 0; r < RK; ++r)
                 qf[bth * RK + r] = dot(q, io.kUp + static_cast<size_t>(r) * G * D + g * D, D);
     });
-    float const* qFeat = post ? qf : qd;
+    float const* qFeat = qf ? qf : qd;
 
     // 4. attention: items (b, query block, split), each over every head: a feature row is shared by
     //    all KV heads (c is per token), so it is dequantised once per item
-    int64_t const nBlocks = (T + kQueryBlock - 1) / kQueryBlock;
-    int64_t const maxFeatRows = std::max<int64_t>(0, P + T - W); // rows the last query attends
     int64_t nSplit = std::max<int64_t>(1, (kTargetItems + B * nBlocks - 1) / (B * nBlocks));
     nSplit = std::max<int64_t>(1, std::min(nSplit, maxFeatRows / kMinRowsPerSplit));
-    int64_t const splitLen = std::max<int64_t>(1, (maxFeatRows + nSplit - 1) / nSplit);
+    int64_t splitLen = std::max<int64_t>(1, (maxFeatRows + nSplit - 1) / nSplit);
+    if (dense) // splits start on a tile of the rebuilt rows
+        splitLen = (splitLen + kRowTile - 1) / kRowTile * kRowTile;
     int64_t const RVp = (RV + kPad - 1) / kPad * kPad; // value features as the tile GEMM reads them
     size_t const accLen = 3 + D + RVp;
     size_t const perItem = static_cast<size_t>(kQueryBlock * H) * accLen;
@@ -477,8 +486,9 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         float const* c = a + kSums + D;
         for (int d = 0; d < D; ++d)
             y[d] = a[kSums + d] + a[kFeatMass] * io.vBias[g * D + d];
-        for (int r = 0; r < RV; ++r)
-            axpy(c[r], io.vUp + static_cast<size_t>(r) * G * D + g * D, y, D);
+        if (!dense) // the dense path summed rebuilt values (without bias) into the window sums
+            for (int r = 0; r < RV; ++r)
+                axpy(c[r], io.vUp + static_cast<size_t>(r) * G * D + g * D, y, D);
         scale(1.f / a[kMass], y, D);
     };
     // where row j of a store is: the input store (j < past) or this call's rows
@@ -558,6 +568,69 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             }
     };
 
+    // The dense path's rebuilt feature rows, tile by tile of kRowTile rows, each tile per KV head: keys
+    // feature-major (D, kRowTile) as the score GEMM reads them (the layout of tileKey below), values
+    // row-major (kRowTile, D). Pre-RoPE K_j = RoPE(c_j @ k_up + k_bias, j); post-RoPE K_j = c_j @ k_up
+    // (dotted with the unfolded query, the same product); V_j = c_j @ v_up (v_bias via the feature mass).
+    int64_t const nTiles = dense ? (maxFeatRows + kRowTile - 1) / kRowTile : 0;
+    size_t const tileFloats = static_cast<size_t>(kRowTile) * G * D;
+    float* denseK = dense ? grow(cb.denseK, static_cast<size_t>(B * nTiles) * tileFloats) : nullptr;
+    float* denseV = dense ? grow(cb.denseV, static_cast<size_t>(B * nTiles) * tileFloats) : nullptr;
+    if (dense)
+        parallel(static_cast<size_t>(B * nTiles), [&](size_t it) {
+            int64_t const b = static_cast<int64_t>(it) / nTiles, j0 = static_cast<int64_t>(it) % nTiles * kRowTile;
+            int64_t const n = std::min(kRowTile, maxFeatRows - j0);
+            int const GD = G * D;
+            thread_local std::vector<float> rbuf;
+            float* cK = grow(rbuf, static_cast<size_t>(kRowTile) * (RK + RV + GD)); // (kRowTile, RK)
+            float* cV = cK + kRowTile * RK; // (kRowTile, RV)
+            float* rows = cV + kRowTile * RV; // (kRowTile, G*D) rebuilt keys, row-major
+            for (int64_t jj = 0; jj < n; ++jj)
+            {
+                featRow(true, b, j0 + jj, cK + jj * RK);
+                featRow(false, b, j0 + jj, cV + jj * RV);
+            }
+            std::fill(cK + n * RK, cK + kRowTile * RK, 0.f); // rows past the store: zero keys and values
+            std::fill(cV + n * RV, cV + kRowTile * RV, 0.f);
+            for (int64_t jj = 0; jj < kRowTile; ++jj)
+                if (post || jj >= n)
+                    std::fill(rows + jj * GD, rows + (jj + 1) * GD, 0.f);
+                else
+                    std::memcpy(rows + jj * GD, io.kBias, sizeof(float) * GD);
+            gemmAdd(cK, RK, io.kUp, GD, rows, GD, kRowTile, GD, RK);
+            if (!post)
+                for (int64_t jj = 0; jj < n; ++jj)
+                {
+                    float const* cs = io.ropeCos + (j0 + jj) * D;
+                    float const* sn = io.ropeSin + (j0 + jj) * D;
+                    for (int g = 0; g < G; ++g)
+                    {
+                        float* kg = rows + jj * GD + g * D;
+                        for (int d = 0; d < D / 2; ++d)
+                        {
+                            float const x1 = kg[d], x2 = kg[d + D / 2];
+                            kg[d] = x1 * cs[d] - x2 * sn[d];
+                            kg[d + D / 2] = x2 * cs[d + D / 2] + x1 * sn[d + D / 2];
+                        }
+                    }
+                }
+            float* kt = denseK + it * tileFloats;
+            for (int64_t jb = 0; jb < kRowTile; jb += kLanes)
+                for (int e0 = 0; e0 < GD; e0 += kLanes)
+                {
+                    Vec blk[kLanes];
+                    for (int i = 0; i < kLanes; ++i)
+                        blk[i] = loadVec(rows + (jb + i) * GD + e0);
+                    transposeBlock(blk);
+                    for (int i = 0; i < kLanes; ++i)
+                        storeVec(kt + (e0 + i) * kRowTile + jb, blk[i]);
+                }
+            float* vt = denseV + it * tileFloats;
+            std::fill(vt, vt + tileFloats, 0.f);
+            for (int g = 0; g < G; ++g)
+                gemmAdd(cV, RV, io.vUp + g * D, GD, vt + static_cast<size_t>(g) * kRowTile * D, D, kRowTile, D, RV);
+        });
+
     size_t const nItems = static_cast<size_t>(B * nBlocks * nSplit);
     parallel(nItems, [&](size_t item) {
         int64_t const split = static_cast<int64_t>(item) % nSplit;
@@ -591,7 +664,11 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         for (int64_t j0 = lo; j0 < hi; j0 += kRowTile)
         {
             int64_t const n = std::min(kRowTile, hi - j0);
-            for (int64_t jj = 0; jj < n; ++jj)
+            // the tile's keys (G*D or r_k features, kRowTile columns) and values: rebuilt once per call
+            // (dense) or dequantised here
+            float const* keys = dense ? denseK + (b * nTiles + j0 / kRowTile) * tileFloats : tileKey;
+            float const* values = dense ? denseV + (b * nTiles + j0 / kRowTile) * tileFloats : tileV;
+            for (int64_t jj = 0; jj < (dense ? 0 : n); ++jj)
             {
                 int64_t const j = j0 + jj;
                 float* key = keyRows + (jj % kLanes) * KWp;
@@ -634,7 +711,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     }
                 }
             }
-            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < kRowTile; jb += kLanes) // blocks past n
+            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < (dense ? 0 : kRowTile); jb += kLanes) // blocks past n
                 for (int e = 0; e < KW; ++e)
                     std::fill(tileKey + e * kRowTile + jb, tileKey + e * kRowTile + jb + kLanes, 0.f);
             // queries before qLo see no row of this tile (prefill's causal edge); rows j <= p - W are seen
@@ -646,15 +723,15 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 continue;
             size_t const x0 = static_cast<size_t>(qLo) * H, rows = nh - x0;
             std::fill(sc + x0 * kRowTile, sc + nh * kRowTile, 0.f);
-            if (post) // every head dots the same c_k rows: one GEMM over all (query, head) rows
-                gemmAdd(qFeat + ((b * T + t0) * H + static_cast<int64_t>(x0)) * QK, QK, tileKey, kRowTile,
+            if (post && !dense) // every head dots the same c_k rows: one GEMM over all (query, head) rows
+                gemmAdd(qFeat + ((b * T + t0) * H + static_cast<int64_t>(x0)) * QK, QK, keys, kRowTile,
                     sc + x0 * kRowTile, kRowTile, static_cast<int64_t>(rows), kRowTile, QK);
             else // a KV head's keys serve its rep query heads
                 for (int64_t qi = qLo; qi < nq; ++qi)
                     for (int g = 0; g < G; ++g)
                     {
                         int64_t const x = qi * H + g * rep;
-                        gemmAdd(qd + ((b * T + t0) * H + x) * D, D, tileKey + static_cast<int64_t>(g) * D * kRowTile,
+                        gemmAdd(qd + ((b * T + t0) * H + x) * D, D, keys + static_cast<int64_t>(g) * D * kRowTile,
                             kRowTile, sc + x * kRowTile, kRowTile, rep, kRowTile, D);
                     }
             for (size_t x = x0; x < nh; ++x) // online softmax per (query, head): weights in place of scores
@@ -663,9 +740,17 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 acc[kFeatMass] += softmaxInto(sc + x * kRowTile, kRowTile, 0, validOf(static_cast<int64_t>(x) / H) - 1,
                     acc, accLen);
             }
-            // value-feature sums += weights @ the tile's c_v rows, for every (query, head) row at once
-            gemmAdd(sc + x0 * kRowTile, kRowTile, tileV, RVp, accs + x0 * accLen + kSums + D,
-                static_cast<int64_t>(accLen), static_cast<int64_t>(rows), RVp, n);
+            if (dense) // value sums += weights @ the tile's rebuilt values, per KV head
+                for (int64_t qi = qLo; qi < nq; ++qi)
+                    for (int g = 0; g < G; ++g)
+                    {
+                        int64_t const x = qi * H + g * rep;
+                        gemmAdd(sc + x * kRowTile, kRowTile, values + static_cast<int64_t>(g) * kRowTile * D, D,
+                            accs + x * accLen + kSums, static_cast<int64_t>(accLen), rep, D, n);
+                    }
+            else // value-feature sums += weights @ the tile's c_v rows, for every (query, head) row at once
+                gemmAdd(sc + x0 * kRowTile, kRowTile, values, RVp, accs + x0 * accLen + kSums + D,
+                    static_cast<int64_t>(accLen), static_cast<int64_t>(rows), RVp, n);
         }
         if (split == nSplit - 1 && D % kPad == 0) // the window as two small GEMMs per KV head (below)
             windowByGemm(b, t0, nq, accs);
