@@ -16,6 +16,15 @@ import time
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB. Linux: VmHWM, the high-water mark of this process's own
+    address space; getrusage's ru_maxrss is not, since Linux carries it across fork + exec, so a worker
+    would report at least its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 

@@ -110,6 +110,33 @@ def test_tied_embedding_reads_the_quantized_heads_codes(bits, tmp_path):
     assert compare(model, ort_model, prompt, steps=8, tol=1.0) < (0.02 if bits == 8 else 0.2)  # measured 0.004 / 0.065
 
 
+def test_ort_model_runs_without_torch(tmp_path):
+    """OrtModel.run takes and returns numpy and never imports torch or transformers (a CPU deployment's
+    process, and the one whose peak RSS the latency benchmark reports); same logits as forward."""
+    import subprocess
+    import sys
+
+    model = compress(ours_from(tiny_hf_model("llama")), "post-rope", 4, quant_bits=4)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu")
+    script = f"""
+import sys, numpy as np
+from pathlib import Path
+from shrinkrt.runtime.ort_model import OrtModel
+m = OrtModel(Path({str(tmp_path / "exp")!r}))
+m.setup_caches(1, 16)
+a = m.run(np.array([[5, 6, 7]]), 0)
+b = m.run(np.array([[8]]), 3)
+np.save({str(tmp_path / "b.npy")!r}, b)
+print(type(a).__name__, a.shape, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["ndarray", "(1,", "1,", str(model.args.vocab_size) + ")", "False", "False"]
+    om = OrtModel(tmp_path / "exp")
+    om.setup_caches(1, 16)
+    om.forward(torch.tensor([[5, 6, 7]]), 0)
+    np.testing.assert_array_equal(om.forward(torch.tensor([[8]]), 3).numpy(), np.load(tmp_path / "b.npy"))
+
+
 def test_export_is_deterministic_and_atomic(tmp_path):
     model = compress(ours_from(tiny_hf_model("llama")), "pre-rope", 4, quant_bits=3)
     a = artifact.export(Loaded(model, tmp_path), tmp_path / "a")

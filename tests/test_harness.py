@@ -51,3 +51,19 @@ def test_eval_cli_refuses_lengths_beyond_context(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_dir), "--passkey-lengths", "512", "--out", str(out)]) == 2
     assert "exceed the model's context of 128 tokens" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_peak_rss_is_the_processs_own():
+    """A benchmark worker reports its own peak, not its parent's (Linux carries ru_maxrss across exec)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from shrinkrt.runtime.profile import peak_rss_mb
+
+    held = np.ones(200 * 2**20 // 8)  # 200 MB touched by this process
+    child = subprocess.run([sys.executable, "-c", "from shrinkrt.runtime.profile import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert peak_rss_mb() >= 200 and float(child.stdout) < 100, (peak_rss_mb(), child.stdout)
+    del held
