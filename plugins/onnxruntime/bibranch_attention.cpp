@@ -479,17 +479,24 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     int const KW = post ? RK : G * D; // a tile row: c_k (post-RoPE) or the rebuilt keys of every KV head
     float* partials = nSplit > 1 ? grow(cb.partials, static_cast<size_t>(B * nBlocks * nSplit) * perItem) : nullptr;
 
-    // y = (window sums + feature sums @ v_up + feature mass * v_bias) / mass
-    auto finish = [&](int64_t b, int64_t t, int h, float const* a) {
-        int const g = h / rep;
-        float* y = io.y + ((b * T + t) * H + h) * D;
-        float const* c = a + kSums + D;
-        for (int d = 0; d < D; ++d)
-            y[d] = a[kSums + d] + a[kFeatMass] * io.vBias[g * D + d];
-        if (!dense) // the dense path summed rebuilt values (without bias) into the window sums
-            for (int r = 0; r < RV; ++r)
-                axpy(c[r], io.vUp + static_cast<size_t>(r) * G * D + g * D, y, D);
-        scale(1.f / a[kMass], y, D);
+    // y = (window sums + feature sums @ v_up + feature mass * v_bias) / mass, for the rep query heads of
+    // KV head g at once (their accumulators `stride` floats apart): the up-projection is one small GEMM
+    // (rep x RV times RV x D), its accumulators in registers, not RV axpys through y
+    auto finishGroup = [&](int64_t b, int64_t t, int g, float const* a, size_t stride) {
+        float* y = io.y + ((b * T + t) * H + g * rep) * D;
+        for (int i = 0; i < rep; ++i)
+            for (int d = 0; d < D; ++d)
+                y[i * D + d] = a[i * stride + kSums + d] + a[i * stride + kFeatMass] * io.vBias[g * D + d];
+        if (dense) // the dense path summed rebuilt values (without bias) into the window sums
+            ;
+        else if (D % kLanes == 0)
+            gemmAdd(a + kSums + D, static_cast<int64_t>(stride), io.vUp + g * D, G * D, y, D, rep, D, RV);
+        else
+            for (int i = 0; i < rep; ++i)
+                for (int r = 0; r < RV; ++r)
+                    axpy(a[i * stride + kSums + D + r], io.vUp + static_cast<size_t>(r) * G * D + g * D, y + i * D, D);
+        for (int i = 0; i < rep; ++i)
+            scale(1.f / a[i * stride + kMass], y + i * D, D);
     };
     // where row j of a store is: the input store (j < past) or this call's rows
     auto featRow = [&](bool isKey, int64_t b, int64_t j, float* out) {
@@ -514,10 +521,10 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         int64_t const L = last - first + 1, Lp = (L + kPad - 1) / kPad * kPad;
         size_t const nh = static_cast<size_t>(nq) * H;
         thread_local std::vector<float> wbuf;
-        float* kt = grow(wbuf, static_cast<size_t>(G) * D * Lp * 2 + nh * Lp + D); // (G, D, Lp)
+        float* kt = grow(wbuf, static_cast<size_t>(G) * D * Lp * 2 + nh * Lp + static_cast<size_t>(Lp) * D); // (G, D, Lp)
         float* vr = kt + static_cast<size_t>(G) * D * Lp; // (G, Lp, D)
         float* ws = vr + static_cast<size_t>(G) * Lp * D; // (nh, Lp) scores, then weights
-        float* tmp = ws + nh * Lp; // (D) one converted ring row
+        float* kr = ws + nh * Lp; // (Lp, D) one KV head's keys row-major, before the transpose
         for (int g = 0; g < G; ++g)
         {
             float* ktg = kt + static_cast<size_t>(g) * D * Lp;
@@ -525,25 +532,30 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             for (int64_t i = 0; i < L; ++i)
             {
                 int64_t const j = first + i;
-                float const* key;
                 if (j < P)
                 {
                     size_t const slot = ((b * G + g) * W + j % W) * static_cast<size_t>(D);
-                    halvesToFloats(io.winK + slot, tmp, D);
+                    halvesToFloats(io.winK + slot, kr + i * D, D);
                     halvesToFloats(io.winV + slot, vg + i * D, D);
-                    key = tmp;
                 }
                 else
                 {
                     size_t const at = ((b * T + (j - P)) * G + g) * static_cast<size_t>(D);
-                    key = newK + at;
+                    std::memcpy(kr + i * D, newK + at, sizeof(float) * D);
                     std::memcpy(vg + i * D, newV + at, sizeof(float) * D);
                 }
-                for (int d = 0; d < D; ++d)
-                    ktg[d * Lp + i] = key[d];
             }
-            for (int d = 0; d < D; ++d)
-                std::fill(ktg + d * Lp + L, ktg + (d + 1) * Lp, 0.f);
+            std::fill(kr + L * D, kr + Lp * D, 0.f); // keys past the window's last: zero columns
+            for (int64_t i0 = 0; i0 < Lp; i0 += kLanes) // feature-major, kLanes x kLanes blocks at a time
+                for (int d0 = 0; d0 < D; d0 += kLanes)
+                {
+                    Vec blk[kLanes];
+                    for (int i = 0; i < kLanes; ++i)
+                        blk[i] = loadVec(kr + (i0 + i) * D + d0);
+                    transposeBlock(blk);
+                    for (int i = 0; i < kLanes; ++i)
+                        storeVec(ktg + (d0 + i) * Lp + i0, blk[i]);
+                }
         }
         std::fill(ws, ws + nh * Lp, 0.f);
         for (int64_t qi = 0; qi < nq; ++qi) // a KV head's window keys serve its rep query heads
@@ -797,39 +809,43 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         if (nSplit == 1)
         {
             for (int64_t qi = 0; qi < nq; ++qi)
-                for (int h = 0; h < H; ++h)
-                    finish(b, t0 + qi, h, accs + (qi * H + h) * accLen);
+                for (int g = 0; g < G; ++g)
+                    finishGroup(b, t0 + qi, g, accs + (qi * H + g * rep) * accLen, accLen);
             return;
         }
         std::memcpy(partials + item * perItem, accs, sizeof(float) * nh * accLen);
     });
     if (nSplit == 1)
         return;
-    // 5. merge the splits of each (b, block), in parallel over (b, block, head)
-    light(static_cast<size_t>(B * nBlocks * H), [&](size_t x) {
-        int const h = static_cast<int>(x % H);
-        int64_t const blockItem = static_cast<int64_t>(x) / H;
+    // 5. merge the splits of each (b, block), in parallel over (b, block, KV head)
+    light(static_cast<size_t>(B * nBlocks * G), [&](size_t x) {
+        int const g = static_cast<int>(x % G);
+        int64_t const blockItem = static_cast<int64_t>(x) / G;
         int64_t const blk = blockItem % nBlocks, b = blockItem / nBlocks;
         int64_t const t0 = blk * kQueryBlock, nq = std::min(T, t0 + kQueryBlock) - t0;
-        std::vector<float>& buf = scratch(accLen);
-        float* acc = buf.data();
+        std::vector<float>& buf = scratch(static_cast<size_t>(rep) * accLen);
         for (int64_t qi = 0; qi < nq; ++qi)
         {
-            std::fill(acc, acc + accLen, 0.f);
-            acc[kMax] = -std::numeric_limits<float>::infinity();
-            for (int64_t sp = 0; sp < nSplit; ++sp)
+            for (int i = 0; i < rep; ++i)
             {
-                float* part = partials + (blockItem * nSplit + sp) * perItem + (qi * H + h) * accLen;
-                if (part[kMass] == 0.f)
-                    continue;
-                float const m = std::max(acc[kMax], part[kMax]);
-                rebase(acc, m, accLen);
-                rebase(part, m, accLen);
-                acc[kMass] += part[kMass];
-                acc[kFeatMass] += part[kFeatMass];
-                axpy(1.f, part + kSums, acc + kSums, static_cast<int64_t>(accLen - kSums));
+                int const h = g * rep + i;
+                float* acc = buf.data() + static_cast<size_t>(i) * accLen;
+                std::fill(acc, acc + accLen, 0.f);
+                acc[kMax] = -std::numeric_limits<float>::infinity();
+                for (int64_t sp = 0; sp < nSplit; ++sp)
+                {
+                    float* part = partials + (blockItem * nSplit + sp) * perItem + (qi * H + h) * accLen;
+                    if (part[kMass] == 0.f)
+                        continue;
+                    float const m = std::max(acc[kMax], part[kMax]);
+                    rebase(acc, m, accLen);
+                    rebase(part, m, accLen);
+                    acc[kMass] += part[kMass];
+                    acc[kFeatMass] += part[kFeatMass];
+                    axpy(1.f, part + kSums, acc + kSums, static_cast<int64_t>(accLen - kSums));
+                }
             }
-            finish(b, t0 + qi, h, acc);
+            finishGroup(b, t0 + qi, g, buf.data(), accLen);
         }
     });
 }
