@@ -163,7 +163,7 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
         return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
     if isinstance(m, QuantLinear):
         fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype)
-        g.functions[fn.overload] = fn
+        g.functions[f"{fn.name}/{fn.overload}"] = fn
         feeds = ops.quant_matmul_inputs(path, m)
         for t in feeds["initializers"]:
             g.inits[t.name] = t
@@ -252,27 +252,32 @@ def _full_attention(g: Graph, b: ops.Body, i: int, q, k, v, args, qpos, E, T, st
 
 
 def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q_flat, k_flat, v_flat, args,
-                    state: dict) -> str:
-    """q/k/v (B, T, n*D), RoPE applied -> y (B, T, H*D) of the layer's BiBranchAttention node."""
+                    state: dict, self_form: bool = False) -> str:
+    """q/k/v (B, T, n*D), RoPE applied -> y (B, T, H*D) of the layer's BiBranchAttention node.
+    self_form (the lean ort-cpu graph): q/k before RoPE, and one BiBranchSelfAttention node takes x and
+    the down projections, so RoPE, the casts and the feature MatMuls are inside it."""
     H, G, D, cfg = args.n_heads, args.n_kv_heads, args.head_dim, attn.cfg
     if cfg.sinks:
         raise ShrinkError("export: BiBranchAttention v1 has no attention sinks; calibrate with sinks = 0")
     rk, rv = attn.k_down.shape[1], attn.v_down.shape[1]
     path = f"layers.{i}.self_attn"
     mode = ops.KEY_MODE[cfg.key_mode]
-    if mode == 0:
-        c_k = b("MatMul", x, g.fweight(f"{path}.k_down", attn.k_down))
+    k_down, v_down = g.fweight(f"{path}.k_down", attn.k_down), g.fweight(f"{path}.v_down", attn.v_down)
+    if self_form:
+        feeds = {"x": x, "k_down": k_down, "v_down": v_down}
+    elif mode == 0:
+        feeds = {"c_k": b("MatMul", x, k_down), "c_v": b("MatMul", x, v_down)}
     else:  # features of the rotated keys as the window stores them (FP16), as the runtime does
         k16 = b.cast(b("Cast", k_flat, to=TensorProto.FLOAT16), g.F, TensorProto.FLOAT16)
-        c_k = b("MatMul", k16, g.fweight(f"{path}.k_down", attn.k_down))
-    c_v = b("MatMul", x, g.fweight(f"{path}.v_down", attn.v_down))
+        feeds = {"c_k": b("MatMul", k16, k_down), "c_v": b("MatMul", x, v_down)}
     kb = attn.k_proj.bias if attn.k_proj.bias is not None else torch.zeros(G * D)
     vb = attn.v_proj.bias if attn.v_proj.bias is not None else torch.zeros(G * D)
-    feeds = {"q": q_flat, "k": k_flat, "v": v_flat, "c_k": c_k, "c_v": c_v,
-             "k_up": g.fweight(f"{path}.k_up", attn.k_up), "v_up": g.fweight(f"{path}.v_up", attn.v_up),
-             "k_bias": g.fweight(f"{path}.k_bias", kb), "v_bias": g.fweight(f"{path}.v_bias", vb),
-             "rope_cos": "rope_cos", "rope_sin": "rope_sin", "past_length": "past_length"}
-    ins, outs, _ = ops.bi_branch_io(cfg.bits)
+    feeds |= {"q": q_flat, "k": k_flat, "v": v_flat,
+              "k_up": g.fweight(f"{path}.k_up", attn.k_up), "v_up": g.fweight(f"{path}.v_up", attn.v_up),
+              "k_bias": g.fweight(f"{path}.k_bias", kb), "v_bias": g.fweight(f"{path}.v_bias", vb),
+              "rope_cos": "rope_cos", "rope_sin": "rope_sin", "past_length": "past_length"}
+    op = "BiBranchSelfAttention" if self_form else "BiBranchAttention"
+    ins, outs, _ = (ops.bi_branch_self_io if self_form else ops.bi_branch_io)(cfg.bits)
     by_port = {port: state[role] for port, (role, _) in BIBRANCH_STATE.items() if role in state}
     by_out_port = {out_port: state[role] for _, (role, out_port) in BIBRANCH_STATE.items() if role in state}
     for name in ins:
@@ -285,9 +290,10 @@ def _cskv_attention(g: Graph, b: ops.Body, i: int, attn: CSKVAttention, x, q_fla
             continue
         out_names.append(by_out_port[name].output)
         g.cache_output(by_out_port[name])
-    fn = ops.bi_branch_function(H, G, D, cfg.window, rk, rv, cfg.bits, mode, g.dtype)
-    g.functions[fn.overload] = fn
-    g.nodes.append(ops.node("BiBranchAttention", [feeds[n] for n in ins], out_names, f"{path}/BiBranchAttention",
+    fn = (ops.bi_branch_self_function if self_form else ops.bi_branch_function)(H, G, D, cfg.window, rk, rv, cfg.bits,
+                                                                                   mode, g.dtype)
+    g.functions[f"{fn.name}/{fn.overload}"] = fn
+    g.nodes.append(ops.node(op, [feeds[n] for n in ins], out_names, f"{path}/{op}",
                             fn.overload, num_heads=H, num_kv_heads=G, head_dim=D, window=cfg.window, rank_k=rk,
                             rank_v=rv, bits=cfg.bits, key_mode=mode))
     return out_names[0]
@@ -346,18 +352,17 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
         qf, kf, vf = _linears(g, b, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{path}.qkv_proj",
                               ["q_proj", "k_proj", "v_proj"])
         cskv = isinstance(attn, CSKVAttention)
-        if lean:  # RoPE on (B, T, n*D); BiBranchAttention takes that layout, full attention wants heads
-            qf, kf = _lean_rope(g, b, qf, H), _lean_rope(g, b, kf, G)
-            if not cskv:
-                q, k, v = _heads(b, qf, H, D), _heads(b, kf, G, D), _heads(b, vf, G, D)
-        else:  # RoPE on heads, (B, n, T, D); BiBranchAttention gets them merged back
+        if lean and not cskv:  # RoPE on (B, T, n*D), then heads for full attention (BiBranchSelfAttention,
+            qf, kf = _lean_rope(g, b, qf, H), _lean_rope(g, b, kf, G)  # the lean CSKV node, rotates itself)
+            q, k, v = _heads(b, qf, H, D), _heads(b, kf, G, D), _heads(b, vf, G, D)
+        elif not lean:  # RoPE on heads, (B, n, T, D); BiBranchAttention gets them merged back
             q = _rope(b, _heads(b, qf, H, D), cos, sin, D)
             k = _rope(b, _heads(b, kf, G, D), cos, sin, D)
             v = _heads(b, vf, G, D)
             if cskv:
                 qf, kf, vf = _merge(b, q, H, D), _merge(b, k, G, D), _merge(b, v, G, D)
         if cskv:
-            y = _cskv_attention(g, b, i, attn, x, qf, kf, vf, args, layer_state[i])
+            y = _cskv_attention(g, b, i, attn, x, qf, kf, vf, args, layer_state[i], self_form=lean)
         else:
             y = _full_attention(g, b, i, q, k, v, args, qpos, E, T, layer_state[i])
         o = _linear(g, b, y, attn.o_proj, f"{path}.o_proj")

@@ -333,14 +333,71 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
     return fn
 
 
+def bi_branch_self_io(bits: int) -> tuple[list[str], list[str], list[str]]:
+    """Inputs, outputs and attributes of a BiBranchSelfAttention node with this feature branch."""
+    inputs, outputs, attrs = SCHEMAS["BiBranchSelfAttention"]
+    if bits == 16:
+        inputs, outputs = [n for n in inputs if "scales" not in n], [n for n in outputs if "scales" not in n]
+    return inputs, outputs, attrs
+
+
+def bi_branch_self_function(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
+                            bits: int, key_mode: int, dtype: str = "float32") -> onnx.FunctionProto:
+    """Reference body of BiBranchSelfAttention (docs/ops.md): RoPE on q and k at positions past_length..,
+    the new tokens' features (pre-RoPE c_k = x @ k_down; post-RoPE c_k = fp16(RoPE(k)) @ k_down, the key
+    as the ring stores it; c_v = x @ v_down), then the BiBranchAttention node of the same configuration
+    (its body, inlined)."""
+    H, G, D, F = num_heads, num_kv_heads, head_dim, ONNX_DTYPE[dtype]
+    b = Body("")
+    i64 = lambda *v: b.const(list(v), np.int64)
+    end = b("Add", "past_length", b("Shape", "q", start=1, end=2))
+    table = lambda t: b("Unsqueeze", b("Slice", t, "past_length", end, i64(0)), i64(1))  # (T, 1, D)
+    cos, sin = table("rope_cos"), table("rope_sin")
+
+    def rope(x: str, n: int) -> str:  # rotate-half RoPE of (B, T, n*D)
+        heads = b("Reshape", x, i64(0, 0, n, D))
+        x1, x2 = b("Split", heads, i64(D // 2, D // 2), axis=-1, n_out=2)
+        rotated = b("Add", b("Mul", heads, cos), b("Mul", b("Concat", b("Neg", x2), x1, axis=-1), sin))
+        return b("Reshape", rotated, i64(0, 0, n * D))
+
+    q, k = rope("q", H), rope("k", G)
+    if key_mode == KEY_MODE["pre-rope"]:
+        c_k = b("MatMul", "x", "k_down")
+    else:
+        c_k = b("MatMul", b.cast(b("Cast", k, to=TensorProto.FLOAT16), F, TensorProto.FLOAT16), "k_down")
+    c_v = b("MatMul", "x", "v_down")
+    # then BiBranchAttention's own body on them, its internal names under "attention/" (ONNX Runtime does
+    # not resolve a model-local function called from inside another one)
+    inner = bi_branch_function(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype)
+    feeds = {"q": q, "k": k, "c_k": c_k, "c_v": c_v}
+    keep = (set(inner.input) | set(inner.output) | {""}) - set(feeds)
+    rename = lambda v: v if v in keep else feeds.get(v, f"attention/{v}")  # noqa: E731
+    for n in inner.node:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = f"attention/{n.name}"
+        m.input[:] = [rename(v) for v in n.input]
+        m.output[:] = [rename(v) for v in n.output]
+        b.nodes.append(m)
+    inputs, outputs, attrs = bi_branch_self_io(bits)
+    fn = helper.make_function(DOMAIN, "BiBranchSelfAttention", inputs, outputs, b.nodes,
+                              [helper.make_opsetid("", OPSET)], attributes=attrs)
+    fn.overload = bi_branch_overload(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype)
+    return fn
+
+
 def bi_branch_model(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
-                    bits: int, key_mode: int, dtype: str = "float32") -> onnx.ModelProto:
+                    bits: int, key_mode: int, dtype: str = "float32", hidden: int | None = None) -> onnx.ModelProto:
     """One BiBranchAttention node and its body as a whole model (tests, benchmarks/ort_ops.py):
     batch B, call length T and store rows S symbolic."""
     H, G, D, W, F = num_heads, num_kv_heads, head_dim, window, ONNX_DTYPE[dtype]
     fn = bi_branch_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
-    ins, outs, _ = bi_branch_io(bits)
-    n = node("BiBranchAttention", ins, outs, "attn", fn.overload, num_heads=H, num_kv_heads=G, head_dim=D,
+    functions = [fn]
+    op, (ins, outs, _) = "BiBranchAttention", bi_branch_io(bits)
+    if hidden is not None:  # the self-attention form: x of `hidden` features and the down projections
+        functions.append(bi_branch_self_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype))
+        op, (ins, outs, _) = "BiBranchSelfAttention", bi_branch_self_io(bits)
+    n = node(op, ins, outs, "attn", fn.overload, num_heads=H, num_kv_heads=G, head_dim=D,
              window=W, rank_k=rank_k, rank_v=rank_v, bits=bits, key_mode=key_mode)
     fdt = TensorProto.FLOAT16 if bits == 16 else TensorProto.INT8
     width = lambda r: r if bits != 4 else (r + 1) // 2
@@ -358,9 +415,12 @@ def bi_branch_model(num_heads: int, num_kv_heads: int, head_dim: int, window: in
               "feat_k_new": (fdt, ["B", "T", width(rank_k)]), "feat_v_new": (fdt, ["B", "T", width(rank_v)]),
               "feat_k_scales_new": (TensorProto.FLOAT16, ["B", "T", groups(rank_k)]),
               "feat_v_scales_new": (TensorProto.FLOAT16, ["B", "T", groups(rank_v)])}
+    if hidden is not None:
+        shapes |= {"x": (F, ["B", "T", hidden]), "v_down": (F, [hidden, rank_v]),
+                   "k_down": (F, [hidden if key_mode == KEY_MODE["pre-rope"] else G * D, rank_k])}
     graph = helper.make_graph([n], "bibranch", [helper.make_tensor_value_info(i, *shapes[i]) for i in ins],
                               [helper.make_tensor_value_info(o, *shapes[o]) for o in outs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                              functions=[fn])
+                              functions=functions)
     model.ir_version = 10
     return model

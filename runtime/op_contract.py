@@ -25,6 +25,13 @@ SCHEMAS = {
          "rope_cos", "rope_sin", "past_length", "feat_k_scales", "feat_v_scales"],
         ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_v_new", "feat_k_scales_new", "feat_v_scales_new"],
         ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"]),
+    # BiBranchAttention from the layer's own projections (the ort-cpu graph; the CPU library): q and k
+    # before RoPE and x, the normed hidden state, instead of rotated q/k and the features c_k/c_v
+    "BiBranchSelfAttention": (
+        ["q", "k", "v", "x", "k_down", "v_down", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias",
+         "v_bias", "rope_cos", "rope_sin", "past_length", "feat_k_scales", "feat_v_scales"],
+        ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_v_new", "feat_k_scales_new", "feat_v_scales_new"],
+        ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"]),
 }
 # inputs / outputs a 16-bit feature branch leaves off the end (the scales)
 UNSCALED_DROP = 2

@@ -5,7 +5,14 @@
 # a streamed answer from ONNX Runtime -> latency summary with the peers' ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+START=$SECONDS
+LAST=$SECONDS
+stage() {  # the time of the stage just done, and the total so far
+  echo "[main] $1: $((SECONDS - LAST)) s (total $((SECONDS - START)) s)"
+  LAST=$SECONDS
+}
 bash scripts/setup.sh
+stage "setup"
 . .venv/bin/activate
 OUT=build/main
 mkdir -p "$OUT"
@@ -13,14 +20,19 @@ CKPT="$OUT/ckpt"
 if [ ! -f "$CKPT/manifest.json" ]; then  # calibration is deterministic: reuse it once written
   shrinkrt calibrate --kv-ratio 0.2 --window 64 --kv-bits 4 --key-mode post-rope --kv-fit-steps 20 \
     --weight-budget 4.0bpw --calib-tokens 2048 --out "$CKPT" --quiet
+  stage "calibrate (CSKV + LLM-MQ)"
 fi
 shrinkrt export --checkpoint "$CKPT" --target ort-cpu --out "$OUT/export-ort"
+stage "export ort-cpu (validated)"
 if python -c "import tensorrt_rtx" 2>/dev/null || python -c "import tensorrt" 2>/dev/null; then
   shrinkrt build --checkpoint "$CKPT" --target sm75 --capacity 4096 --out "$OUT/trt-sm75"
+  stage "TensorRT SM75 engine"
 fi
 shrinkrt generate "What is the capital of France?" --backend ort --model "$OUT/export-ort" --stats
+stage "generate"
 # peers that are installed (llama-cpp-python, onnxruntime-genai) join; one repetition keeps it short
 # (benchmarks/latency.py's defaults are the full run: 3 repetitions, depths up to 8000)
 python benchmarks/latency.py --export "$OUT/export-ort" --contexts 512,2048 --decode-steps 16 \
   --decode-steps-first 32 --reps 1 --backends shrinkrt-ort,transformers,llama.cpp,ort-genai --out "$OUT/latency"
+stage "latency vs peers"
 cat "$OUT/latency.md"

@@ -170,18 +170,47 @@ template <int MR>
 constexpr MicroKernel kKernelsOfRows[kNV] = {microKernel<MR, 1>, microKernel<MR, 2>, microKernel<MR, 3>, microKernel<MR, 4>};
 constexpr MicroKernel const* kKernels[kMR] = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>};
 
-// c (M x N) += a (M x K) b (K x N), row-major with leading dimensions; N a multiple of kLanes.
+// The last N % kLanes columns of a GEMM: one partial vector, loaded and stored through a zeroed Vec.
+template <int MR>
+void microKernelTail(float const* __restrict a, int64_t lda, float const* __restrict b, int64_t ldb, int64_t K,
+    float* __restrict c, int64_t ldc, int width)
+{
+    Vec acc[MR] = {};
+    size_t const bytes = sizeof(float) * static_cast<size_t>(width);
+    for (int64_t k = 0; k < K; ++k)
+    {
+        Vec bv = {};
+        std::memcpy(&bv, b + k * ldb, bytes);
+        for (int m = 0; m < MR; ++m)
+            acc[m] += (Vec{} + a[m * lda + k]) * bv;
+    }
+    for (int m = 0; m < MR; ++m)
+    {
+        Vec cv = {};
+        std::memcpy(&cv, c + m * ldc, bytes);
+        cv += acc[m];
+        std::memcpy(c + m * ldc, &cv, bytes);
+    }
+}
+using TailKernel = void (*)(float const*, int64_t, float const*, int64_t, int64_t, float*, int64_t, int);
+constexpr TailKernel kTailKernels[kMR] = {microKernelTail<1>, microKernelTail<2>, microKernelTail<3>};
+
+// c (M x N) += a (M x K) b (K x N), row-major with leading dimensions.
 void gemmAdd(float const* a, int64_t lda, float const* b, int64_t ldb, float* c, int64_t ldc, int64_t M, int64_t N,
     int64_t K)
 {
+    int64_t const whole = N / kLanes * kLanes;
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
     {
         int const mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-        for (int64_t n0 = 0; n0 < N; n0 += kNV * kLanes)
+        for (int64_t n0 = 0; n0 < whole; n0 += kNV * kLanes)
         {
-            int const nv = static_cast<int>(std::min<int64_t>(kNV, (N - n0) / kLanes));
+            int const nv = static_cast<int>(std::min<int64_t>(kNV, (whole - n0) / kLanes));
             kKernels[mr - 1][nv - 1](a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
         }
+        if (whole < N)
+            kTailKernels[mr - 1](a + m0 * lda, lda, b + whole, ldb, K, c + m0 * ldc + whole, ldc,
+                static_cast<int>(N - whole));
     }
 }
 
@@ -848,6 +877,72 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             finishGroup(b, t0 + qi, g, buf.data(), accLen);
         }
     });
+}
+
+// The self-attention form: RoPE on q and k at their positions (rotate-half, the op's tables), the new
+// tokens' features (pre-RoPE c_k = x @ k_down; post-RoPE c_k = fp16(RoPE(k)) @ k_down, the key as the
+// ring stores it; c_v = x @ v_down) as GEMMs over all B*T rows, then the attention above.
+void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self,
+    ParallelFor const& parallel)
+{
+    int64_t const BT = s.batch * s.tokens, P = io.past;
+    int const H = s.heads, G = s.kvHeads, D = s.headDim, RK = s.rankK, RV = s.rankV, half = D / 2;
+    bool const post = s.keyMode == contract::kKeyModePostRope;
+    thread_local std::vector<float> qBuf, kBuf, kHalfBuf, cKBuf, cVBuf;
+    float* q = grow(qBuf, static_cast<size_t>(BT) * H * D);
+    float* k = grow(kBuf, static_cast<size_t>(BT) * G * D);
+    float* kHalf = post ? grow(kHalfBuf, static_cast<size_t>(BT) * G * D) : nullptr; // post: k as the ring stores it
+    float* cK = grow(cKBuf, static_cast<size_t>(BT * RK));
+    float* cV = grow(cVBuf, static_cast<size_t>(BT * RV));
+    auto rope = [&](float const* in, float* out, int heads, int64_t p) {
+        float const* cs = io.ropeCos + p * D;
+        float const* sn = io.ropeSin + p * D;
+        for (int h = 0; h < heads; ++h)
+        {
+            float const* x = in + h * D;
+            float* y = out + h * D;
+            for (int d = 0; d < half; ++d)
+            {
+                y[d] = x[d] * cs[d] - x[d + half] * sn[d];
+                y[d + half] = x[d + half] * cs[d + half] + x[d] * sn[d + half];
+            }
+        }
+    };
+    // rows in blocks of 8 * kMR, in parallel when the call has many; the GEMMs run over slices of
+    // kSliceK inputs so that the down projection's slice stays in L1 across the block's row groups
+    constexpr int64_t kRows = 8 * kMR, kSliceK = 64;
+    int64_t const nBlocks = (BT + kRows - 1) / kRows;
+    auto gemmSliced = [&](float const* a, int64_t lda, float const* w, int64_t N, float* c, int64_t n, int64_t K) {
+        for (int64_t k0 = 0; k0 < K; k0 += kSliceK)
+            gemmAdd(a + k0, lda, w + k0 * N, N, c, N, n, N, std::min(kSliceK, K - k0));
+    };
+    auto rows = [&](size_t blk) {
+        int64_t const r0 = static_cast<int64_t>(blk) * kRows, r1 = std::min(BT, r0 + kRows), n = r1 - r0;
+        for (int64_t r = r0; r < r1; ++r)
+        {
+            int64_t const p = P + r % s.tokens;
+            rope(io.q + r * H * D, q + r * H * D, H, p);
+            rope(io.k + r * G * D, k + r * G * D, G, p);
+            if (post)
+                for (int e = 0; e < G * D; ++e)
+                    kHalf[r * G * D + e] = Half::toFloat(Half::fromFloat(k[r * G * D + e]));
+        }
+        std::fill(cK + r0 * RK, cK + r1 * RK, 0.f);
+        std::fill(cV + r0 * RV, cV + r1 * RV, 0.f);
+        if (post)
+            gemmSliced(kHalf + r0 * G * D, G * D, self.kDown, RK, cK + r0 * RK, n, G * D);
+        else
+            gemmSliced(self.x + r0 * self.hidden, self.hidden, self.kDown, RK, cK + r0 * RK, n, self.hidden);
+        gemmSliced(self.x + r0 * self.hidden, self.hidden, self.vDown, RV, cV + r0 * RV, n, self.hidden);
+    };
+    if (BT <= 4)
+        for (int64_t blk = 0; blk < nBlocks; ++blk)
+            rows(static_cast<size_t>(blk));
+    else
+        parallel(static_cast<size_t>(nBlocks), rows);
+    BiBranchIO inner = io;
+    inner.q = q, inner.k = k, inner.cK = cK, inner.cV = cV;
+    SHRINKRT_ISA::biBranchAttention(s, inner, parallel); // this copy's, not the dispatcher
 }
 
 } // namespace SHRINKRT_ISA

@@ -41,6 +41,18 @@ char const* checkBiBranch(BiBranchShape const& s);
 
 void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel);
 
+// BiBranchSelfAttention's extra inputs: x (B, T, hidden), the normed hidden state; k_down (hidden or
+// G*D, r_k) by key mode; v_down (hidden, r_v). With them, io.q and io.k are before RoPE and io.cK/io.cV
+// are not read: the op rotates q and k and computes the features, then attends as biBranchAttention.
+struct BiBranchSelfIO
+{
+    float const *x, *kDown, *vDown;
+    int64_t hidden;
+};
+
+void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self,
+    ParallelFor const& parallel);
+
 // The instruction set the kernel copy in use was compiled for: avx512, avx2 or x86-64.
 char const* isaName();
 

@@ -16,6 +16,8 @@ namespace cpu
     namespace isa                                                                                                  \
     {                                                                                                              \
     void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel);            \
+    void biBranchSelfAttention(                                                                                    \
+        BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self, ParallelFor const& parallel);   \
     }
 SHRINKRT_DECLARE_ISA(avx512)
 SHRINKRT_DECLARE_ISA(avx2)
@@ -25,6 +27,7 @@ namespace
 {
 
 using Kernel = void (*)(BiBranchShape const&, BiBranchIO const&, ParallelFor const&);
+using SelfKernel = void (*)(BiBranchShape const&, BiBranchIO const&, BiBranchSelfIO const&, ParallelFor const&);
 
 // SHRINKRT_ORT_ISA=avx2|x86-64 caps the choice at a narrower copy (tests run every copy on one
 // machine; a user can rule out a suspect one); it never picks a copy the CPU cannot run.
@@ -46,6 +49,9 @@ Kernel pick()
 }
 
 Kernel const gKernel = pick();
+SelfKernel const gSelfKernel = gKernel == avx512::biBranchAttention ? avx512::biBranchSelfAttention
+    : gKernel == avx2::biBranchAttention                           ? avx2::biBranchSelfAttention
+                                                                   : base::biBranchSelfAttention;
 } // namespace
 
 char const* isaName()
@@ -83,6 +89,12 @@ char const* checkBiBranch(BiBranchShape const& s)
 void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel)
 {
     gKernel(s, io, parallel);
+}
+
+void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self,
+    ParallelFor const& parallel)
+{
+    gSelfKernel(s, io, self, parallel);
 }
 
 } // namespace cpu

@@ -2,8 +2,11 @@
 // Registered with SessionOptions.register_custom_ops_library(path); ONNX Runtime then runs these
 // kernels for the model's shrinkrt nodes instead of inlining their reference bodies.
 //
-// One CustomOp per type combination a model can carry (activations float32/float16 x feature store
-// fp16 (bits 16) / int8 (bits 8, 4)): ONNX Runtime picks the kernel by the node's input types.
+// Two ops, BiBranchAttention and BiBranchSelfAttention (the same attention, from the layer's own
+// projections: q/k before RoPE, x and the down projections instead of c_k/c_v), one kernel template
+// over their input positions. One CustomOp per op and type combination a model can carry
+// (activations float32/float16 x feature store fp16 (bits 16) / int8 (bits 8, 4)): ONNX Runtime picks
+// the kernel by the node's input types.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -19,15 +22,35 @@
 namespace
 {
 using namespace shrinkrt;
-using namespace shrinkrt::contract::BiBranchAttention;
+namespace v1 = shrinkrt::contract::BiBranchAttention;
+namespace self = shrinkrt::contract::BiBranchSelfAttention;
+// the outputs are the same list for both ops
+using v1::kY, v1::kWinKOut, v1::kWinVOut, v1::kFeatKNew, v1::kFeatVNew, v1::kFeatKScalesNew, v1::kFeatVScalesNew,
+    v1::kNbOutputs, v1::kNbAttributes, v1::kAttributes;
+static_assert(static_cast<int>(v1::kNbOutputs) == static_cast<int>(self::kNbOutputs), "one output list");
+
+// An op's input positions (shrinkrt_ops.gen.h): -1 where the op has no such input.
+struct Ports
+{
+    char const* name;
+    int q, k, v, cK, cV, x, kDown, vDown, winK, winV, featK, featV, kUp, vUp, kBias, vBias, ropeCos, ropeSin,
+        pastLength, featKScales, featVScales, nbInputs;
+};
+constexpr Ports kV1{"BiBranchAttention", v1::kQ, v1::kK, v1::kV, v1::kCK, v1::kCV, -1, -1, -1, v1::kWinK, v1::kWinV,
+    v1::kFeatK, v1::kFeatV, v1::kKUp, v1::kVUp, v1::kKBias, v1::kVBias, v1::kRopeCos, v1::kRopeSin, v1::kPastLength,
+    v1::kFeatKScales, v1::kFeatVScales, v1::kNbInputs};
+constexpr Ports kSelf{"BiBranchSelfAttention", self::kQ, self::kK, self::kV, -1, -1, self::kX, self::kKDown,
+    self::kVDown, self::kWinK, self::kWinV, self::kFeatK, self::kFeatV, self::kKUp, self::kVUp, self::kKBias,
+    self::kVBias, self::kRopeCos, self::kRopeSin, self::kPastLength, self::kFeatKScales, self::kFeatVScales,
+    self::kNbInputs};
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr auto kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 constexpr auto kI64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 
-[[noreturn]] void fail(std::string const& what)
+[[noreturn]] void fail(Ports const& op, std::string const& what)
 {
-    ORT_CXX_API_THROW(std::string("shrinkrt::BiBranchAttention: ") + what, ORT_INVALID_ARGUMENT);
+    ORT_CXX_API_THROW(std::string("shrinkrt::") + op.name + ": " + what, ORT_INVALID_ARGUMENT);
 }
 
 // A float input as fp32: the tensor itself, or a converted copy when the model's activations are fp16.
@@ -63,6 +86,7 @@ std::vector<int64_t> shapeOf(Ort::KernelContext& ctx, size_t index)
     return ctx.GetInput(index).GetTensorTypeAndShapeInfo().GetShape();
 }
 
+template <Ports const& P>
 struct BiBranchKernel
 {
     explicit BiBranchKernel(OrtKernelInfo const* info)
@@ -74,7 +98,7 @@ struct BiBranchKernel
             *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(kAttributes[i]));
         char const* bad = cpu::checkBiBranch(mShape);
         if (*bad)
-            fail(bad);
+            fail(P, bad);
     }
 
     void Compute(OrtKernelContext* context)
@@ -83,51 +107,68 @@ struct BiBranchKernel
         cpu::BiBranchShape s = mShape;
         int64_t const H = s.heads, G = s.kvHeads, D = s.headDim, W = s.window;
         bool const quant = s.bits < 16;
-        size_t const want = kNbInputs - (quant ? 0 : contract::kUnscaledDrop);
+        size_t const want = P.nbInputs - (quant ? 0 : contract::kUnscaledDrop);
         if (ctx.GetInputCount() != want)
-            fail("expects " + std::to_string(want) + " inputs at bits " + std::to_string(s.bits) + ", got "
+            fail(P, "expects " + std::to_string(want) + " inputs at bits " + std::to_string(s.bits) + ", got "
                 + std::to_string(ctx.GetInputCount()));
-        Floats q = floats(ctx, kQ), k = floats(ctx, kK), v = floats(ctx, kV), cK = floats(ctx, kCK),
-               cV = floats(ctx, kCV), kUp = floats(ctx, kKUp), vUp = floats(ctx, kVUp), kB = floats(ctx, kKBias),
-               vB = floats(ctx, kVBias), cosT = floats(ctx, kRopeCos), sinT = floats(ctx, kRopeSin);
+        constexpr bool selfForm = P.x >= 0;
+        Floats q = floats(ctx, P.q), k = floats(ctx, P.k), v = floats(ctx, P.v), kUp = floats(ctx, P.kUp),
+               vUp = floats(ctx, P.vUp), kB = floats(ctx, P.kBias), vB = floats(ctx, P.vBias),
+               cosT = floats(ctx, P.ropeCos), sinT = floats(ctx, P.ropeSin);
+        Floats cK, cV, x, kDown, vDown; // v1: the features; self: x and the down projections
+        if constexpr (selfForm)
+            x = floats(ctx, P.x), kDown = floats(ctx, P.kDown), vDown = floats(ctx, P.vDown);
+        else
+            cK = floats(ctx, P.cK), cV = floats(ctx, P.cV);
         if (q.shape.size() != 3 || q.shape[2] != H * D)
-            fail("q must be (B, T, num_heads*head_dim)");
+            fail(P, "q must be (B, T, num_heads*head_dim)");
         s.batch = q.shape[0];
         s.tokens = q.shape[1];
-        auto const win = shapeOf(ctx, kWinK), feat = shapeOf(ctx, kFeatK);
+        auto const win = shapeOf(ctx, P.winK), feat = shapeOf(ctx, P.featK);
         if (win != std::vector<int64_t>{s.batch, G, W, D})
-            fail("win_k must be (B, num_kv_heads, window, head_dim)");
+            fail(P, "win_k must be (B, num_kv_heads, window, head_dim)");
         if (feat.size() != 3 || feat[0] != s.batch)
-            fail("feat_k must be (B, S, C)");
+            fail(P, "feat_k must be (B, S, C)");
         s.capacity = feat[1];
         int64_t const ck = s.bits == 4 ? (s.rankK + 1) / 2 : s.rankK, cv = s.bits == 4 ? (s.rankV + 1) / 2 : s.rankV;
-        if (feat[2] != ck || shapeOf(ctx, kFeatV) != std::vector<int64_t>{s.batch, s.capacity, cv})
-            fail("feature stores must be (B, S, C) with C = " + std::to_string(ck) + " / " + std::to_string(cv));
-        if (cK.shape != std::vector<int64_t>{s.batch, s.tokens, s.rankK} || cV.shape != std::vector<int64_t>{s.batch, s.tokens, s.rankV})
-            fail("c_k / c_v must be (B, T, rank)");
+        if (feat[2] != ck || shapeOf(ctx, P.featV) != std::vector<int64_t>{s.batch, s.capacity, cv})
+            fail(P, "feature stores must be (B, S, C) with C = " + std::to_string(ck) + " / " + std::to_string(cv));
+        if constexpr (selfForm)
+        {
+            int64_t const hidden = x.shape.size() == 3 ? x.shape[2] : -1;
+            int64_t const kIn = s.keyMode == contract::kKeyModePostRope ? G * D : hidden;
+            if (x.shape != std::vector<int64_t>{s.batch, s.tokens, hidden} || hidden < 1)
+                fail(P, "x must be (B, T, hidden)");
+            if (kDown.shape != std::vector<int64_t>{kIn, s.rankK} || vDown.shape != std::vector<int64_t>{hidden, s.rankV})
+                fail(P, "k_down must be (" + std::string(kIn == hidden ? "hidden" : "num_kv_heads*head_dim")
+                    + ", rank_k) and v_down (hidden, rank_v)");
+        }
+        else if (cK.shape != std::vector<int64_t>{s.batch, s.tokens, s.rankK}
+            || cV.shape != std::vector<int64_t>{s.batch, s.tokens, s.rankV})
+            fail(P, "c_k / c_v must be (B, T, rank)");
         if (cosT.shape.size() != 2 || cosT.shape[1] != D || cosT.shape[0] < s.capacity)
-            fail("rope tables must be (>= S, head_dim)");
-        int64_t const past = ctx.GetInput(kPastLength).GetTensorData<int64_t>()[0];
+            fail(P, "rope tables must be (>= S, head_dim)");
+        int64_t const past = ctx.GetInput(P.pastLength).GetTensorData<int64_t>()[0];
         if (past < 0 || past + s.tokens > s.capacity)
-            fail("past_length " + std::to_string(past) + " + " + std::to_string(s.tokens) + " tokens exceeds the store's "
+            fail(P, "past_length " + std::to_string(past) + " + " + std::to_string(s.tokens) + " tokens exceeds the store's "
                 + std::to_string(s.capacity) + " rows");
 
         cpu::BiBranchIO io{};
         io.q = q.data, io.k = k.data, io.v = v.data, io.cK = cK.data, io.cV = cV.data, io.kUp = kUp.data,
         io.vUp = vUp.data, io.kBias = kB.data, io.vBias = vB.data, io.ropeCos = cosT.data, io.ropeSin = sinT.data;
-        io.winK = ctx.GetInput(kWinK).GetTensorData<uint16_t>();
-        io.winV = ctx.GetInput(kWinV).GetTensorData<uint16_t>();
-        io.featK = ctx.GetInput(kFeatK).GetTensorRawData();
-        io.featV = ctx.GetInput(kFeatV).GetTensorRawData();
+        io.winK = ctx.GetInput(P.winK).GetTensorData<uint16_t>();
+        io.winV = ctx.GetInput(P.winV).GetTensorData<uint16_t>();
+        io.featK = ctx.GetInput(P.featK).GetTensorRawData();
+        io.featV = ctx.GetInput(P.featV).GetTensorRawData();
         io.past = past;
         int64_t const gk = (s.rankK + contract::kFeatureGroup - 1) / contract::kFeatureGroup;
         int64_t const gv = (s.rankV + contract::kFeatureGroup - 1) / contract::kFeatureGroup;
         if (quant)
         {
-            io.featKScales = ctx.GetInput(kFeatKScales).GetTensorData<uint16_t>();
-            io.featVScales = ctx.GetInput(kFeatVScales).GetTensorData<uint16_t>();
+            io.featKScales = ctx.GetInput(P.featKScales).GetTensorData<uint16_t>();
+            io.featVScales = ctx.GetInput(P.featVScales).GetTensorData<uint16_t>();
         }
-        bool const halfOut = ctx.GetInput(kQ).GetTensorTypeAndShapeInfo().GetElementType() == kF16;
+        bool const halfOut = ctx.GetInput(P.q).GetTensorTypeAndShapeInfo().GetElementType() == kF16;
         std::vector<float> y32(halfOut ? static_cast<size_t>(s.batch * s.tokens * H * D) : 0);
         Ort::UnownedValue y = ctx.GetOutput(kY, {s.batch, s.tokens, H * D});
         io.y = halfOut ? y32.data() : y.GetTensorMutableData<float>();
@@ -147,7 +188,10 @@ struct BiBranchKernel
             auto tramp = [](void* user, size_t i) { (*static_cast<std::function<void(size_t)> const*>(user))(i); };
             ctx.ParallelFor(tramp, n, 0, const_cast<std::function<void(size_t)>*>(&fn));
         };
-        cpu::biBranchAttention(s, io, parallel);
+        if constexpr (selfForm)
+            cpu::biBranchSelfAttention(s, io, cpu::BiBranchSelfIO{x.data, kDown.data, vDown.data, x.shape[2]}, parallel);
+        else
+            cpu::biBranchAttention(s, io, parallel);
         if (halfOut)
         {
             auto* out = y.GetTensorMutableData<uint16_t>();
@@ -159,35 +203,32 @@ struct BiBranchKernel
     cpu::BiBranchShape mShape{};
 };
 
-// One registration per (activation dtype, feature dtype).
-struct BiBranchOp : Ort::CustomOpBase<BiBranchOp, BiBranchKernel>
+// One registration per (op, activation dtype, feature dtype).
+template <Ports const& P>
+struct BiBranchOp : Ort::CustomOpBase<BiBranchOp<P>, BiBranchKernel<P>>
 {
     BiBranchOp(ONNXTensorElementDataType act, ONNXTensorElementDataType feat)
         : mAct(act)
         , mFeat(feat)
     {
     }
-    void* CreateKernel(OrtApi const&, OrtKernelInfo const* info) const { return new BiBranchKernel(info); }
-    char const* GetName() const { return "BiBranchAttention"; }
+    void* CreateKernel(OrtApi const&, OrtKernelInfo const* info) const { return new BiBranchKernel<P>(info); }
+    char const* GetName() const { return P.name; }
     char const* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-    size_t GetInputTypeCount() const { return kNbInputs; }
+    size_t GetInputTypeCount() const { return P.nbInputs; }
     ONNXTensorElementDataType GetInputType(size_t i) const
     {
-        switch (i)
-        {
-        case kWinK:
-        case kWinV:
-        case kFeatKScales:
-        case kFeatVScales: return kF16;
-        case kFeatK:
-        case kFeatV: return mFeat;
-        case kPastLength: return kI64;
-        default: return mAct;
-        }
+        int const at = static_cast<int>(i);
+        if (at == P.winK || at == P.winV || at == P.featKScales || at == P.featVScales)
+            return kF16;
+        if (at == P.featK || at == P.featV)
+            return mFeat;
+        return at == P.pastLength ? kI64 : mAct;
     }
     OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const
     {
-        return i >= kNbInputs - contract::kUnscaledDrop ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+        return i >= static_cast<size_t>(P.nbInputs - contract::kUnscaledDrop) ? INPUT_OUTPUT_OPTIONAL
+                                                                                : INPUT_OUTPUT_REQUIRED;
     }
     size_t GetOutputTypeCount() const { return kNbOutputs; }
     ONNXTensorElementDataType GetOutputType(size_t i) const
@@ -208,7 +249,8 @@ struct BiBranchOp : Ort::CustomOpBase<BiBranchOp, BiBranchKernel>
     ONNXTensorElementDataType mAct, mFeat;
 };
 
-BiBranchOp gBiBranch[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
+BiBranchOp<kV1> gBiBranch[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
+BiBranchOp<kSelf> gBiBranchSelf[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
 } // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(
@@ -225,6 +267,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
         auto domain = std::make_unique<Ort::CustomOpDomain>(contract::kDomain);
         for (auto& op : gBiBranch)
             domain->Add(&op);
+        for (auto& op : gBiBranchSelf)
+            domain->Add(&op);
         Ort::UnownedSessionOptions(options).Add(*domain);
         domains.push_back(std::move(domain));
     }
@@ -238,6 +282,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
 // What this library implements, for `shrinkrt` to report (no ONNX Runtime needed to ask).
 extern "C" __attribute__((visibility("default"))) char const* shrinkrt_ort_ops()
 {
-    static std::string const what = std::string("BiBranchAttention (") + cpu::isaName() + ")";
+    static std::string const what = std::string("BiBranchAttention, BiBranchSelfAttention (") + cpu::isaName() + ")";
     return what.c_str();
 }
