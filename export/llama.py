@@ -329,8 +329,8 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
     # RoPE in one node per q/k reading the tables' halves (Llama's tables repeat them)
     half = D // 2
     lean = target == "ort-cpu" and torch.equal(model.rope_cos[:, :half], model.rope_cos[:, half:])
-    if lean:
-        g.fweight("rope_cos_half", model.rope_cos[:, :half])
+    if lean and not all(isinstance(layer.self_attn, CSKVAttention) for layer in model.layers):  # RotaryEmbedding's
+        g.fweight("rope_cos_half", model.rope_cos[:, :half])  # (CSKV layers' BiBranchSelfAttention rotates itself)
         g.fweight("rope_sin_half", model.rope_sin[:, :half])
     else:
         cos, sin = b("Slice", "rope_cos", P, E, zero), b("Slice", "rope_sin", P, E, zero)

@@ -122,6 +122,18 @@ def check_library_kernels(lib: Path, op_attributes: dict) -> None:
                           f"--export DIR)")
 
 
+def check_plugin_layers(trt, network, model) -> None:
+    """Every shrinkrt node became a plugin layer: without ENABLE_PLUGIN_OVERRIDE (TensorRT < 10.15) the
+    parser may import a node's function body instead, which builds but is not what the plugins run."""
+    want = sum(1 for n in model.graph.node if n.domain == "shrinkrt")
+    kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, k)}
+    got = sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
+    if got < want:
+        raise ShrinkError(f"build: TensorRT imported {got} of the model's {want} shrinkrt nodes as plugin layers "
+                          f"(the others as their reference bodies): use TensorRT >= 10.15 (ENABLE_PLUGIN_OVERRIDE) "
+                          f"with --plugins")
+
+
 def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: int = 2048, max_prefill: int = 512,
           trt_module: str | None = None, plugins: Path | None = None) -> dict:
     if target not in TARGETS:
@@ -138,15 +150,20 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
         model = inline(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    # with plugins: strongly typed (the graph is FP16 already; a weakly typed FP16 network made TensorRT
+    # ask for dynamic ranges of the int8 feature stores, which are network inputs and outputs)
+    strong = bool(plugins) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0)
     parser = trt.OnnxParser(network, logger)
     if plugins and hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)  # the plugin, not the function body
     if not parser.parse(model.SerializeToString(), str(Path(onnx_path).resolve())):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ShrinkError(f"build: TensorRT could not parse the model: {errs[0] if errs else '?'}")
+    if plugins:
+        check_plugin_layers(trt, network, model)
     config = builder.create_builder_config()
-    if plugins and hasattr(trt.BuilderFlag, "FP16"):
+    if plugins and not strong and hasattr(trt.BuilderFlag, "FP16"):
         config.set_flag(trt.BuilderFlag.FP16)  # the plugins take FP16 linear tensors
     rtx = trt.__name__ == "tensorrt_rtx"
     if rtx:
@@ -160,8 +177,9 @@ def build(onnx_path: Path, engine_path: Path, target: str = "sm75", capacity: in
         prof = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             t = network.get_input(i)
-            if t.name == io.past_length:  # a shape input (it sizes the cache slices): its values get a range
-                prof.set_shape_input(t.name, [0], [capacity // 2], [capacity - seq[2]])
+            if t.name == io.past_length:  # a shape input (it sizes the cache slices): its values get a range,
+                # every start a cache of `capacity` rows admits (runtime/trt_model.py checks start + T <= capacity)
+                prof.set_shape_input(t.name, [0], [capacity // 2], [capacity - 1])
                 continue
             if t.name == io.input_ids:
                 lo, opt, hi = ([1, n] for n in seq)

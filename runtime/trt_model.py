@@ -6,7 +6,10 @@ allocation for the caches); the graph returns this call's cache rows, written in
 the call's positions on the same stream; the CSKV ring comes back whole and is copied into its
 buffer. Profile 0 serves prefill (T > 1), profile 1 decode (T = 1). `past_length` is a shape input of
 the no-plugin engine (it sizes the cache slices), read from host memory, so a decode step cannot be
-replayed as a CUDA graph there; the plugin engine's attention reads it on the device.
+replayed as a CUDA graph there; the plugin engine's attention reads it on the device: its location is
+the engine's (`get_tensor_location`), never assumed. The caches' capacity and a call's length are
+checked against the engine's profiles (build.json) before TensorRT sees them, and every shape TensorRT
+refuses is named.
 
 Written for the TensorRT 10 Python API (`tensorrt`, or `tensorrt_rtx` which shares it). No machine of
 this project has run it: the lent GPU has no TensorRT, and this machine has no GPU (docs/deploy.md).
@@ -55,6 +58,40 @@ def check_device(target: str) -> None:
                           f"{cc[0]}.{cc[1]}: rebuild with `shrinkrt build --target sm{cc[0]}{cc[1]}`")
 
 
+def profile_limits(info: dict, where) -> dict:
+    """The engine's ranges from build.json: cache capacity [lo, hi] and tokens per prefill call."""
+    try:
+        prof = info["profiles"]
+        cap, seq = prof["capacity"], prof["prefill"]["seq"]
+        return {"capacity": (int(cap[0]), int(cap[-1])), "prefill_tokens": int(seq[-1])}
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ShrinkError(f"{where} has no engine profiles ({type(e).__name__}: {e}): build it again") from None
+
+
+def check_capacity(limits: dict, batch: int, max_seq_len: int) -> None:
+    lo, hi = limits["capacity"]
+    if batch != 1:
+        raise ShrinkError(f"the engine's profiles are for batch 1 (asked for {batch})")
+    if not lo <= max_seq_len <= hi:
+        raise ShrinkError(f"a cache of {max_seq_len} tokens is outside the engine's capacity range {lo}..{hi} "
+                          f"(shrinkrt build --capacity sets it)")
+
+
+def check_call_length(limits: dict, T: int) -> None:
+    if T > limits["prefill_tokens"]:
+        raise ShrinkError(f"a call of {T} tokens exceeds the engine's prefill profile ({limits['prefill_tokens']} "
+                          f"tokens per call): prefill in chunks of at most that")
+
+
+def bind_inputs(ctx, profile: int, tensors: list) -> None:
+    """(name, shape, address) for each input; a shape TensorRT refuses is named with the profile."""
+    for name, shape, address in tensors:
+        if not ctx.set_input_shape(name, shape):
+            raise ShrinkError(f"TensorRT refused input {name} of shape {list(shape)} for profile {profile} "
+                              f"({'prefill' if profile == 0 else 'decode'})")
+        ctx.set_tensor_address(name, address)
+
+
 class TrtModel(ExportedCaches):
     def __init__(self, build_dir: Path, trt_module: str | None = None, layer_times: bool = False):
         from shrinkrt.export.trt_build import import_trt
@@ -77,6 +114,7 @@ class TrtModel(ExportedCaches):
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ShrinkError(f"{build_dir / 'export.json'} is missing or malformed ({type(e).__name__}: {e})") from None
         self.io = GraphIO.from_json(self.meta.get("io"), str(build_dir / "export.json"))
+        self.limits = profile_limits(info, info_path)
         logger = trt.Logger(trt.Logger.WARNING)
         if info.get("plugins"):
             lib = Path(info["plugins"])
@@ -108,6 +146,7 @@ class TrtModel(ExportedCaches):
         self.buffers: dict[str, torch.Tensor] = {}
         self.length = self.capacity = 0
         self.profile = -1
+        self.past_on_host = self.engine.get_tensor_location(self.io.past_length) == trt.TensorLocation.HOST
 
     def _dtype(self, name):
         return {self.trt.float16: torch.float16, self.trt.float32: torch.float32, self.trt.int8: torch.int8,
@@ -116,30 +155,30 @@ class TrtModel(ExportedCaches):
     def setup_caches(self, batch: int, max_seq_len: int, dtype=None) -> None:
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"cache of {max_seq_len} tokens exceeds the model's context {self.args.max_seq_len}")
+        check_capacity(self.limits, batch, max_seq_len)
         self.buffers = {}
         for c in self.io.caches:  # shapes from the graph description; the dtype as the engine has it
             self.buffers[c.input] = torch.zeros(c.buffer_shape(batch, max_seq_len), dtype=self._dtype(c.input),
                                                 device="cuda")
-        self.past = torch.zeros(1, dtype=torch.int64)  # host: a shape input
+        # where the engine reads it: host (a shape input of the no-plugin engine) or device (the plugins)
+        self.past = torch.zeros(1, dtype=torch.int64, device="cpu" if self.past_on_host else "cuda")
         self.length, self.capacity, self.batch = 0, max_seq_len, batch
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         T = tokens.shape[1]
         self.check_call(start, T)
+        check_call_length(self.limits, T)
         ctx, s = self.context, self.stream
         profile = 1 if T == 1 else 0
         if profile != self.profile:
             ctx.set_optimization_profile_async(profile, s.cuda_stream)
             self.profile = profile
         ids = tokens.to("cuda", torch.int64).contiguous()
-        self.past[0] = start
-        ctx.set_input_shape(self.io.input_ids, tuple(ids.shape))
-        ctx.set_tensor_address(self.io.input_ids, ids.data_ptr())
-        ctx.set_input_shape(self.io.past_length, (1,))
-        ctx.set_tensor_address(self.io.past_length, self.past.data_ptr())
-        for name in self.buffers:
-            ctx.set_input_shape(name, tuple(self.buffers[name].shape))
-            ctx.set_tensor_address(name, self.buffers[name].data_ptr())
+        with torch.cuda.stream(s):
+            self.past.fill_(start)  # a device past_length is written on the stream the engine reads it on
+        bind_inputs(ctx, profile, [(self.io.input_ids, tuple(ids.shape), ids.data_ptr()),
+                                   (self.io.past_length, (1,), self.past.data_ptr())]
+                    + [(n, tuple(b.shape), b.data_ptr()) for n, b in self.buffers.items()])
         outs = {}
         for name in self.outputs:
             outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
