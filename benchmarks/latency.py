@@ -5,7 +5,9 @@ Per backend and depth d (a fresh process each, so peak RSS is the backend's own:
 are made once by this process and piped to each worker, which loads its backend and nothing else; the
 shrinkrt-ort worker runs OrtModel.run on numpy, without torch or transformers), `--reps` times:
 prefill of d prompt tokens (pp: tokens/s), then greedy decode of `--decode-steps` tokens at that
-depth (tg: tokens/s); figures are mean +- std over the repetitions, raw samples in the JSON. At the
+depth (tg: tokens/s); figures are mean +- std over the repetitions, raw samples in the JSON. The
+repetitions are interleaved across backends (each repetition runs every backend once, in a fresh
+process), so a slow spell of a shared machine falls on all of them alike rather than on one. At the
 first depth (512) that is pp512 and tg128 (`--decode-steps-first`, default 128).
 
 Backends:
@@ -253,12 +255,22 @@ def available(backend: str) -> str | None:
     return None
 
 
-def run_one(backend: str, context: int, steps: int, ids: list[int], a) -> dict:
-    cmd = [sys.executable, __file__, "--worker", backend, str(context), str(steps), str(a.threads), str(a.reps), a.export]
+def run_one(backend: str, context: int, steps: int, ids: list[int], a, reps: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, str(context), str(steps), str(a.threads), str(reps), a.export]
     p = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"{backend} at {context}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def merge_reps(rows: list[dict]) -> dict:
+    """One backend's rows of single repetitions -> one row: samples pooled, mean +- std, peak RSS the max."""
+    out = dict(rows[0])
+    samples = {k: [x for r in rows for x in r["samples"][k]] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+    for k, xs in samples.items():
+        out[k], out[f"{k}_std"] = _stats(xs)
+    out.update(samples=samples, reps=len(samples["decode_tokens_per_s"]), peak_rss_mb=max(r["peak_rss_mb"] for r in rows))
+    return out
 
 
 def worker_main(backend, context, steps, threads, reps, export) -> int:
@@ -353,19 +365,28 @@ def main(argv=None):
         genai_model(a.threads)
     for i, c in enumerate(contexts):
         ids = prompt_ids(c)
+        steps = a.decode_steps_first if i == 0 else a.decode_steps
+        rows, spent, failed = {b: [] for b in backends}, {b: 0.0 for b in backends}, set()
+        for _ in range(a.reps):  # interleaved: every backend once per repetition
+            for b in backends:
+                if b in failed:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    rows[b].append(run_one(b, c, steps, ids, a, reps=1))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    skipped.append(str(e))
+                    failed.add(b)
+                    print(f"FAILED {e}", flush=True)
+                spent[b] += time.perf_counter() - t0
         for b in backends:
-            steps = a.decode_steps_first if i == 0 else a.decode_steps
-            t0 = time.perf_counter()
-            try:
-                r = run_one(b, c, steps, ids, a)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                skipped.append(str(e))
-                print(f"FAILED {e}", flush=True)
+            if b in failed or not rows[b]:
                 continue
+            r = merge_reps(rows[b])
             runs.append(r)
             print(f"{b} depth {c}: pp {r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_std']:.1f}, "
                   f"tg {r['decode_tokens_per_s']:.1f} ± {r['decode_tokens_per_s_std']:.1f} tok/s, "
-                  f"RSS {r['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"RSS {r['peak_rss_mb']:.0f} MB ({spent[b]:.0f} s)", flush=True)
     for r in runs:  # ratios to every peer at the same depth
         r["vs"] = {}
         for p in runs:
