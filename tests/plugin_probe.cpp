@@ -256,9 +256,13 @@ int main(int argc, char** argv)
         serial += std::string(i ? "," : "") + "\"" + ser->fields[i].name
             + "\":" + std::to_string(*static_cast<int32_t const*>(ser->fields[i].data));
     serial += "}";
-    // without a GPU driver the per-context kernel load fails, and enqueue says so instead of crashing
+    // without a GPU driver the per-context kernel load fails: no plugin for the context (TensorRT then fails
+    // the context's creation), and an instance run without attaching loads at enqueue and fails cleanly
     IPluginV3* attached = runtime->attachToContext(nullptr);
-    IPluginV3OneRuntime* rt2 = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    bool const attachedOk = attached != nullptr;
+    IPluginV3OneRuntime* rt2 = attachedOk
+        ? static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+        : runtime;
     std::vector<PluginTensorDesc> pin(nIn);
     for (int32_t i = 0; i < nIn; ++i)
         pin[i] = descs[i].desc;
@@ -299,6 +303,11 @@ int main(int argc, char** argv)
         // attach again now that a context is current: the kernels load
         delete attached;
         attached = runtime->attachToContext(nullptr);
+        if (!attached)
+        {
+            std::printf("{\"error\": \"attachToContext failed with a current context\"}\n");
+            return 1;
+        }
         rt2 = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
         rcEnqueue = rt2->enqueue(pin.data(), pout.data(), ins.data(), outs.data(), reinterpret_cast<void*>(wsBuf), nullptr);
         int const rcSync = cuda.sync();
@@ -316,9 +325,9 @@ int main(int argc, char** argv)
         rcEnqueue = rt2->enqueue(pin.data(), nullptr, nullptr, nullptr, nullptr, nullptr);
     std::printf("{\"created\": true, \"nb_outputs\": %d, \"rc_types\": %d, \"out_types\": \"%s\", \"rc_shapes\": %d, "
                 "\"out_shapes\": %s, \"supported\": %s, \"fp32_supported\": %s, \"rc_configure\": %d, "
-                "\"workspace\": %zu, \"serialized\": %s, \"rc_enqueue\": %d}\n",
+                "\"workspace\": %zu, \"serialized\": %s, \"attached\": %s, \"rc_enqueue\": %d}\n",
         nOut, rcTypes, types.c_str(), rcShapes, shapes.c_str(), supported ? "true" : "false", fp32 ? "true" : "false",
-        rcConfigure, ws, serial.c_str(), rcEnqueue);
+        rcConfigure, ws, serial.c_str(), attachedOk ? "true" : "false", rcEnqueue);
     delete attached;
     delete plugin;
     return 0;

@@ -147,7 +147,9 @@ def test_quant_matmul_build_phase(probe):
     assert got["out_shapes"] == [[1, 5, 1536]] and got["out_types"] == "h" and got["supported"]
     assert not got["fp32_supported"] and got["serialized"] == fields
     assert got["workspace"] == 0  # <= 8 rows: the fused GEMV needs none
-    assert got["rc_enqueue"] == -1 and "libcuda.so.1 not found" in err
+    # no driver: attachToContext gives TensorRT no plugin (the context fails to create), and an instance run
+    # without attaching tries to load its kernels at enqueue, then fails cleanly, saying why
+    assert got["attached"] is False and got["rc_enqueue"] == -1 and err.count("libcuda.so.1 not found") == 2
     got, _ = probe("QuantMatMul", fields, [("h", (2, 32, 576))] + packed)
     assert got["out_shapes"] == [[2, 32, 1536]] and got["workspace"] == 1536 * 576 * 2  # dense fp16 weight
 
@@ -170,7 +172,7 @@ def test_bibranch_attention_build_phase(probe, bits):
     assert got["out_types"] == "hhh" + f * 2 + ("hh" if bits < 16 else "")
     assert got["serialized"] == fields and got["rc_configure"] == 0 and not got["fp32_supported"]
     assert got["workspace"] == B * H * 64 * (2 + D + 256) * 4 + 256  # split partials + the scales dummy
-    assert got["rc_enqueue"] == -1 and "libcuda.so.1 not found" in err
+    assert got["attached"] is False and got["rc_enqueue"] == -1 and err.count("libcuda.so.1 not found") == 2
 
 
 def test_library_built_for_another_model(plugin_lib, tmp_path):

@@ -123,15 +123,30 @@ size_t BiBranchAttentionPlugin::getWorkspaceSize(
     return partBytes(inputs[kQ].max.d[0], mFields["num_heads"], mFields["head_dim"]) + 256;
 }
 
+bool BiBranchAttentionPlugin::loadKernels() noexcept
+{
+    if (mKernels)
+        return true;
+    auto kernels = std::make_unique<KernelSet>();
+    std::string error;
+    if (!kernels->load(kernelNames(), error))
+    {
+        reportError("BiBranchAttention", error);
+        return false;
+    }
+    mKernels = std::move(kernels);
+    return true;
+}
+
+// A context gets a plugin whose kernels are loaded, or none: TensorRT then fails the context's creation
+// with the reported error instead of an enqueue failing later.
 IPluginV3* BiBranchAttentionPlugin::attachToContext(IPluginResourceContext*) noexcept
 {
     auto* p = static_cast<BiBranchAttentionPlugin*>(clone());
-    p->mKernels = std::make_unique<KernelSet>();
-    std::string error;
-    if (!p->mKernels->load(p->kernelNames(), error))
+    if (p && !p->loadKernels())
     {
-        reportError("BiBranchAttention", error);
-        p->mKernels.reset();
+        delete p;
+        return nullptr;
     }
     return p;
 }
@@ -139,11 +154,8 @@ IPluginV3* BiBranchAttentionPlugin::attachToContext(IPluginResourceContext*) noe
 int32_t BiBranchAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
-    if (!mKernels)
-    {
-        reportError("BiBranchAttention", "kernels are not loaded (see the error when the context was created)");
+    if (!loadKernels()) // an instance TensorRT runs without attaching it (the builder's, a clone) loads here
         return -1;
-    }
     auto const& f = mFields;
     bool const quant = f["bits"] < 16;
     int32_t const B = static_cast<int32_t>(inputDesc[kQ].dims.d[0]);

@@ -54,6 +54,9 @@ public:
 private:
     friend class PluginBase<BiBranchAttentionPlugin>;
     BiBranchAttentionPlugin() = default;
+    // loads this instance's kernels if not yet loaded (attachToContext, or the first enqueue of an
+    // instance TensorRT runs without attaching it); false, with the error reported, when they cannot be
+    bool loadKernels() noexcept;
     std::unique_ptr<KernelSet> mKernels;
 };
 

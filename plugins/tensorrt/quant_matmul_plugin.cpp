@@ -106,31 +106,41 @@ bool QuantMatMulPlugin::supportsFormatCombination(
     }
 }
 
+bool QuantMatMulPlugin::loadKernels() noexcept
+{
+    if (mKernels)
+        return true;
+    auto kernels = std::make_unique<KernelSet>();
+    std::string error;
+    if (!kernels->load({kernelName(2), kernelName(4), kernelName(8), dequantName()}, error))
+    {
+        reportError("QuantMatMul", error);
+        return false;
+    }
+    mKernels = std::move(kernels);
+    mGemm = std::make_unique<CublasLtGemm>();
+    if (!mGemm->load(error))
+        mGemm.reset(); // prefill runs the GEMV in chunks: correct, without tensor cores
+    return true;
+}
+
+// A context gets a plugin whose kernels are loaded, or none (TensorRT fails the context's creation).
 IPluginV3* QuantMatMulPlugin::attachToContext(IPluginResourceContext*) noexcept
 {
     auto* p = static_cast<QuantMatMulPlugin*>(clone());
-    p->mKernels = std::make_unique<KernelSet>();
-    std::string error;
-    if (!p->mKernels->load({p->kernelName(2), p->kernelName(4), p->kernelName(8), p->dequantName()}, error))
+    if (p && !p->loadKernels())
     {
-        reportError("QuantMatMul", error);
-        p->mKernels.reset();
-        return p;
+        delete p;
+        return nullptr;
     }
-    p->mGemm = std::make_unique<CublasLtGemm>();
-    if (!p->mGemm->load(error))
-        p->mGemm.reset(); // prefill runs the GEMV in chunks: correct, without tensor cores
     return p;
 }
 
 int32_t QuantMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
-    if (!mKernels)
-    {
-        reportError("QuantMatMul", "kernels are not loaded (see the error when the context was created)");
+    if (!loadKernels()) // an instance TensorRT runs without attaching it (the builder's, a clone) loads here
         return -1;
-    }
     Dims const& xd = inputDesc[kX].dims;
     int32_t K = mFields["in_features"], N = mFields["out_features"];
     int64_t const rows = volume(xd) / K;

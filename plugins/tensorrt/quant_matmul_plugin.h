@@ -50,6 +50,8 @@ public:
 private:
     friend class PluginBase<QuantMatMulPlugin>;
     QuantMatMulPlugin() = default;
+    // as BiBranchAttentionPlugin::loadKernels (and the cuBLASLt GEMM, optional)
+    bool loadKernels() noexcept;
     std::unique_ptr<KernelSet> mKernels;
     std::unique_ptr<CublasLtGemm> mGemm; // prefill (M > 8): dequant kernel + cuBLASLt; null: chunked GEMV
 };
