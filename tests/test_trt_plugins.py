@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shrinkrt.export import ops
@@ -61,10 +62,11 @@ def build_probe(lib: Path):
                     str(ROOT / "tests" / "plugin_probe.cpp"), "-o", str(exe), "-ldl"], check=True, capture_output=True,
                    timeout=300)
 
-    def run(op, fields, inputs, data_dir=None):
+    def run(op, fields, inputs, data_dir=None, env=None):
         spec = ";".join(f"{t}:{'x'.join(map(str, shape))}" for t, shape in inputs)
         r = subprocess.run([str(exe), str(lib), op, ",".join(f"{k}={v}" for k, v in fields.items()), spec]
-                           + ([str(data_dir)] if data_dir else []), capture_output=True, text=True, timeout=300)
+                           + ([str(data_dir)] if data_dir else []), capture_output=True, text=True, timeout=300,
+                           env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         return json.loads(r.stdout), r.stderr
     return run
@@ -173,6 +175,92 @@ def test_bibranch_attention_build_phase(probe, bits):
     assert got["serialized"] == fields and got["rc_configure"] == 0 and not got["fp32_supported"]
     assert got["workspace"] == B * H * 64 * (2 + D + 256) * 4 + 256  # split partials + the scales dummy
     assert got["attached"] is False and got["rc_enqueue"] == -1 and err.count("libcuda.so.1 not found") == 2
+
+
+@pytest.fixture(scope="module")
+def fake_cuda(tmp_path_factory):
+    """tests/fake_libcuda.c built as libcuda.so.1: the driver stand-in the plugins dlopen."""
+    if not shutil.which("cc"):
+        pytest.skip("a C compiler is needed to build the CUDA driver stand-in")
+    d = tmp_path_factory.mktemp("fake_cuda")
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", str(ROOT / "tests" / "fake_libcuda.c"),
+                    "-o", str(d / "libcuda.so.1")], check=True, capture_output=True, timeout=120)
+    return d
+
+
+def _through_stand_in(probe, fake_cuda, tmp_path, op, fields, ins, fail=None, cc=None):
+    """One enqueue of `op` by the probe against the stand-in driver; (probe json, stderr, logged events)."""
+    sizes = {"h": 2, "b": 1, "i": 4, "l": 8}
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for i, (t, shape) in enumerate(ins):
+        n = int(np.prod(shape)) * sizes[t]
+        (data / f"in{i}.bin").write_bytes(np.array([3], np.int64).tobytes() if t == "l" else bytes(n))
+    log = tmp_path / "cuda.log"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{fake_cuda}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+           "SHRINKRT_FAKE_CUDA_LOG": str(log)}
+    env |= {"SHRINKRT_FAKE_CUDA_FAIL": fail} if fail else {}
+    env |= {"SHRINKRT_FAKE_CUDA_CC": cc} if cc else {}
+    got, err = probe(op, fields, ins, data_dir=data, env=env)
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return got, err, events
+
+
+def _kernels_meta(plugin_lib):
+    meta = json.loads((plugin_lib.parent.parent.parent / "kernels" / "kernels.json").read_text())
+    return {k["name"]: k for k in meta["kernels"]}
+
+
+@pytest.mark.parametrize("cc, kind", [(None, "cubin"), ("8.6", "ptx")])
+def test_bibranch_attention_launches_through_the_driver_stand_in(plugin_lib, probe, fake_cuda, tmp_path, cc, kind):
+    """The plugin's whole launch path on the CPU: attach loads its four images once (cubin at 7.5, PTX
+    above), enqueue launches the split, reduce, append and quantize kernels with kernels.json's block
+    (32 x warps) and shared bytes, and returns 0; nothing executes (the stand-in logs the launches)."""
+    H, G, D, W, rk, rv, B, T, S = 9, 3, 64, 64, 48, 96, 1, 1, 512
+    fields = dict(num_heads=H, num_kv_heads=G, head_dim=D, window=W, rank_k=rk, rank_v=rv, bits=4, key_mode=1)
+    C = lambda r: (r + 1) // 2  # noqa: E731
+    ins = [("h", (B, T, H * D)), ("h", (B, T, G * D)), ("h", (B, T, G * D)), ("h", (B, T, rk)), ("h", (B, T, rv)),
+           ("h", (B, G, W, D)), ("h", (B, G, W, D)), ("b", (B, S, C(rk))), ("b", (B, S, C(rv))), ("h", (rk, G * D)),
+           ("h", (rv, G * D)), ("h", (G * D,)), ("h", (G * D,)), ("h", (S, D)), ("h", (S, D)), ("l", (1,)),
+           ("h", (B, S, 2)), ("h", (B, S, 3))]
+    got, err, events = _through_stand_in(probe, fake_cuda, tmp_path, "BiBranchAttention", fields, ins, cc=cc)
+    assert got["attached"] is True and got["rc_enqueue"] == 0, (got, err)
+    loads = [e for e in events if e["event"] == "load"]
+    launches = [e for e in events if e["event"] == "launch"]
+    # the probe attaches twice (once before the context is current, once after): 2 x 4 images, all `kind`
+    assert len(loads) == 8 and {e["kind"] for e in loads} == {kind}
+    meta = _kernels_meta(plugin_lib)
+    names = [f"bibranch_split_b4_post_h{H}g{G}d{D}w{W}", f"bibranch_reduce_h{H}g{G}d{D}", f"bibranch_append_g{G}d{D}w{W}",
+             "feature_quant_b4"]
+    entries = {meta[n]["entry"]: meta[n] for n in names}
+    from shrinkrt.runtime.op_contract import split_plan
+
+    n_splits = split_plan(S, W)[0]
+    grids = {"bibranch_split_kernel": [B * H, n_splits + 1, 1], "bibranch_reduce_kernel": [B * H, 1, 1],
+             "bibranch_append_kernel": [B * G, 1, 1], "feature_quant_kernel": [B * T, 1, 1]}  # kernels.json "grid"
+    # both feature rows quantized, the ring appended, the splits (+ the window's slot), the merge
+    assert [e["entry"] for e in launches] == ["feature_quant_kernel"] * 2 + ["bibranch_append_kernel",
+                                                                             "bibranch_split_kernel", "bibranch_reduce_kernel"]
+    for e in launches:
+        k = entries[e["entry"]]
+        assert e["block"] == [32 * k["num_warps"], 1, 1] and e["shared"] == k["shared"], (e, k)
+        assert e["grid"] == grids[e["entry"]], e
+    ring = B * G * W * D * 2  # the ring outputs: the input ring copied, then this call's rows appended
+    assert [e["bytes"] for e in events if e["event"] == "copy"] == [ring, ring]
+
+
+@pytest.mark.parametrize("fail, said", [("load", "CUDA_ERROR_INVALID_IMAGE"), ("launch", "CUDA_ERROR_LAUNCH_FAILED")])
+def test_injected_driver_faults_fail_enqueue_with_one_clear_line(plugin_lib, probe, fake_cuda, tmp_path, fail, said):
+    fields = dict(bits=4, group_size=64, in_features=576, out_features=192)
+    packed = [("i", (192, 36)), ("h", (192, 9)), ("i", (192, 1)), ("i", (193,)), ("i", (1,)), ("h", (1,))]
+    got, err, events = _through_stand_in(probe, fake_cuda, tmp_path, "QuantMatMul", fields,
+                                         [("h", (1, 1, 576))] + packed, fail=fail)
+    if fail == "load":  # no plugin for the context (TensorRT would fail its creation): nothing enqueued
+        assert got["attached"] is False and got["rc_enqueue"] == -2 and not [e for e in events if e["event"] == "launch"]
+    else:
+        assert got["attached"] is True and got["rc_enqueue"] == -1
+    assert said in err and "QuantMatMul" in err, err
 
 
 def test_library_built_for_another_model(plugin_lib, tmp_path):
