@@ -74,6 +74,12 @@ CUresult cuCtxSynchronize(void)
     return kSuccess;
 }
 
+CUresult cuCtxGetCurrent(void** ctx)
+{
+    *ctx = &gContext;
+    return kSuccess;
+}
+
 CUresult cuCtxGetDevice(int* dev)
 {
     *dev = 0;

@@ -304,6 +304,8 @@ int main(int argc, char** argv)
         delete attached;
         attached = runtime->attachToContext(nullptr);
         attachedOk = attached != nullptr; // no plugin: TensorRT would fail the context (rc_enqueue -2: not run)
+        // a second instance attached to the same context (another layer's) shares the loaded modules
+        IPluginV3* second = attachedOk ? runtime->attachToContext(nullptr) : nullptr;
         if (attachedOk)
         {
             rt2 = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
@@ -311,6 +313,7 @@ int main(int argc, char** argv)
         }
         else
             rcEnqueue = -2;
+        delete second;
         int const rcSync = cuda.sync();
         for (int32_t o = 0; o < nOut && rcEnqueue == 0 && rcSync == 0; ++o)
         {

@@ -214,8 +214,8 @@ def _kernels_meta(plugin_lib):
 
 @pytest.mark.parametrize("cc, kind", [(None, "cubin"), ("8.6", "ptx")])
 def test_bibranch_attention_launches_through_the_driver_stand_in(plugin_lib, probe, fake_cuda, tmp_path, cc, kind):
-    """The plugin's whole launch path on the CPU: attach loads its four images once (cubin at 7.5, PTX
-    above), enqueue launches the split, reduce, append and quantize kernels with kernels.json's block
+    """The plugin's whole launch path on the CPU: attach loads its four images once per context (cubin
+    at 7.5, PTX above; instances share them), enqueue launches the split, reduce, append and quantize kernels with kernels.json's block
     (32 x warps) and shared bytes, and returns 0; nothing executes (the stand-in logs the launches)."""
     H, G, D, W, rk, rv, B, T, S = 9, 3, 64, 64, 48, 96, 1, 1, 512
     fields = dict(num_heads=H, num_kv_heads=G, head_dim=D, window=W, rank_k=rk, rank_v=rv, bits=4, key_mode=1)
@@ -228,8 +228,10 @@ def test_bibranch_attention_launches_through_the_driver_stand_in(plugin_lib, pro
     assert got["attached"] is True and got["rc_enqueue"] == 0, (got, err)
     loads = [e for e in events if e["event"] == "load"]
     launches = [e for e in events if e["event"] == "launch"]
-    # the probe attaches twice (once before the context is current, once after): 2 x 4 images, all `kind`
-    assert len(loads) == 8 and {e["kind"] for e in loads} == {kind}
+    # the probe attaches, deletes, attaches again and attaches a second instance alongside: the four images
+    # load twice (the first instance's unloaded with it), the second instance shares the live ones
+    unloads = [e for e in events if e["event"] == "unload"]
+    assert len(loads) == 8 and {e["kind"] for e in loads} == {kind} and len(unloads) == 8
     meta = _kernels_meta(plugin_lib)
     names = [f"bibranch_split_b4_post_h{H}g{G}d{D}w{W}", f"bibranch_reduce_h{H}g{G}d{D}", f"bibranch_append_g{G}d{D}w{W}",
              "feature_quant_b4"]

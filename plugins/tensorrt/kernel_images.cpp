@@ -2,6 +2,9 @@
 
 #include <cstring>
 #include <dlfcn.h>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace shrinkrt
 {
@@ -25,6 +28,21 @@ std::string describe(int res)
         return s;
     return "CUDA driver error " + std::to_string(res);
 }
+
+struct SharedModule
+{
+    void* module;
+    void* function;
+    int refs;
+};
+
+// the loaded modules of the process, by (context, image)
+std::mutex gModulesLock;
+std::map<std::pair<void*, KernelImage const*>, SharedModule>& modules()
+{
+    static std::map<std::pair<void*, KernelImage const*>, SharedModule> m;
+    return m;
+}
 } // namespace
 
 KernelImage const* findKernel(std::string const& name)
@@ -45,7 +63,8 @@ Driver const& Driver::get()
             d.error = "libcuda.so.1 not found (no NVIDIA driver on this machine)";
             return d;
         }
-        d.ok = bind(lib, "cuCtxGetDevice", d.cuCtxGetDevice) && bind(lib, "cuDeviceGetAttribute", d.cuDeviceGetAttribute)
+        d.ok = bind(lib, "cuCtxGetDevice", d.cuCtxGetDevice) && bind(lib, "cuCtxGetCurrent", d.cuCtxGetCurrent)
+            && bind(lib, "cuDeviceGetAttribute", d.cuDeviceGetAttribute)
             && bind(lib, "cuModuleLoadData", d.cuModuleLoadData) && bind(lib, "cuModuleUnload", d.cuModuleUnload)
             && bind(lib, "cuModuleGetFunction", d.cuModuleGetFunction) && bind(lib, "cuLaunchKernel", d.cuLaunchKernel)
             && bind(lib, "cuMemcpyDtoDAsync_v2", d.cuMemcpyDtoDAsync)
@@ -66,7 +85,12 @@ bool LoadedKernel::load(KernelImage const& image, std::string& error)
         return false;
     }
     int dev = 0, major = 0, minor = 0;
-    int res = d.cuCtxGetDevice(&dev);
+    void* ctx = nullptr;
+    int res = d.cuCtxGetCurrent(&ctx);
+    if (res == 0 && !ctx)
+        res = 201; // CUDA_ERROR_INVALID_CONTEXT: none is current
+    if (res == 0)
+        res = d.cuCtxGetDevice(&dev);
     if (res == 0)
         res = d.cuDeviceGetAttribute(&major, kAttrCcMajor, dev);
     if (res == 0)
@@ -76,25 +100,48 @@ bool LoadedKernel::load(KernelImage const& image, std::string& error)
         error = "no current CUDA context: " + describe(res);
         return false;
     }
-    // sm_75 SASS runs on compute capability 7.5 only; every newer GPU JIT-compiles the compute_75 PTX.
-    bool const sass = major == 7 && minor == 5;
-    res = d.cuModuleLoadData(&mModule, sass ? static_cast<void const*>(image.cubin) : image.ptx);
-    if (res == 0)
-        res = d.cuModuleGetFunction(&mFunction, mModule, image.entry);
-    if (res != 0)
+    unload();
+    std::lock_guard<std::mutex> lock(gModulesLock);
+    auto it = modules().find({ctx, &image});
+    if (it == modules().end())
     {
-        error = std::string("loading kernel ") + image.name + " (" + (sass ? "cubin" : "PTX") + "): " + describe(res);
-        unload();
-        return false;
+        // sm_75 SASS runs on compute capability 7.5 only; every newer GPU JIT-compiles the compute_75 PTX.
+        bool const sass = major == 7 && minor == 5;
+        void *module = nullptr, *function = nullptr;
+        res = d.cuModuleLoadData(&module, sass ? static_cast<void const*>(image.cubin) : image.ptx);
+        if (res == 0)
+            res = d.cuModuleGetFunction(&function, module, image.entry);
+        if (res != 0)
+        {
+            error = std::string("loading kernel ") + image.name + " (" + (sass ? "cubin" : "PTX") + "): " + describe(res);
+            if (module)
+                d.cuModuleUnload(module);
+            return false;
+        }
+        it = modules().emplace(std::make_pair(ctx, &image), SharedModule{module, function, 0}).first;
     }
+    ++it->second.refs;
     mImage = &image;
+    mContext = ctx;
+    mModule = it->second.module;
+    mFunction = it->second.function;
     return true;
 }
 
 void LoadedKernel::unload()
 {
-    if (mModule && Driver::get().ok)
-        Driver::get().cuModuleUnload(mModule);
+    if (mImage && Driver::get().ok)
+    {
+        std::lock_guard<std::mutex> lock(gModulesLock);
+        auto it = modules().find({mContext, mImage});
+        if (it != modules().end() && --it->second.refs == 0)
+        {
+            Driver::get().cuModuleUnload(it->second.module);
+            modules().erase(it);
+        }
+    }
+    mImage = nullptr;
+    mContext = nullptr;
     mModule = nullptr;
     mFunction = nullptr;
 }

@@ -34,6 +34,7 @@ struct Driver
 {
     using Res = int;
     Res (*cuCtxGetDevice)(int*) = nullptr;
+    Res (*cuCtxGetCurrent)(void**) = nullptr;
     Res (*cuDeviceGetAttribute)(int*, int, int) = nullptr;
     Res (*cuModuleLoadData)(void**, void const*) = nullptr;
     Res (*cuModuleUnload)(void*) = nullptr;
@@ -48,6 +49,8 @@ struct Driver
 };
 
 // One loaded kernel: the image's cubin when the device runs sm_75 SASS, else its PTX (JIT by the driver).
+// Modules are shared per (CUDA context, image) with a reference count: a model's many plugin instances
+// (SmolLM2: 30 layers x 2 ops) load each distinct image once per context, not once per instance.
 class LoadedKernel
 {
 public:
@@ -59,6 +62,7 @@ public:
 
 private:
     KernelImage const* mImage{nullptr};
+    void* mContext{nullptr};
     void* mModule{nullptr};
     void* mFunction{nullptr};
 };
