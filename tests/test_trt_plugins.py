@@ -252,6 +252,29 @@ def test_bibranch_attention_launches_through_the_driver_stand_in(plugin_lib, pro
     assert [e["bytes"] for e in events if e["event"] == "copy"] == [ring, ring]
 
 
+@pytest.mark.parametrize("bits, rows", [(2, 20), (3, 20), (4, 20), (8, 20), (4, 1)])
+def test_quant_matmul_launches_through_the_driver_stand_in(plugin_lib, probe, fake_cuda, tmp_path, bits, rows):
+    """QuantMatMul's enqueue on the stand-in (no cuBLASLt there, so every call runs the GEMV): chunks of at
+    most 8 rows, each through the specialization padded to its row count, grid ceil(N / 32)."""
+    K, N, group = 576, 192, 64
+    fields = dict(bits=bits, group_size=group, in_features=K, out_features=N)
+    ins = [("h", (1, rows, K)), ("i", (N, K // 32 * bits)), ("h", (N, K // group)),
+           ("i", (N, -(-(K // group) * bits // 32))), ("i", (N + 1,)), ("i", (1,)), ("h", (1,))]
+    got, err, events = _through_stand_in(probe, fake_cuda, tmp_path, "QuantMatMul", fields, ins)
+    assert got["attached"] is True and got["rc_enqueue"] == 0, (got, err)
+    meta = _kernels_meta(plugin_lib)
+    live = [e["module"] for e in events if e["event"] == "load"][-4:]  # the attached instance's: m2, m4, m8, dequant
+    by_module = dict(zip(live, [f"qgemv_b{bits}_g{group}_m{m}_o1" for m in (2, 4, 8)] + ["dequant"]))
+    launches = [e for e in events if e["event"] == "launch"]
+    chunks = [min(8, rows - r0) for r0 in range(0, rows, 8)]
+    pad = lambda m: 2 if m <= 2 else 4 if m <= 4 else 8  # noqa: E731
+    assert [by_module[e["module"]] for e in launches] == [f"qgemv_b{bits}_g{group}_m{pad(m)}_o1" for m in chunks]
+    for e in launches:
+        k = meta[by_module[e["module"]]]
+        assert e["entry"] == k["entry"] and e["grid"] == [-(-N // 32), 1, 1]
+        assert e["block"] == [32 * k["num_warps"], 1, 1] and e["shared"] == k["shared"]
+
+
 @pytest.mark.parametrize("fail, said", [("load", "CUDA_ERROR_INVALID_IMAGE"), ("launch", "CUDA_ERROR_LAUNCH_FAILED")])
 def test_injected_driver_faults_fail_enqueue_with_one_clear_line(plugin_lib, probe, fake_cuda, tmp_path, fail, said):
     fields = dict(bits=4, group_size=64, in_features=576, out_features=192)
