@@ -288,6 +288,27 @@ def test_injected_driver_faults_fail_enqueue_with_one_clear_line(plugin_lib, pro
     assert said in err and "QuantMatMul" in err, err
 
 
+@pytest.mark.parametrize("at, shape, said", [
+    (5, (2, 3, 80, 64), "win_k has 80 at axis 2, the fields say window = 64"),
+    (3, (2, 5, 40), "c_k has 40 at axis 2, the fields say rank_k = 48"),
+    (8, (2, 2048, 47), "feat_v has 47 at axis 2, the fields say the row width of rank_v = 48"),
+    (16, (2, 2048, 3), "feat_k_scales has 3 at axis 2, the fields say groups of rank_k = 2"),
+    (7, (1, 2048, 24), "a cache input has 1 at axis 0, the fields say the batch of q = 2"),
+    (13, (1024, 64), "rope_cos has fewer rows than the feature store's capacity 2048")])
+def test_bibranch_configure_names_a_shape_the_fields_contradict(probe, at, shape, said):
+    H, G, D, W, rk, rv, B, T, S = 9, 3, 64, 64, 48, 96, 2, 5, 2048
+    fields = dict(num_heads=H, num_kv_heads=G, head_dim=D, window=W, rank_k=rk, rank_v=rv, bits=4, key_mode=1)
+    ins = [("h", (B, T, H * D)), ("h", (B, T, G * D)), ("h", (B, T, G * D)), ("h", (B, T, rk)), ("h", (B, T, rv)),
+           ("h", (B, G, W, D)), ("h", (B, G, W, D)), ("b", (B, S, rk // 2)), ("b", (B, S, rv // 2)), ("h", (rk, G * D)),
+           ("h", (rv, G * D)), ("h", (G * D,)), ("h", (G * D,)), ("h", (S, D)), ("h", (S, D)), ("l", (1,)),
+           ("h", (B, S, 2)), ("h", (B, S, 3))]
+    got, _ = probe("BiBranchAttention", fields, ins)
+    assert got["rc_configure"] == 0
+    ins[at] = (ins[at][0], shape)
+    got, err = probe("BiBranchAttention", fields, ins)
+    assert got["rc_configure"] == -1 and said in err, err
+
+
 def test_library_built_for_another_model(plugin_lib, tmp_path):
     """A library per model (-DSHRINKRT_EXPORT): an export of another attention shape (4 heads, 2 KV
     heads, head_dim 32, window 16, int4 pre-RoPE) gets its kernels; the default library names what it

@@ -59,10 +59,49 @@ std::vector<std::string> BiBranchAttentionPlugin::kernelNames() const
         "feature_quant_b" + b};
 }
 
+// The input shapes against the fields (window, heads, ranks, store widths, scale widths) and against
+// each other (batch, the store's capacity within the RoPE tables): a mismatch is one line naming the input,
+// at build time, instead of kernels reading past their buffers. Dynamic dimensions (-1) are not judged.
 int32_t BiBranchAttentionPlugin::configurePlugin(
-    DynamicPluginTensorDesc const*, int32_t nbInputs, DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept
 {
-    return nbInputs == expectedInputs() && nbOutputs == getNbOutputs() ? 0 : -1;
+    if (nbInputs != expectedInputs() || nbOutputs != getNbOutputs())
+        return -1;
+    auto const& f = mFields;
+    int64_t const H = f["num_heads"], G = f["num_kv_heads"], D = f["head_dim"], W = f["window"];
+    int64_t const rk = f["rank_k"], rv = f["rank_v"];
+    bool const quant = f["bits"] < 16;
+    auto width = [&](int64_t r) { return f["bits"] == 4 ? (r + 1) / 2 : r; };
+    auto groups = [](int64_t r) { return (r + contract::kFeatureGroup - 1) / contract::kFeatureGroup; };
+    auto dim = [&](int32_t i, int32_t axis) { return axis < in[i].desc.dims.nbDims ? in[i].desc.dims.d[axis] : -2; };
+    auto check = [&](int32_t i, char const* name, int32_t axis, int64_t want, char const* what) {
+        int64_t const got = dim(i, axis);
+        if (got == -1 || got == want)
+            return true;
+        reportError("BiBranchAttention", std::string(name) + " has " + std::to_string(got) + " at axis "
+                + std::to_string(axis) + ", the fields say " + what + " = " + std::to_string(want));
+        return false;
+    };
+    int64_t const B = dim(kQ, 0), S = dim(kFeatK, 1);
+    bool ok = check(kQ, "q", 2, H * D, "num_heads*head_dim") && check(kK, "k", 2, G * D, "num_kv_heads*head_dim")
+        && check(kV, "v", 2, G * D, "num_kv_heads*head_dim") && check(kCK, "c_k", 2, rk, "rank_k")
+        && check(kCV, "c_v", 2, rv, "rank_v");
+    for (int32_t w : {kWinK, kWinV})
+        ok = ok && check(w, w == kWinK ? "win_k" : "win_v", 1, G, "num_kv_heads")
+            && check(w, w == kWinK ? "win_k" : "win_v", 2, W, "window")
+            && check(w, w == kWinK ? "win_k" : "win_v", 3, D, "head_dim");
+    ok = ok && check(kFeatK, "feat_k", 2, width(rk), "the row width of rank_k") && check(kFeatV, "feat_v", 2, width(rv),
+        "the row width of rank_v") && check(kKUp, "k_up", 0, rk, "rank_k") && check(kVUp, "v_up", 0, rv, "rank_v");
+    if (quant)
+        ok = ok && check(kFeatKScales, "feat_k_scales", 2, groups(rk), "groups of rank_k")
+            && check(kFeatVScales, "feat_v_scales", 2, groups(rv), "groups of rank_v");
+    if (ok && B >= 0) // one batch for the call, the ring and the stores
+        for (int32_t i : {kWinK, kWinV, kFeatK, kFeatV})
+            ok = ok && check(i, "a cache input", 0, B, "the batch of q");
+    if (ok && S >= 0)
+        ok = check(kFeatV, "feat_v", 1, S, "the rows of feat_k") && (dim(kRopeCos, 0) < 0 || dim(kRopeCos, 0) >= S
+            || (reportError("BiBranchAttention", "rope_cos has fewer rows than the feature store's capacity " + std::to_string(S)), false));
+    return ok ? 0 : -1;
 }
 
 int32_t BiBranchAttentionPlugin::getOutputDataTypes(
