@@ -227,6 +227,36 @@ inline void halvesToFloats(uint16_t const* h, float* out, int64_t n)
         out[i] = Half::toFloat(h[i]);
 }
 
+// Rotate-half RoPE of `heads` consecutive head vectors at one position (cs, sn: that position's table
+// rows); in and out may be the same.
+inline void rotateHalf(float const* in, float* out, int heads, int D, float const* cs, float const* sn)
+{
+    int const half = D / 2;
+    for (int h = 0; h < heads; ++h)
+        for (int d = 0; d < half; ++d)
+        {
+            float const x1 = in[h * D + d], x2 = in[h * D + d + half];
+            out[h * D + d] = x1 * cs[d] - x2 * sn[d];
+            out[h * D + d + half] = x2 * cs[d + half] + x1 * sn[d + half];
+        }
+}
+
+// rows x cols (row-major, leading dimension lds) -> cols x rows (leading dimension ldd), kLanes x kLanes
+// blocks through registers; rows and cols multiples of kLanes.
+inline void transposeInto(float const* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd)
+{
+    for (int64_t r0 = 0; r0 < rows; r0 += kLanes)
+        for (int64_t c0 = 0; c0 < cols; c0 += kLanes)
+        {
+            Vec blk[kLanes];
+            for (int i = 0; i < kLanes; ++i)
+                blk[i] = loadVec(src + (r0 + i) * lds + c0);
+            transposeBlock(blk);
+            for (int i = 0; i < kLanes; ++i)
+                storeVec(dst + (c0 + i) * ldd + r0, blk[i]);
+        }
+}
+
 int64_t rowWidth(int r, int bits)
 {
     return bits == 4 ? (r + 1) / 2 : r;
@@ -575,16 +605,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 }
             }
             std::fill(kr + L * D, kr + Lp * D, 0.f); // keys past the window's last: zero columns
-            for (int64_t i0 = 0; i0 < Lp; i0 += kLanes) // feature-major, kLanes x kLanes blocks at a time
-                for (int d0 = 0; d0 < D; d0 += kLanes)
-                {
-                    Vec blk[kLanes];
-                    for (int i = 0; i < kLanes; ++i)
-                        blk[i] = loadVec(kr + (i0 + i) * D + d0);
-                    transposeBlock(blk);
-                    for (int i = 0; i < kLanes; ++i)
-                        storeVec(ktg + (d0 + i) * Lp + i0, blk[i]);
-                }
+            transposeInto(kr, D, Lp, D, ktg, Lp); // feature-major
         }
         std::fill(ws, ws + nh * Lp, 0.f);
         for (int64_t qi = 0; qi < nq; ++qi) // a KV head's window keys serve its rep query heads
@@ -641,31 +662,8 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             gemmAdd(cK, RK, io.kUp, GD, rows, GD, kRowTile, GD, RK);
             if (!post)
                 for (int64_t jj = 0; jj < n; ++jj)
-                {
-                    float const* cs = io.ropeCos + (j0 + jj) * D;
-                    float const* sn = io.ropeSin + (j0 + jj) * D;
-                    for (int g = 0; g < G; ++g)
-                    {
-                        float* kg = rows + jj * GD + g * D;
-                        for (int d = 0; d < D / 2; ++d)
-                        {
-                            float const x1 = kg[d], x2 = kg[d + D / 2];
-                            kg[d] = x1 * cs[d] - x2 * sn[d];
-                            kg[d + D / 2] = x2 * cs[d + D / 2] + x1 * sn[d + D / 2];
-                        }
-                    }
-                }
-            float* kt = denseK + it * tileFloats;
-            for (int64_t jb = 0; jb < kRowTile; jb += kLanes)
-                for (int e0 = 0; e0 < GD; e0 += kLanes)
-                {
-                    Vec blk[kLanes];
-                    for (int i = 0; i < kLanes; ++i)
-                        blk[i] = loadVec(rows + (jb + i) * GD + e0);
-                    transposeBlock(blk);
-                    for (int i = 0; i < kLanes; ++i)
-                        storeVec(kt + (e0 + i) * kRowTile + jb, blk[i]);
-                }
+                    rotateHalf(rows + jj * GD, rows + jj * GD, G, D, io.ropeCos + (j0 + jj) * D, io.ropeSin + (j0 + jj) * D);
+            transposeInto(rows, GD, kRowTile, GD, denseK + it * tileFloats, kRowTile);
             float* vt = denseV + it * tileFloats;
             std::fill(vt, vt + tileFloats, 0.f);
             for (int g = 0; g < G; ++g)
@@ -701,7 +699,6 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         // feature rows of this split that the block's last query attends
         int64_t const blockRows = std::max<int64_t>(0, P + t1 - W);
         int64_t const lo = split * splitLen, hi = std::min(blockRows, lo + splitLen);
-        int const half = D / 2;
         for (int64_t j0 = lo; j0 < hi; j0 += kRowTile)
         {
             int64_t const n = std::min(kRowTile, hi - j0);
@@ -721,18 +718,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     std::memcpy(key, io.kBias, sizeof(float) * G * D);
                     for (int r = 0; r < RK; ++r)
                         axpy(rowC[r], io.kUp + static_cast<size_t>(r) * G * D, key, G * D);
-                    float const* cs = io.ropeCos + j * D;
-                    float const* sn = io.ropeSin + j * D;
-                    for (int g = 0; g < G; ++g)
-                    {
-                        float* kg = key + g * D;
-                        for (int d = 0; d < half; ++d)
-                        {
-                            float const x1 = kg[d], x2 = kg[d + half];
-                            kg[d] = x1 * cs[d] - x2 * sn[d];
-                            kg[d + half] = x2 * cs[d + half] + x1 * sn[d + half];
-                        }
-                    }
+                    rotateHalf(key, key, G, D, io.ropeCos + j * D, io.ropeSin + j * D);
                 }
                 float* v = tileV + jj * RVp;
                 featRow(false, b, j, v);
@@ -886,7 +872,7 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
     ParallelFor const& parallel)
 {
     int64_t const BT = s.batch * s.tokens, P = io.past;
-    int const H = s.heads, G = s.kvHeads, D = s.headDim, RK = s.rankK, RV = s.rankV, half = D / 2;
+    int const H = s.heads, G = s.kvHeads, D = s.headDim, RK = s.rankK, RV = s.rankV;
     bool const post = s.keyMode == contract::kKeyModePostRope;
     thread_local std::vector<float> qBuf, kBuf, kHalfBuf, cKBuf, cVBuf;
     float* q = grow(qBuf, static_cast<size_t>(BT) * H * D);
@@ -894,20 +880,6 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
     float* kHalf = post ? grow(kHalfBuf, static_cast<size_t>(BT) * G * D) : nullptr; // post: k as the ring stores it
     float* cK = grow(cKBuf, static_cast<size_t>(BT * RK));
     float* cV = grow(cVBuf, static_cast<size_t>(BT * RV));
-    auto rope = [&](float const* in, float* out, int heads, int64_t p) {
-        float const* cs = io.ropeCos + p * D;
-        float const* sn = io.ropeSin + p * D;
-        for (int h = 0; h < heads; ++h)
-        {
-            float const* x = in + h * D;
-            float* y = out + h * D;
-            for (int d = 0; d < half; ++d)
-            {
-                y[d] = x[d] * cs[d] - x[d + half] * sn[d];
-                y[d + half] = x[d + half] * cs[d + half] + x[d] * sn[d + half];
-            }
-        }
-    };
     // rows in blocks of 8 * kMR, in parallel when the call has many; the GEMMs run over slices of
     // kSliceK inputs so that the down projection's slice stays in L1 across the block's row groups
     constexpr int64_t kRows = 8 * kMR, kSliceK = 64;
@@ -921,8 +893,8 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
         for (int64_t r = r0; r < r1; ++r)
         {
             int64_t const p = P + r % s.tokens;
-            rope(io.q + r * H * D, q + r * H * D, H, p);
-            rope(io.k + r * G * D, k + r * G * D, G, p);
+            rotateHalf(io.q + r * H * D, q + r * H * D, H, D, io.ropeCos + p * D, io.ropeSin + p * D);
+            rotateHalf(io.k + r * G * D, k + r * G * D, G, D, io.ropeCos + p * D, io.ropeSin + p * D);
             if (post)
                 for (int e = 0; e < G * D; ++e)
                     kHalf[r * G * D + e] = Half::toFloat(Half::fromFloat(k[r * G * D + e]));
