@@ -37,5 +37,26 @@ def calib_text() -> str:
     return read_texts(CALIB_FILES)
 
 
+def read_text_file(path: Path, what: str = "--text") -> str:
+    """Any UTF-8 text a user evaluates on instead of the license texts; `what` names it in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ShrinkError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise ShrinkError(f"{what} {path} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ShrinkError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShrinkError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not text to score
+    if not text.strip():
+        raise ShrinkError(f"{what} {path} holds no text")
+    return text
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

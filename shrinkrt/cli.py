@@ -56,15 +56,24 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print prefill/decode timing and cache bytes to stderr")
 
     e = sub.add_parser("eval", help="perplexity, passkey retrieval and memory figures",
-                       description="Evaluate a model: perplexity on the held-out license texts, passkey "
-                                   "retrieval at ~1k/2k/3k tokens, and memory accounting. Prints a table and "
-                                   "writes JSON.")
+                       description="Evaluate a model: perplexity on the held-out license texts (or --text), "
+                                   "long-context perplexity scored past --score-from, passkey retrieval at "
+                                   "~1k/2k/3k/4k tokens with 95% intervals and the key's NLL, and memory "
+                                   "accounting. Prints a table and writes JSON.")
     add_model_args(e)
     add_checkpoint_arg(e)
+    e.add_argument("--text", default=None, metavar="FILE",
+                   help="evaluate perplexity on this UTF-8 text file instead of the license texts")
     e.add_argument("--context", type=int, default=1024, help="perplexity segment length in tokens (default 1024)")
-    e.add_argument("--max-segments", type=int, default=0, help="score at most this many segments (0 = all)")
-    e.add_argument("--passkey-lengths", default="1024,2048,3072", help="passkey prompt lengths in tokens")
-    e.add_argument("--passkey-per-cell", type=int, default=1, help="trials per (length, depth) cell (default 1)")
+    e.add_argument("--long-context", type=int, default=4096,
+                   help="long-context perplexity segment length (default 4096; the whole text if shorter)")
+    e.add_argument("--score-from", type=int, default=1024,
+                   help="long-context perplexity scores only tokens at positions >= this (default 1024)")
+    e.add_argument("--max-segments", type=int, default=0,
+                   help="score at most this many segments of each perplexity (0 = all)")
+    e.add_argument("--passkey-lengths", default="1024,2048,3072,4096", help="passkey prompt lengths in tokens")
+    e.add_argument("--passkey-trials", type=int, default=20,
+                   help="passkey trials per length, at evenly spaced depths (default 20)")
     e.add_argument("--seed", type=int, default=0, help="seed of the passkey keys (default 0)")
     e.add_argument("--memory-context", type=int, default=8192, help="context for the KV-bytes figure (default 8192)")
     e.add_argument("--out", default="shrinkrt-eval.json",
@@ -636,12 +645,17 @@ def cmd_eval(a) -> int:
     from shrinkrt.atomic import check_target, results_file_is_ours
     from shrinkrt.evaluate.harness import evaluate, markdown_path, table, write_results
 
+    from shrinkrt.evaluate.corpus import read_text_file
+
     lengths = parse_lengths(a.passkey_lengths)
-    for name in ("context", "memory_context", "passkey_per_cell"):
+    for name in ("context", "long_context", "score_from", "memory_context", "passkey_trials"):
         if getattr(a, name) < 1:
             raise ShrinkError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
+    if a.score_from >= a.long_context:
+        raise ShrinkError(f"--score-from {a.score_from} must be below --long-context {a.long_context}")
     if a.max_segments < 0:
         raise ShrinkError(f"--max-segments must be >= 0 (got {a.max_segments})")
+    text = read_text_file(Path(a.text)) if a.text is not None else None  # before the model loads
     out = Path(a.out)
     if out.is_dir():
         raise ShrinkError(f"--out {out} is a directory; give a file path")
@@ -653,11 +667,11 @@ def cmd_eval(a) -> int:
     setup_torch(a.threads, getattr(a, "no_kernels", False))
     lm = load_with_checkpoint(a)
     ctx = lm.model.args.max_seq_len
-    if max(lengths) + 16 > ctx or a.context > ctx or a.memory_context > ctx:
+    if max(lengths) + 16 > ctx or max(a.context, a.long_context, a.memory_context) > ctx:
         raise ShrinkError(f"requested lengths exceed the model's context of {ctx} tokens")
-    r = evaluate(lm, context=a.context, max_segments=a.max_segments, passkey_lengths=lengths,
-                 passkey_per_cell=a.passkey_per_cell, seed=a.seed, memory_context=a.memory_context,
-                 progress=not a.quiet)
+    r = evaluate(lm, context=a.context, max_segments=a.max_segments, long_context=a.long_context,
+                 score_from=a.score_from, passkey_lengths=lengths, passkey_trials=a.passkey_trials, seed=a.seed,
+                 memory_context=a.memory_context, text=text, text_path=a.text, progress=not a.quiet)
     print(table(r))
     write_results(r, out, "shrinkrt " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "shrinkrt eval")
     print(f"[shrinkrt] wrote {out} and {markdown_path(out)}")

@@ -424,10 +424,30 @@ def test_calibrate_checks_the_weight_budget_before_the_kv_fit(base, tmp_path, ca
     (["--memory-context", "100000"], "requested lengths exceed the model's context of 128 tokens"),
     (["--context", "0"], "--context must be >= 1"),
     (["--max-segments", "-1"], "--max-segments must be >= 0"),
-    (["--passkey-per-cell", "0"], "--passkey-per-cell must be >= 1"),
+    (["--passkey-trials", "0"], "--passkey-trials must be >= 1"),
+    (["--score-from", "0"], "--score-from must be >= 1"),
+    (["--long-context", "1024", "--score-from", "1024"], "--score-from 1024 must be below --long-context 1024"),
+    (["--long-context", "4096"], "requested lengths exceed the model's context of 128 tokens"),
 ])
 def test_eval_options(args, msg, base, tmp_path, capsys):
     refused(["eval", "--model", str(base["model"]), "--out", str(tmp_path / "ev.json"), *args], msg, capsys, tmp_path)
+
+
+def test_eval_text_refused(base, tmp_path, capsys):
+    """--text FILE: missing, a folder, not UTF-8, empty, or too short for one segment: one line each."""
+    small = ["--context", "32", "--long-context", "96", "--score-from", "48", "--passkey-lengths", "64",
+             "--memory-context", "100"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    (tmp_path / "short.txt").write_text(" ".join(f"w{i}" for i in range(40)))
+    (tmp_path / "folder").mkdir()
+    for name, msg in [("nothere.txt", "nothere.txt: no such file"), ("folder", "folder is not a file"),
+                      ("latin1.txt", "latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)"),
+                      ("blank.txt", "blank.txt holds no text"),
+                      ("short.txt", "short.txt encodes to 40 tokens with this model's tokenizer: too short for one "
+                                    "segment (needs >= 49")]:
+        refused(["eval", "--model", str(base["model"]), "--text", str(tmp_path / name), *small,
+                 "--out", str(tmp_path / "ev.json")], msg, capsys, tmp_path)
 
 
 def test_kernels_arch(tmp_path, capsys):
