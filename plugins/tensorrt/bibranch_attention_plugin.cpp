@@ -8,55 +8,22 @@ namespace shrinkrt
 {
 namespace
 {
-// positions of the op's inputs/outputs and the kernels' limits: shrinkrt_ops.gen.h (op_contract.py)
+// positions of the op's inputs/outputs: shrinkrt_ops.gen.h (op_contract.py)
 using namespace contract::BiBranchAttention;
-using contract::kRankPad;
-using contract::kSplitsPad;
-
-size_t partBytes(int64_t batch, int64_t heads, int64_t headDim)
-{
-    return static_cast<size_t>(batch * heads * kSplitsPad * (2 + headDim + kRankPad)) * sizeof(float);
-}
 } // namespace
+
+BiBranchAttentionConfig BiBranchAttentionPlugin::config() const
+{
+    return BiBranchAttentionConfig::from([this](char const* name) { return mFields[name]; });
+}
 
 BiBranchAttentionPlugin* BiBranchAttentionPlugin::create(PluginFieldCollection const* fc, std::string& error)
 {
     std::unique_ptr<BiBranchAttentionPlugin> p(new BiBranchAttentionPlugin());
     if (!p->mFields.parse(fc, error))
         return nullptr;
-    auto const& f = p->mFields;
-    int32_t const bits = f["bits"];
-    if (bits != 16 && bits != 8 && bits != 4)
-        error = "bits must be 16, 8 or 4 (got " + std::to_string(bits) + ")";
-    else if (f["key_mode"] != 0 && f["key_mode"] != 1)
-        error = "key_mode must be 0 (pre-RoPE) or 1 (post-RoPE)";
-    else if (f["num_kv_heads"] < 1 || f["num_heads"] % f["num_kv_heads"] != 0)
-        error = "num_heads must be a multiple of num_kv_heads";
-    else if (f["window"] < 1)
-        error = "window must be >= 1";
-    else if (f["rank_k"] < 1 || f["rank_v"] < 1 || f["rank_k"] > kRankPad || f["rank_v"] > kRankPad)
-        error = "rank_k and rank_v must be in 1.." + std::to_string(kRankPad);
-    else
-        for (auto const& name : p->kernelNames())
-            if (!findKernel(name))
-            {
-                error = "this library has no kernel " + name
-                    + " (the AOT build specializes heads/head_dim/window: see plugins/kernels/aot.py)";
-                break;
-            }
+    error = BiBranchAttentionLauncher(p->config()).check();
     return error.empty() ? p.release() : nullptr;
-}
-
-std::vector<std::string> BiBranchAttentionPlugin::kernelNames() const
-{
-    auto const& f = mFields;
-    std::string const hgd = "h" + std::to_string(f["num_heads"]) + "g" + std::to_string(f["num_kv_heads"]) + "d"
-        + std::to_string(f["head_dim"]);
-    std::string const w = "w" + std::to_string(f["window"]);
-    std::string const b = std::to_string(f["bits"]);
-    return {"bibranch_split_b" + b + (f["key_mode"] ? "_post_" : "_pre_") + hgd + w, "bibranch_reduce_" + hgd,
-        "bibranch_append_g" + std::to_string(f["num_kv_heads"]) + "d" + std::to_string(f["head_dim"]) + w,
-        "feature_quant_b" + b};
 }
 
 // The input shapes against the fields (window, heads, ranks, store widths, scale widths) and against
@@ -70,9 +37,10 @@ int32_t BiBranchAttentionPlugin::configurePlugin(
     auto const& f = mFields;
     int64_t const H = f["num_heads"], G = f["num_kv_heads"], D = f["head_dim"], W = f["window"];
     int64_t const rk = f["rank_k"], rv = f["rank_v"];
-    bool const quant = f["bits"] < 16;
-    auto width = [&](int64_t r) { return f["bits"] == 4 ? (r + 1) / 2 : r; };
-    auto groups = [](int64_t r) { return (r + contract::kFeatureGroup - 1) / contract::kFeatureGroup; };
+    BiBranchAttentionConfig const c = config();
+    bool const quant = c.quantized();
+    auto width = [&](int64_t r) { return c.storeWidth(r); };
+    auto groups = [](int64_t r) { return BiBranchAttentionConfig::scaleGroups(r); };
     auto dim = [&](int32_t i, int32_t axis) { return axis < in[i].desc.dims.nbDims ? in[i].desc.dims.d[axis] : -2; };
     auto check = [&](int32_t i, char const* name, int32_t axis, int64_t want, char const* what) {
         int64_t const got = dim(i, axis);
@@ -157,23 +125,21 @@ bool BiBranchAttentionPlugin::supportsFormatCombination(
 size_t BiBranchAttentionPlugin::getWorkspaceSize(
     DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*, int32_t) const noexcept
 {
-    // split partials (max, sum, window sum, feature sum) for the largest batch, plus a small dummy
-    // that stands for the scales pointers of a 16-bit branch
-    return partBytes(inputs[kQ].max.d[0], mFields["num_heads"], mFields["head_dim"]) + 256;
+    return BiBranchAttentionLauncher(config()).workspaceBytes(inputs[kQ].max.d[0]);
 }
 
 bool BiBranchAttentionPlugin::loadKernels() noexcept
 {
-    if (mKernels)
+    if (mLauncher)
         return true;
-    auto kernels = std::make_unique<KernelSet>();
+    auto launcher = std::make_unique<BiBranchAttentionLauncher>(config());
     std::string error;
-    if (!kernels->load(kernelNames(), error))
+    if (!launcher->load(error))
     {
         reportError("BiBranchAttention", error);
         return false;
     }
-    mKernels = std::move(kernels);
+    mLauncher = std::move(launcher);
     return true;
 }
 
@@ -195,63 +161,13 @@ int32_t BiBranchAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plug
 {
     if (!loadKernels()) // an instance TensorRT runs without attaching it (the builder's, a clone) loads here
         return -1;
-    auto const& f = mFields;
-    bool const quant = f["bits"] < 16;
-    int32_t const B = static_cast<int32_t>(inputDesc[kQ].dims.d[0]);
-    int32_t T = static_cast<int32_t>(inputDesc[kQ].dims.d[1]);
-    int32_t S = static_cast<int32_t>(inputDesc[kFeatK].dims.d[1]);
-    int32_t RK = f["rank_k"], RV = f["rank_v"];
-    int32_t CK = static_cast<int32_t>(inputDesc[kFeatK].dims.d[2]), CV = static_cast<int32_t>(inputDesc[kFeatV].dims.d[2]);
-    int32_t const H = f["num_heads"], G = f["num_kv_heads"], D = f["head_dim"], W = f["window"];
-    int32_t nSplits = 0, splitLen = 0;
-    contract::splitPlan(S, W, nSplits, splitLen);
-    auto dev = [](void const* p) { return reinterpret_cast<uint64_t>(p); };
-    uint64_t const ws = dev(workspace);
-    uint64_t partMl = ws, partW = partMl + sizeof(float) * B * H * kSplitsPad * 2,
-             partC = partW + sizeof(float) * B * H * kSplitsPad * D, dummy = ws + partBytes(B, H, D);
-    uint64_t q = dev(inputs[kQ]), k = dev(inputs[kK]), v = dev(inputs[kV]), ck = dev(inputs[kCK]), cv = dev(inputs[kCV]);
-    uint64_t fk = dev(inputs[kFeatK]), fv = dev(inputs[kFeatV]);
-    uint64_t fks = quant ? dev(inputs[kFeatKScales]) : dummy, fvs = quant ? dev(inputs[kFeatVScales]) : dummy;
-    uint64_t kUp = dev(inputs[kKUp]), vUp = dev(inputs[kVUp]), kBias = dev(inputs[kKBias]), vBias = dev(inputs[kVBias]);
-    uint64_t cosT = dev(inputs[kRopeCos]), sinT = dev(inputs[kRopeSin]), past = dev(inputs[kPastLength]);
-    uint64_t y = dev(outputs[kY]), winK = dev(outputs[kWinKOut]), winV = dev(outputs[kWinVOut]);
-    uint64_t fkn = dev(outputs[kFeatKNew]), fvn = dev(outputs[kFeatVNew]);
-    uint64_t fksn = quant ? dev(outputs[kFeatKScalesNew]) : dummy, fvsn = quant ? dev(outputs[kFeatVScalesNew]) : dummy;
-    std::vector<std::string> const names = kernelNames();
-    LoadedKernel const &split = (*mKernels)[names[0]], &reduce = (*mKernels)[names[1]],
-                       &append = (*mKernels)[names[2]], &fquant = (*mKernels)[names[3]];
+    BiBranchAttentionLauncher::Shape const shape{static_cast<int32_t>(inputDesc[kQ].dims.d[0]),
+        static_cast<int32_t>(inputDesc[kQ].dims.d[1]), static_cast<int32_t>(inputDesc[kFeatK].dims.d[1])};
     std::string error;
-    auto fail = [&]() {
+    if (!mLauncher->enqueue(shape, inputs, outputs, workspace, stream, error))
+    {
         reportError("BiBranchAttention", error);
         return -1;
-    };
-    // 1. the ring continues from the input ring (outputs are separate buffers in TensorRT)
-    size_t const ringBytes = static_cast<size_t>(volume(inputDesc[kWinK].dims)) * 2;
-    Driver const& drv = Driver::get();
-    if (drv.cuMemcpyDtoDAsync(winK, dev(inputs[kWinK]), ringBytes, stream) != 0
-        || drv.cuMemcpyDtoDAsync(winV, dev(inputs[kWinV]), ringBytes, stream) != 0)
-    {
-        error = "copying the window ring failed";
-        return fail();
-    }
-    // 2. this call's feature rows, quantized as the store keeps them
-    unsigned const rowsNew = static_cast<unsigned>(B) * static_cast<unsigned>(T);
-    if (rowsNew > 0
-        && (!fquant.launch(rowsNew, 1, 1, {&ck, &fkn, &fksn, &RK, &CK}, stream, error)
-            || !fquant.launch(rowsNew, 1, 1, {&cv, &fvn, &fvsn, &RV, &CV}, stream, error)))
-        return fail();
-    // 3. per query token: append its key/value to the ring, split over the cache, reduce
-    for (int32_t t = 0; t < T; ++t)
-    {
-        if (!append.launch(B * G, 1, 1, {&k, &v, &winK, &winV, &past, &t, &T}, stream, error))
-            return fail();
-        if (!split.launch(B * H, nSplits + 1, 1,
-                {&q, &winK, &winV, &fk, &fks, &fv, &fvs, &fkn, &fksn, &fvn, &fvsn, &kUp, &kBias, &cosT, &sinT, &partMl,
-                    &partW, &partC, &past, &t, &T, &S, &nSplits, &splitLen, &RK, &RV, &CK, &CV},
-                stream, error))
-            return fail();
-        if (!reduce.launch(B * H, 1, 1, {&partMl, &partW, &partC, &vUp, &vBias, &y, &t, &T, &nSplits, &RV}, stream, error))
-            return fail();
     }
     return 0;
 }

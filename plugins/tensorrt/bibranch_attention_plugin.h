@@ -1,8 +1,8 @@
-// shrinkrt::BiBranchAttention v1 (docs/ops.md): attention over the CSKV bi-branch cache by the
-// kernels of plugins/kernels/bibranch_attn.py, launched in the order its bibranch_attention() runs them.
+// shrinkrt::BiBranchAttention v1 (docs/ops.md) for TensorRT: fields, shapes, formats and lifecycle; the
+// kernels of plugins/kernels/bibranch_attn.py are launched by BiBranchAttentionLauncher.
 #pragma once
 
-#include "kernel_images.h"
+#include "bibranch_attention_launch.h"
 #include "plugin_common.h"
 
 #include <memory>
@@ -32,11 +32,7 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    // a 16-bit feature branch has no scales: the last kUnscaledDrop inputs and outputs are absent
-    int32_t getNbOutputs() const noexcept override
-    {
-        return contract::BiBranchAttention::kNbOutputs - (mFields["bits"] < 16 ? 0 : contract::kUnscaledDrop);
-    }
+    int32_t getNbOutputs() const noexcept override { return config().numOutputs(); }
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     // IPluginV3OneRuntime
@@ -44,12 +40,9 @@ public:
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
 
-    // The kernel specializations this configuration launches (split, reduce, append, feature quant).
-    std::vector<std::string> kernelNames() const;
-    int32_t expectedInputs() const
-    {
-        return contract::BiBranchAttention::kNbInputs - (mFields["bits"] < 16 ? 0 : contract::kUnscaledDrop);
-    }
+    // The fields as the launcher's configuration.
+    BiBranchAttentionConfig config() const;
+    int32_t expectedInputs() const { return config().numInputs(); }
 
 private:
     friend class PluginBase<BiBranchAttentionPlugin>;
@@ -57,7 +50,7 @@ private:
     // loads this instance's kernels if not yet loaded (attachToContext, or the first enqueue of an
     // instance TensorRT runs without attaching it); false, with the error reported, when they cannot be
     bool loadKernels() noexcept;
-    std::unique_ptr<KernelSet> mKernels;
+    std::unique_ptr<BiBranchAttentionLauncher> mLauncher; // kernels loaded (per instance and context)
 };
 
 using BiBranchAttentionCreator = Creator<BiBranchAttentionPlugin>;

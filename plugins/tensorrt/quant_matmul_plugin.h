@@ -1,12 +1,11 @@
-// shrinkrt::QuantMatMul v1 (docs/ops.md): Y = X @ W^T for an LLM-MQ packed weight: the fused
+// shrinkrt::QuantMatMul v1 (docs/ops.md) for TensorRT, launched by QuantMatMulLauncher: the fused
 // dequant-GEMV kernel (plugins/kernels/qgemv.py) for up to 8 rows; more rows (prefill) dequantize the
 // weight into the workspace (plugins/kernels/dequant.py) and multiply on tensor cores (cuBLASLt),
 // or, where cuBLASLt is missing, run the GEMV in chunks of 8 rows.
 #pragma once
 
-#include "cublaslt_gemm.h"
-#include "kernel_images.h"
 #include "plugin_common.h"
+#include "quant_matmul_launch.h"
 
 #include <memory>
 
@@ -43,17 +42,15 @@ public:
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
 
-    // The kernel specialization for a call with M activation rows (M <= 8 per launch).
-    std::string kernelName(int64_t m) const;
-    std::string dequantName() const;
+    // The fields as the launcher's configuration.
+    QuantMatMulConfig config() const;
 
 private:
     friend class PluginBase<QuantMatMulPlugin>;
     QuantMatMulPlugin() = default;
     // as BiBranchAttentionPlugin::loadKernels (and the cuBLASLt GEMM, optional)
     bool loadKernels() noexcept;
-    std::unique_ptr<KernelSet> mKernels;
-    std::unique_ptr<CublasLtGemm> mGemm; // prefill (M > 8): dequant kernel + cuBLASLt; null: chunked GEMV
+    std::unique_ptr<QuantMatMulLauncher> mLauncher; // kernels loaded (per instance and context)
 };
 
 using QuantMatMulCreator = Creator<QuantMatMulPlugin>;
