@@ -8,7 +8,8 @@ prefill of d prompt tokens (pp: tokens/s), then greedy decode of `--decode-steps
 depth (tg: tokens/s); figures are mean +- std over the repetitions, raw samples in the JSON. The
 repetitions are interleaved across backends (each repetition runs every backend once, in a fresh
 process), so a slow spell of a shared machine falls on all of them alike rather than on one. At the
-first depth (512) that is pp512 and tg128 (`--decode-steps-first`, default 128).
+first depth (512) that is pp512 and tg128 (`--decode-steps-first`, default 128). Each worker first runs
+llama-bench's untimed warm-up (a 32-token prompt and one decode step), then resets its cache.
 
 Backends:
   shrinkrt-ort    ONNX Runtime on an export (--export DIR; default the main job's), with the CPU
@@ -39,8 +40,15 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+WARMUP_PROMPT = 32  # llama-bench's warm-up: a prompt of min(n_batch, n_prompt, 32) tokens, then 1 decode step
+
+
 def _bench(reset, prefill, step, ids: list[int], steps: int, reps: int) -> dict:
-    """reps x (reset, prefill ids, `steps` greedy decode steps); per-rep tokens/s."""
+    """An untimed warm-up (llama-bench's: a short prompt and one decode step, so one-time costs such as
+    lazy kernel selection, thread-pool start and first-touch allocation fall outside the timing, for every
+    backend alike), then reps x (reset, prefill ids, `steps` greedy decode steps); per-rep tokens/s."""
+    reset()
+    step(prefill(ids[:WARMUP_PROMPT]))
     pp, tg = [], []
     for _ in range(reps):
         reset()

@@ -1,11 +1,13 @@
-// A CUDA driver stand-in for the plugins' launch path (tests only; built as libcuda.so.1 by
-// tests/test_trt_plugins.py and found first through LD_LIBRARY_PATH). It exports the driver entry points
-// the plugins (plugins/tensorrt/kernel_images.cpp) and tests/plugin_probe.cpp reach through
-// dlopen("libcuda.so.1") + dlsym, over host memory: "device" allocations are malloc'd and pre-filled with
-// 0x5a bytes, copies are memcpy. Nothing executes a kernel: each module load, function lookup and launch
-// is appended as one JSON line to $SHRINKRT_FAKE_CUDA_LOG, so a test can check which images a plugin
-// loads, how often, and every launch's grid, block and shared bytes. $SHRINKRT_FAKE_CUDA_FAIL = load |
-// launch makes that call fail (fault injection).
+// A CUDA driver stand-in for the plugins' launch path (tests only; built as libcuda.so.1, soname
+// libcuda.so.1, by tests/stand_in.py). It exports the driver entry points the launchers
+// (plugins/tensorrt/kernel_images.cpp) and tests/plugin_probe.cpp reach through dlopen("libcuda.so.1") +
+// dlsym, over host memory: "device" allocations are malloc'd with guard bytes either side, pre-filled with
+// 0x5a bytes, and kept in a table (fake_cuda_extent) so a launch's pointers can be checked against them;
+// copies are memcpy. Each module load, function lookup and launch is appended as one JSON line to
+// $SHRINKRT_FAKE_CUDA_LOG (which images load, how often, every launch's grid, block and shared bytes), and
+// a launch hook (fake_cuda_set_launch_hook) lets a test execute the launch: tests/stand_in.py runs the
+// kernel's Triton source under the interpreter on tensors viewing this memory. $SHRINKRT_FAKE_CUDA_FAIL =
+// context | load | launch makes that call fail (fault injection).
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,6 +19,7 @@ enum
 {
     kSuccess = 0,
     kInvalidImage = 200,
+    kInvalidContext = 201,
     kLaunchFailed = 719
 };
 
@@ -76,6 +79,8 @@ CUresult cuCtxSynchronize(void)
 
 CUresult cuCtxGetCurrent(void** ctx)
 {
+    if (injected("context"))
+        return kInvalidContext;
     *ctx = &gContext;
     return kSuccess;
 }
@@ -98,14 +103,78 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int dev)
     return kSuccess;
 }
 
+// Allocations: guard bytes either side (a kernel writing past its buffer shows in fake_cuda_guards_broken)
+enum
+{
+    kGuard = 256,
+    kMaxAllocs = 4096
+};
+static unsigned char const kGuardByte = 0xa5;
+struct Alloc
+{
+    unsigned char* raw; // kGuard | bytes | kGuard
+    size_t bytes;
+};
+static struct Alloc gAllocs[kMaxAllocs];
+static int gNumAllocs;
+
 CUresult cuMemAlloc_v2(uint64_t* ptr, size_t bytes)
 {
-    void* m = malloc(bytes ? bytes : 1);
-    if (!m)
+    unsigned char* raw = gNumAllocs < kMaxAllocs ? malloc(bytes + 2 * kGuard) : NULL;
+    if (!raw)
         return 2; // CUDA_ERROR_OUT_OF_MEMORY
-    memset(m, 0x5a, bytes);
-    *ptr = (uint64_t) (uintptr_t) m;
+    memset(raw, kGuardByte, kGuard);
+    memset(raw + kGuard, 0x5a, bytes);
+    memset(raw + kGuard + bytes, kGuardByte, kGuard);
+    gAllocs[gNumAllocs++] = (struct Alloc){raw, bytes};
+    *ptr = (uint64_t) (uintptr_t) (raw + kGuard);
     return kSuccess;
+}
+
+CUresult cuMemFree_v2(uint64_t ptr)
+{
+    for (int i = 0; i < gNumAllocs; ++i)
+        if ((uint64_t) (uintptr_t) (gAllocs[i].raw + kGuard) == ptr)
+        {
+            free(gAllocs[i].raw);
+            gAllocs[i] = gAllocs[--gNumAllocs];
+            return kSuccess;
+        }
+    return 1; // CUDA_ERROR_INVALID_VALUE
+}
+
+// The allocation holding [ptr, ptr + 1): 1 and its start and size, or 0 when ptr is in none.
+int fake_cuda_extent(uint64_t ptr, uint64_t* base, uint64_t* bytes)
+{
+    for (int i = 0; i < gNumAllocs; ++i)
+    {
+        uint64_t const b = (uint64_t) (uintptr_t) (gAllocs[i].raw + kGuard);
+        if (ptr >= b && ptr < b + gAllocs[i].bytes)
+        {
+            *base = b;
+            *bytes = gAllocs[i].bytes;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// Live allocations whose guard bytes were overwritten.
+int fake_cuda_guards_broken(void)
+{
+    int broken = 0;
+    for (int i = 0; i < gNumAllocs; ++i)
+    {
+        unsigned char const* lo = gAllocs[i].raw;
+        unsigned char const* hi = gAllocs[i].raw + kGuard + gAllocs[i].bytes;
+        for (int j = 0; j < kGuard; ++j)
+            if (lo[j] != kGuardByte || hi[j] != kGuardByte)
+            {
+                ++broken;
+                break;
+            }
+    }
+    return broken;
 }
 
 CUresult cuMemcpyHtoD_v2(uint64_t dst, void const* src, size_t bytes)
@@ -131,14 +200,26 @@ CUresult cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* st
 struct Module
 {
     int id;
-    int ptx; // the image starts as PTX text, not an ELF cubin
+    int ptx;           // the image starts as PTX text, not an ELF cubin
+    void const* image; // as loaded (the plugins' embedded arrays outlive their modules)
 };
 
 struct Function
 {
     int module;
+    void const* image;
     char entry[256];
 };
+
+// A test's launch executor: (image, entry, grid[3], block[3], shared bytes, params) -> 0, or non-zero to
+// fail the launch.
+typedef int (*LaunchHook)(void const*, char const*, unsigned const*, unsigned const*, unsigned, void**);
+static LaunchHook gLaunchHook;
+
+void fake_cuda_set_launch_hook(LaunchHook hook)
+{
+    gLaunchHook = hook;
+}
 
 static int gLoads;
 
@@ -149,6 +230,7 @@ CUresult cuModuleLoadData(void** module, void const* image)
     struct Module* m = malloc(sizeof *m);
     m->id = ++gLoads;
     m->ptx = memcmp(image, "\x7f" "ELF", 4) != 0;
+    m->image = image;
     say("{\"event\": \"load\", \"module\": %d, \"kind\": \"%s\"}", m->id, m->ptx ? "ptx" : "cubin");
     *module = m;
     return kSuccess;
@@ -165,6 +247,7 @@ CUresult cuModuleGetFunction(void** function, void* module, char const* entry)
 {
     struct Function* f = malloc(sizeof *f); // one per lookup; a test process is short
     f->module = ((struct Module*) module)->id;
+    f->image = ((struct Module*) module)->image;
     snprintf(f->entry, sizeof f->entry, "%s", entry);
     *function = f;
     return kSuccess;
@@ -177,7 +260,9 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
     struct Function const* f = function;
     if (injected("launch"))
         return kLaunchFailed;
-    (void) params; // the plugins check their parameter count against kernels.json themselves
+    unsigned const grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    if (gLaunchHook && gLaunchHook(f->image, f->entry, grid, block, shared, params) != 0)
+        return kLaunchFailed;
     say("{\"event\": \"launch\", \"module\": %d, \"entry\": \"%s\", \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
         "\"shared\": %u}",
         f->module, f->entry, gx, gy, gz, bx, by, bz, shared);
@@ -187,7 +272,8 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
 CUresult cuGetErrorString(CUresult res, char const** text)
 {
     *text = res == kInvalidImage ? "CUDA_ERROR_INVALID_IMAGE (stand-in: injected)"
-        : res == kLaunchFailed   ? "CUDA_ERROR_LAUNCH_FAILED (stand-in: injected)"
+        : res == kInvalidContext ? "CUDA_ERROR_INVALID_CONTEXT (stand-in: injected)"
+        : res == kLaunchFailed   ? "CUDA_ERROR_LAUNCH_FAILED (stand-in: injected or the launch check failed)"
                                  : "stand-in driver error";
     return kSuccess;
 }

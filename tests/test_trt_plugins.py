@@ -180,12 +180,11 @@ def test_bibranch_attention_build_phase(probe, bits):
 @pytest.fixture(scope="module")
 def fake_cuda(tmp_path_factory):
     """tests/fake_libcuda.c built as libcuda.so.1: the driver stand-in the plugins dlopen."""
+    from tests import stand_in
+
     if not shutil.which("cc"):
         pytest.skip("a C compiler is needed to build the CUDA driver stand-in")
-    d = tmp_path_factory.mktemp("fake_cuda")
-    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", str(ROOT / "tests" / "fake_libcuda.c"),
-                    "-o", str(d / "libcuda.so.1")], check=True, capture_output=True, timeout=120)
-    return d
+    return stand_in.build(tmp_path_factory.mktemp("fake_cuda")).parent
 
 
 def _through_stand_in(probe, fake_cuda, tmp_path, op, fields, ins, fail=None, cc=None):

@@ -262,12 +262,17 @@ def _build_into(out: Path, arch: int, limit: int, attention: list[dict] | None) 
     rows, parts = [], []
     for i, spec in enumerate(specializations(attention)[:limit or None]):
         cubin, ptx, meta = compile_one(spec, arch)
+        sig = spec.get("signature", QGEMV_SIGNATURE)
         parts.append(f"static const unsigned char kCubin{i}[] = {{{_c_bytes(cubin)}}};\n"
                      f"static const char kPtx{i}[] = {json.dumps(ptx)};\n")
         rows.append({"name": spec["name"], "entry": meta.name, "num_warps": meta.num_warps, "shared": meta.shared,
                      "num_params": n_params(ptx), "global_scratch_size": getattr(meta, "global_scratch_size", 0),
                      "grid": spec["grid"], "const": {k: v for k, v in spec["const"].items()}, "cubin_bytes": len(cubin),
-                     "cubin_sha256": hashlib.sha256(cubin).hexdigest(), "arch": f"sm_{arch}"})
+                     "cubin_sha256": hashlib.sha256(cubin).hexdigest(), "arch": f"sm_{arch}",
+                     # what a test's driver stand-in needs to run a launch of this image under the interpreter
+                     # (tests/stand_in.py): the kernel, its parameters in order, the PTX image's identity
+                     "kernel": spec["kernel"], "params": [[n, t] for n, t in sig.items() if t != "constexpr"],
+                     "ptx_bytes": len(ptx.encode()), "ptx_sha256": hashlib.sha256(ptx.encode()).hexdigest()})
         (out / f"{spec['name']}.sm_{arch}.cubin").write_bytes(cubin)
     table = ",\n".join(f'  {{"{r["name"]}", "{r["entry"]}", kCubin{i}, sizeof(kCubin{i}), kPtx{i}, {r["num_warps"]}, '
                        f'{r["shared"]}, {r["num_params"]}}}' for i, r in enumerate(rows))
