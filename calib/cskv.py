@@ -321,9 +321,12 @@ def check_factors(layer: int, kind: str, inputs, down, up, err: float, bits: int
 def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bits: int = 16,
                  key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 100, seed: int = 0,
                  progress: bool = True, collected=None, objective: str = "attention", allocation: str = "error",
-                 sinks: int = 0, curve_cache: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                 sinks: int = 0, curve_cache: dict | None = None,
+                 budget_context: int = REFERENCE_CONTEXT) -> tuple[dict, dict[str, torch.Tensor]]:
     """`collected` = collect_inputs(model, tokens) reused across settings (a sweep collects once);
-    `curve_cache`: a dict in which error curves are kept across budgets (they do not depend on it)."""
+    `curve_cache`: a dict in which error curves are kept across budgets (they do not depend on it);
+    `budget_context`: the cache length at which kv_ratio is the kept byte fraction (the window's
+    bytes are amortised over it; the long-context sweep sizes at its 4096-token scored length)."""
     if objective not in ("kv", "attention"):
         raise ShrinkError(f"unknown objective '{objective}' (use kv or attention)")
     if key_mode not in KEY_MODES:
@@ -354,7 +357,9 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
             vecs.append(U)
     if sinks < 0:
         raise ShrinkError(f"--sinks must be >= 0 (got {sinks})")
-    budget = feature_budget(args, kv_ratio, window, sinks=sinks)
+    if budget_context < 1:
+        raise ShrinkError(f"budget context must be >= 1 (got {budget_context})")
+    budget = feature_budget(args, kv_ratio, window, context=budget_context, sinks=sinks)
     if allocation == "energy":
         ranks = allocate_ranks(spectra, budget, kv_bits, args.kv_dim)
     else:
@@ -407,6 +412,9 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         "kv_ratio": kv_ratio,
         "kv_bytes_fraction_at_3k": (feat * REFERENCE_CONTEXT + min(window + sinks, REFERENCE_CONTEXT) * full)
         / (full * REFERENCE_CONTEXT),
+        "budget_context": budget_context,
+        "kv_bytes_fraction_at_budget_context": (feat * budget_context + min(window + sinks, budget_context) * full)
+        / (full * budget_context),
         "feature_bytes_per_token": feat,
         "layers": rows,
         "calibration_s": round(time.perf_counter() - t0, 1),
