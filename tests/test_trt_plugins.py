@@ -274,13 +274,14 @@ def test_quant_matmul_launches_through_the_driver_stand_in(plugin_lib, probe, fa
         assert e["block"] == [32 * k["num_warps"], 1, 1] and e["shared"] == k["shared"]
 
 
-@pytest.mark.parametrize("fail, said", [("load", "CUDA_ERROR_INVALID_IMAGE"), ("launch", "CUDA_ERROR_LAUNCH_FAILED")])
+@pytest.mark.parametrize("fail, said", [("context", "CUDA_ERROR_INVALID_CONTEXT"), ("load", "CUDA_ERROR_INVALID_IMAGE"),
+                                        ("launch", "CUDA_ERROR_LAUNCH_FAILED")])
 def test_injected_driver_faults_fail_enqueue_with_one_clear_line(plugin_lib, probe, fake_cuda, tmp_path, fail, said):
     fields = dict(bits=4, group_size=64, in_features=576, out_features=192)
     packed = [("i", (192, 36)), ("h", (192, 9)), ("i", (192, 1)), ("i", (193,)), ("i", (1,)), ("h", (1,))]
     got, err, events = _through_stand_in(probe, fake_cuda, tmp_path, "QuantMatMul", fields,
                                          [("h", (1, 1, 576))] + packed, fail=fail)
-    if fail == "load":  # no plugin for the context (TensorRT would fail its creation): nothing enqueued
+    if fail in ("context", "load"):  # no plugin for the context (TensorRT would fail its creation): nothing enqueued
         assert got["attached"] is False and got["rc_enqueue"] == -2 and not [e for e in events if e["event"] == "launch"]
     else:
         assert got["attached"] is True and got["rc_enqueue"] == -1
@@ -308,7 +309,7 @@ def test_bibranch_configure_names_a_shape_the_fields_contradict(probe, at, shape
     assert got["rc_configure"] == -1 and said in err, err
 
 
-def test_library_built_for_another_model(plugin_lib, tmp_path):
+def test_library_built_for_another_model(plugin_lib, fake_cuda, tmp_path):
     """A library per model (-DSHRINKRT_EXPORT): an export of another attention shape (4 heads, 2 KV
     heads, head_dim 32, window 16, int4 pre-RoPE) gets its kernels; the default library names what it
     lacks for that shape, at plugin creation (and `build --plugins` before any engine, tests/test_second_shape)."""
@@ -334,4 +335,16 @@ def test_library_built_for_another_model(plugin_lib, tmp_path):
     trt_build.check_library_kernels(lib, meta["custom_op_attributes"])  # every kernel the export needs
     got, _ = run_check(lib, case)
     assert got["created"] == [7]
+    # and its whole lifecycle through the driver stand-in at that shape: attach, configure, enqueue
+    H, G, D, W, rk, rv = (cfg[k] for k in ("num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v"))
+    B, T, S, C = 1, 3, 256, (lambda r: (r + 1) // 2)
+    ins = [("h", (B, T, H * D)), ("h", (B, T, G * D)), ("h", (B, T, G * D)), ("h", (B, T, rk)), ("h", (B, T, rv)),
+           ("h", (B, G, W, D)), ("h", (B, G, W, D)), ("b", (B, S, C(rk))), ("b", (B, S, C(rv))), ("h", (rk, G * D)),
+           ("h", (rv, G * D)), ("h", (G * D,)), ("h", (G * D,)), ("h", (S, D)), ("h", (S, D)), ("l", (1,)),
+           ("h", (B, S, -(-rk // 32))), ("h", (B, S, -(-rv // 32)))]
+    got, err, events = _through_stand_in(build_probe(lib), fake_cuda, tmp_path, "BiBranchAttention", cfg, ins)
+    assert got["attached"] is True and got["rc_enqueue"] == 0, (got, err)
+    launched = [e["entry"] for e in events if e["event"] == "launch"]
+    assert launched == ["feature_quant_kernel"] * 2 + ["bibranch_append_kernel", "bibranch_split_kernel",
+                                                       "bibranch_reduce_kernel"] * T
 
