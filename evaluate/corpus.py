@@ -6,6 +6,10 @@ others are calibration; texts that share whole paragraphs with an evaluation tex
 GFDL-1.2) are in neither. Measured: 0.23% of the evaluation text's 13-word spans (25 spans of
 generic legal phrasing) also occur in the calibration text; tests/test_corpus.py keeps it < 0.5%.
 About 15.1k evaluation tokens and 12.6k calibration tokens with the SmolLM2 tokenizer.
+
+A second evaluation text of another domain, never used for calibration: Python's language and
+library reference as pydoc shows it (`pydoc_data.topics`, part of every CPython's standard library):
+technical prose with code, about 110k tokens. A model calibrated on licenses is judged on it too.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from shrinkrt.errors import ShrinkError
 LICENSE_DIR = Path("/usr/share/common-licenses")
 EVAL_FILES = ("GPL-3", "GFDL-1.3", "Apache-2.0")
 CALIB_FILES = ("Artistic", "MPL-1.1", "MPL-2.0", "CC0-1.0", "BSD")
+OTHER_DOMAIN = "pydoc_data.topics"  # the other-domain evaluation text (Python's reference documentation)
 
 
 def read_texts(names: tuple[str, ...], root: Path = LICENSE_DIR) -> str:
@@ -35,6 +40,15 @@ def eval_text() -> str:
 
 def calib_text() -> str:
     return read_texts(CALIB_FILES)
+
+
+def other_domain_text() -> str:
+    """The Python reference topics in a fixed order (sorted by topic name), one text."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a Python built without its pydoc data
+        raise ShrinkError(f"the other-domain evaluation text ({OTHER_DOMAIN}) is missing from this Python") from None
+    return "\n\n".join(topics[name] for name in sorted(topics))
 
 
 def read_text_file(path: Path, what: str = "--text") -> str:

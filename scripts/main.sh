@@ -2,7 +2,7 @@
 # The main job on the embedded SmolLM2-135M-Instruct, the whole flow in a few minutes on 2 cores:
 # calibrate (CSKV post-RoPE, 20% KV bytes, int4 + LLM-MQ 4.0 bpw, fast preset, cached) -> export for ONNX Runtime
 # (validated against the reference) -> SM75 TensorRT engine (TensorRT-RTX, no GPU needed) ->
-# a streamed answer from ONNX Runtime -> latency summary with the peers' ratios.
+# a streamed answer from ONNX Runtime -> long-context quality vs FP -> latency summary with the peers' ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -30,6 +30,10 @@ if python -c "import tensorrt_rtx" 2>/dev/null || python -c "import tensorrt" 2>
 fi
 shrinkrt generate "What is the capital of France?" --backend ort --model "$OUT/export-ort" --stats
 stage "generate"
+# the model's quality beside its speed: long-context perplexity (both compressions together) as a
+# ratio to FP, on the held-out licenses and on Python's reference docs (another domain than the calibration)
+shrinkrt quality --checkpoint "$CKPT" --quiet --out "$OUT/quality.json"
+stage "quality vs FP"
 # peers that are installed (llama-cpp-python, onnxruntime-genai) join; one repetition keeps it short
 # (benchmarks/latency.py's defaults are the full run: 3 repetitions, depths up to 8000)
 python benchmarks/latency.py --export "$OUT/export-ort" --contexts 512,2048 --decode-steps 16 \

@@ -81,6 +81,22 @@ def parser() -> argparse.ArgumentParser:
                         "beside it as NAME.md")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    q = sub.add_parser("quality", help="long-context perplexity of a compressed checkpoint as a ratio to FP",
+                       description="Score the FP model and the checkpoint's model (both compressions; with "
+                                   "--parts also each alone) by long-context perplexity on the same token ids: "
+                                   "the held-out license texts and Python's reference docs (another domain "
+                                   "than the calibration text), or the --text files. Prints a table, writes JSON.")
+    add_model_args(q)
+    q.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint written by `shrinkrt calibrate`")
+    q.add_argument("--parts", action="store_true", help="also score the KV and the weight compression each alone")
+    q.add_argument("--text", action="append", default=None, metavar="FILE",
+                   help="score on this UTF-8 text instead of the default texts (repeatable)")
+    q.add_argument("--long-context", type=int, default=4096, help="segment length in tokens (default 4096)")
+    q.add_argument("--score-from", type=int, default=1024, help="score tokens at positions >= this (default 1024)")
+    q.add_argument("--max-segments", type=int, default=1, help="segments per text (default 1; 0 = all)")
+    q.add_argument("--out", default=None, help="also write the figures to this .json file")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+
     c = sub.add_parser("calibrate", help="compress a model into a checkpoint (CSKV KV cache, mixed-precision weights)",
                        description="Fit compression on the calibration text (license texts disjoint from the "
                                    "evaluation text) and write a compressed checkpoint directory.")
@@ -678,7 +694,52 @@ def cmd_eval(a) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
+def cmd_quality(a) -> int:
+    import json
+
+    from shrinkrt.atomic import check_target, results_file_is_ours, write_file
+    from shrinkrt.calib.apply import apply_checkpoint
+    from shrinkrt.evaluate import quality
+    from shrinkrt.evaluate.corpus import read_text_file
+    from shrinkrt.runtime.loader import load
+
+    if a.score_from < 1 or a.score_from >= a.long_context:
+        raise ShrinkError(f"--score-from must be in [1, --long-context) (got {a.score_from}, {a.long_context})")
+    if a.max_segments < 0:
+        raise ShrinkError(f"--max-segments must be >= 0 (got {a.max_segments})")
+    check_checkpoint_dir(a)
+    out = Path(a.out) if a.out else None
+    if out is not None:
+        if out.suffix != ".json":
+            raise ShrinkError(f"--out {out} must end in .json")
+        check_target(out, "--out", results_file_is_ours, kind="file")
+    # the texts before any model loads: a bad file fails in a second
+    texts = ({Path(t).name: (read_text_file(Path(t)), str(t)) for t in a.text} if a.text else quality.default_texts())
+    setup_torch(a.threads, a.no_kernels)
+    fp = load(a.model, a.device, a.dtype)
+    if a.long_context > fp.model.args.max_seq_len:
+        raise ShrinkError(f"--long-context {a.long_context} exceeds the model's context of {fp.model.args.max_seq_len}")
+
+    def variants():  # one compressed copy at a time, each a fresh load of the base model
+        for name, sections in ([("kv+weights", ("kv", "weights"))]
+                               + ([("kv only", ("kv",)), ("weights only", ("weights",))] if a.parts else [])):
+            lm = load(a.model, a.device, a.dtype, progress=False)
+            manifest = apply_checkpoint(lm, Path(a.checkpoint), sections)
+            if not any(s in manifest for s in sections):
+                continue  # the checkpoint has no such section
+            yield name, lm.model
+
+    r = quality.compare(fp.tokenizer, fp.model, variants(), texts, long_context=a.long_context,
+                        score_from=a.score_from, max_segments=a.max_segments, progress=not a.quiet)
+    r["model"], r["checkpoint"] = fp.name, str(a.checkpoint)
+    print(quality.table(r))
+    if out is not None:
+        write_file(out, json.dumps(r, indent=2) + "\n", results_file_is_ours, "--out")
+        print(f"[shrinkrt] wrote {out}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "quality": cmd_quality, "calibrate": cmd_calibrate, "export": cmd_export,
             "validate": cmd_validate, "profile": cmd_profile, "build": cmd_build, "kernels": cmd_kernels,
             "_profile-one": cmd_profile_one}
 

@@ -29,3 +29,13 @@ def test_digest_is_stable_and_content_addressed():
 def test_missing_text_is_a_clear_error(tmp_path):
     with pytest.raises(ShrinkError, match="evaluation text .*GPL-3 is missing"):
         corpus.read_texts(("GPL-3",), root=tmp_path)
+
+
+def test_other_domain_text_is_long_and_shares_nothing_with_calibration():
+    other = corpus.other_domain_text()
+    assert other == corpus.other_domain_text()  # fixed order: the same digest every run
+    words, ca = other.split(), corpus.calib_text().split()
+    assert len(words) > 50_000  # enough for many 4096-token segments
+    assert "def" in words and "Python" in words  # it is the Python reference
+    shared = ngrams(words) & ngrams(ca)
+    assert len(shared) / len(ngrams(words)) < 0.001
