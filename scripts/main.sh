@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded SmolLM2-135M-Instruct, the whole flow in a few minutes on 2 cores:
-# calibrate (CSKV post-RoPE, 20% KV bytes, int4 + LLM-MQ 4.0 bpw, fast preset, cached) -> export for ONNX Runtime
+# calibrate (CSKV pre-RoPE, 20% KV bytes, int4 + LLM-MQ 4.0 bpw, fast preset, cached) -> export for ONNX Runtime
 # (validated against the reference) -> SM75 TensorRT engine (TensorRT-RTX, no GPU needed) ->
 # a streamed answer from ONNX Runtime -> long-context quality vs FP -> latency summary with the peers' ratios.
 set -euo pipefail
@@ -18,7 +18,7 @@ OUT=build/main
 mkdir -p "$OUT"
 CKPT="$OUT/ckpt"
 if [ ! -f "$CKPT/manifest.json" ]; then  # calibration is deterministic: reuse it once written
-  shrinkrt calibrate --kv-ratio 0.2 --window 64 --kv-bits 4 --key-mode post-rope --kv-fit-steps 20 \
+  shrinkrt calibrate --kv-ratio 0.2 --window 64 --kv-bits 4 --key-mode pre-rope --kv-fit-steps 20 \
     --weight-budget 4.0bpw --calib-tokens 2048 --out "$CKPT" --quiet
   stage "calibrate (CSKV + LLM-MQ)"
 fi
