@@ -69,22 +69,19 @@ def args_parser() -> argparse.ArgumentParser:
 def linear_bits_per_weight(path: Path) -> dict:
     """Bits per weight of the attention and MLP linears as a GGUF stores them: the bytes its tensor
     table gives for blk.*.attn_{q,k,v,output} / ffn_{gate,up,down} x 8 over their element count,
-    with the storage types found (a k-quant file holds legacy types where rows do not fit)."""
+    with the storage types found (a k-quant file holds legacy types where rows do not fit) and the
+    token embedding's type, all from one read of the table."""
     import gguf
 
-    tensors = [t for t in gguf.GGUFReader(str(path)).tensors if LINEAR_TENSOR.fullmatch(t.name)]
+    table = gguf.GGUFReader(str(path)).tensors
+    tensors = [t for t in table if LINEAR_TENSOR.fullmatch(t.name)]
     if not tensors:
         raise ValueError(f"{path} has no blk.*.attn_*/ffn_* weight tensors")
     n_bytes = sum(int(t.n_bytes) for t in tensors)
     n_weights = sum(int(t.n_elements) for t in tensors)
     return {"bits_per_weight": 8 * n_bytes / n_weights, "bytes": n_bytes, "weights": n_weights,
-            "linear_types": dict(Counter(t.tensor_type.name for t in tensors).most_common())}
-
-
-def tensor_type(path: Path, name: str) -> str:
-    import gguf
-
-    return next(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+            "linear_types": dict(Counter(t.tensor_type.name for t in tensors).most_common()),
+            "token_embd_type": next((t.tensor_type.name for t in table if t.name == "token_embd.weight"), None)}
 
 
 def llamacpp_perplexity(path: Path, tokens: list[int], context: int, max_segments: int, threads: int) -> dict:
@@ -137,7 +134,7 @@ def peers(tokens: list[int], context: int, max_segments: int, threads: int = 2) 
                         raise RuntimeError(f"llama_model_quantize returned {rc}")
                 t_quant = time.time() - t0
                 row = {"name": f"llama.cpp {name}", "type": name, "source": path == source,
-                       **linear_bits_per_weight(path), "token_embd_type": tensor_type(path, "token_embd.weight")}
+                       **linear_bits_per_weight(path)}
                 t0 = time.time()
                 row.update(llamacpp_perplexity(path, tokens, context, max_segments, threads))
                 row.update(quantize_s=round(t_quant, 1), eval_s=round(time.time() - t0, 1))

@@ -56,15 +56,15 @@ def table(r: dict) -> str:
     names = list(r["texts"])
     head = "| model | " + " | ".join(f"{n}: long ppl (x FP)" for n in names) + " | KV bytes kept |"
     lines = [head, "|" + "---|" * (len(names) + 2)]
-    fp = r["texts"]
-    lines.append("| fp32 | " + " | ".join(f"{fp[n]['fp']['long_perplexity']:.3f}" for n in names) + " | 1.00 (fp32: 2.00) |")
+    texts = r["texts"]
+    lines.append("| fp32 | " + " | ".join(f"{texts[n]['fp']['long_perplexity']:.3f}" for n in names) + " | 1.00 (fp32: 2.00) |")
     for v in r["variants"]:
         t = v["texts"]
         lines.append(f"| {v['name']} | " + " | ".join(
             f"{t[n]['long_perplexity']:.3f} (x{t[n]['ratio_to_fp']:.3f})" for n in names)
             + f" | {t[names[0]]['kv_bytes_fraction']:.3f} |")
     s = r["settings"]
-    first = fp[names[0]]["fp"]
+    first = texts[names[0]]["fp"]
     lines.append(f"\nLong perplexity: {s['max_segments'] or 'all'} segment(s) of {s['long_context']} tokens per text, "
                  f"tokens at positions >= {s['score_from']} scored ({first['scored_tokens']} per text); KV bytes "
                  f"kept: the cache after a segment over an FP16 full cache.")
