@@ -48,6 +48,7 @@ CALIB_SEQ = 1024  # calibration segment length (the evaluation context)
 OUTLIER_RULE = "top |W_ij| * rms(x_j) per layer"
 TENSOR_SUFFIXES = ("codes", "scales", "zeros")
 OUTLIER_SUFFIXES = ("outlier_rowptr", "outlier_cols", "outlier_vals")
+DEFAULT_GROUP_SIZES = (128,)
 
 
 def alloc(nbytes: int) -> int:
@@ -93,20 +94,24 @@ def parse_budget(budget: str, n_weights: int) -> int:
     return int(value * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit])
 
 
-def check_options(bits, group_size: int, quantizer: str, outlier_fraction: float) -> tuple[int, ...]:
+def check_options(bits, group_sizes, quantizer: str, outlier_fraction: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(bits, group sizes) sorted and checked; group_sizes: one size or several (the allocation then
+    chooses one per layer, as it chooses the bits)."""
     bits = tuple(sorted(set(int(b) for b in bits)))
     bad = [b for b in bits if b not in qz.SUPPORTED_BITS]
     if not bits or bad:
         raise ShrinkError(f"unknown bit width{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad)) or '(none)'} "
                           f"(supported: {', '.join(map(str, qz.SUPPORTED_BITS))})")
-    if group_size not in qz.GROUP_SIZES:
-        raise ShrinkError(f"group size {group_size} is not supported (supported: "
+    groups = tuple(sorted(set(int(g) for g in ((group_sizes,) if isinstance(group_sizes, int) else group_sizes))))
+    bad = [g for g in groups if g not in qz.GROUP_SIZES]
+    if not groups or bad:
+        raise ShrinkError(f"group size {', '.join(map(str, bad)) or '(none)'} is not supported (supported: "
                           f"{', '.join(map(str, qz.GROUP_SIZES))})")
     if quantizer not in QUANTIZERS:
         raise ShrinkError(f"unknown quantizer '{quantizer}' (supported: {', '.join(QUANTIZERS)})")
     if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
         raise ShrinkError(f"outlier fraction must be in [0, {MAX_OUTLIER_FRACTION}] (got {outlier_fraction})")
-    return bits
+    return bits, groups
 
 
 # ---------------------------------------------------------------- statistics
@@ -177,6 +182,7 @@ def collect_stats(model, tokens: list[int], progress: bool = True) -> dict[str, 
 @dataclass
 class Candidate:
     bits: int
+    group_size: int
     n_outliers: int
     nbytes: int              # allocated bytes (ALIGN-rounded), what the budget counts
     sensitivity: float
@@ -208,17 +214,19 @@ def layer_options(rows: int, cols: int, bits: tuple[int, ...], outlier_fraction:
     return [(b, 0) for b in bits] + [(b, k) for b in bits if k and b < 8]
 
 
-def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...], group_size: int, quantizer: str,
-                     outlier_fraction: float, progress: bool = True) -> dict[str, list[Candidate]]:
-    """Quantize every target linear at every option. The linears fed the same input (q/k/v,
-    gate/up) and all their options are stacked row-wise into one quantizer call."""
+def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...], group_sizes: tuple[int, ...],
+                     quantizer: str, outlier_fraction: float, progress: bool = True) -> dict[str, list[Candidate]]:
+    """Quantize every target linear at every option (bits x outliers x group size). The linears fed
+    the same input (q/k/v, gate/up) and all their options of one group size are stacked row-wise into
+    one quantizer call."""
     targets = target_linears(model)
     by_input: dict[str, list[tuple[str, nn.Linear]]] = {}
     for name, m in targets:
         by_input.setdefault(stats[name].input_of, []).append((name, m))
     out: dict[str, list[Candidate]] = {}
-    for key, members in tqdm(by_input.items(), desc=f"LLM-MQ candidates ({quantizer})", disable=not progress,
-                             leave=False):
+    work = [(key, members, g) for key, members in by_input.items() for g in group_sizes]
+    for key, members, group_size in tqdm(work, desc=f"LLM-MQ candidates ({quantizer})", disable=not progress,
+                                         leave=False):
         H = stats[key].H
         act_rms = torch.diag(H).clamp(min=0).sqrt()
         Ws, Bs, Ks, spans = [], [], [], []
@@ -253,7 +261,7 @@ def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep) -> Candidate:
         tensors.update(zip(OUTLIER_SUFFIXES, to_csr(keep, deq)))
         deq = torch.where(keep, deq.half().float(), deq)  # the model computes with the fp16 value
     sens = float((grad * (deq - w)).abs().sum())
-    return Candidate(bits, k, layer_bytes(rows, cols, bits, group_size, k), sens, tensors)
+    return Candidate(bits, group_size, k, layer_bytes(rows, cols, bits, group_size, k), sens, tensors)
 
 
 # ---------------------------------------------------------------- allocation
@@ -295,13 +303,14 @@ def allocate(cands: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, 
     return None if choice is None else {n: cands[n][j] for n, j in zip(names, choice)}
 
 
-def floor_bytes(model, bits: tuple[int, ...], group_size: int) -> int:
+def floor_bytes(model, bits: tuple[int, ...], group_sizes: tuple[int, ...]) -> int:
     """Least bytes any plan can take: every linear at its cheapest option (no outliers)."""
-    return sum(min(layer_bytes(*m.weight.shape, b, group_size, 0) for b in bits) for _, m in target_linears(model))
+    return sum(min(layer_bytes(*m.weight.shape, b, g, 0) for b in bits for g in group_sizes)
+               for _, m in target_linears(model))
 
 
 # ---------------------------------------------------------------- section + tensors
-def assemble(model, plan: dict[str, Candidate], *, group_size: int, quantizer: str, outlier_fraction: float,
+def assemble(model, plan: dict[str, Candidate], *, group_sizes: tuple[int, ...], quantizer: str, outlier_fraction: float,
              budget: str | None, budget_bytes: int | None, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
     shapes = {n: tuple(m.weight.shape) for n, m in target_linears(model)}
     n_weights = sum(r * c for r, c in shapes.values())
@@ -309,14 +318,15 @@ def assemble(model, plan: dict[str, Candidate], *, group_size: int, quantizer: s
     layers, tensors = [], {}
     for name, c in plan.items():
         rows, cols = shapes[name]
-        layers.append({"name": name, "bits": c.bits, "group_size": group_size, "in_features": cols,
+        layers.append({"name": name, "bits": c.bits, "group_size": c.group_size, "in_features": cols,
                        "out_features": rows, "outliers": c.n_outliers, "bytes": c.nbytes,
                        "sensitivity": c.sensitivity})
         for suffix, t in c.tensors.items():
             tensors[f"weights.{name}.{suffix}"] = t
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
     section = {
-        "method": FORMAT, "format_version": FORMAT_VERSION, "quantizer": quantizer, "group_size": group_size,
+        "method": FORMAT, "format_version": FORMAT_VERSION, "quantizer": quantizer,
+        "group_sizes": list(group_sizes),
         "outlier_fraction": outlier_fraction, "outlier_rule": OUTLIER_RULE,
         "sensitivity": "sum |dL/dW * (W_quantized - W)| over the calibration tokens",
         "embeddings_policy": "embeddings and LM head kept unquantized in the model dtype; not in the budget",
@@ -328,34 +338,34 @@ def assemble(model, plan: dict[str, Candidate], *, group_size: int, quantizer: s
     return section, tensors
 
 
-def check_budget(model, budget: str, bits: tuple[int, ...], group_size: int) -> int:
+def check_budget(model, budget: str, bits: tuple[int, ...], group_sizes: tuple[int, ...]) -> int:
     """The budget in bytes, or one line when no plan can meet it (checked before any calibration work)."""
     n_weights = sum(m.weight.numel() for _, m in target_linears(model))
     budget_bytes = parse_budget(budget, n_weights)
-    floor = floor_bytes(model, bits, group_size)
+    floor = floor_bytes(model, bits, group_sizes)
     if budget_bytes < floor:
         raise ShrinkError(f"weight budget '{budget}' ({budget_bytes} bytes, {8 * budget_bytes / n_weights:.3f} bpw) is "
                           f"below the floor of {floor} bytes ({8 * floor / n_weights:.3f} bpw: every linear at "
-                          f"{min(bits)} bits, scales and zeros included)")
+                          f"{min(bits)} bits in groups of {max(group_sizes)}, scales and zeros included)")
     return budget_bytes
 
 
-def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4, 8), group_size: int = 128,
+def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4, 8), group_sizes=DEFAULT_GROUP_SIZES,
                       quantizer: str = "gptq", outlier_fraction: float = 0.005, seed: int = 0,
                       progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """Calibrate mixed-precision weights for `lm` under `budget`; returns (manifest section, tensors).
     Nothing is random here (the seed is recorded and seeds torch for any future random choice);
     the same inputs give the same plan and tensors."""
-    bits = check_options(bits, group_size, quantizer, outlier_fraction)
+    bits, group_sizes = check_options(bits, group_sizes, quantizer, outlier_fraction)
     model = lm.model
-    budget_bytes = check_budget(model, budget, bits, group_size)
+    budget_bytes = check_budget(model, budget, bits, group_sizes)
     if len(calib_tokens) < 2:
         raise ShrinkError("LLM-MQ calibration needs at least 2 calibration tokens")
     torch.manual_seed(seed)
     stats = collect_stats(model, calib_tokens, progress)
-    cands = build_candidates(model, stats, bits, group_size, quantizer, outlier_fraction, progress)
+    cands = build_candidates(model, stats, bits, group_sizes, quantizer, outlier_fraction, progress)
     plan = allocate(cands, budget_bytes)
-    return assemble(model, plan, group_size=group_size, quantizer=quantizer, outlier_fraction=outlier_fraction,
+    return assemble(model, plan, group_sizes=group_sizes, quantizer=quantizer, outlier_fraction=outlier_fraction,
                     budget=budget, budget_bytes=budget_bytes, seed=seed)
 
 

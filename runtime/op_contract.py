@@ -46,6 +46,10 @@ SCALE_FLOOR = 2.0 ** -14
 
 # Packed weights (QuantMatMul): codes as a little-endian bit stream in int32 words per output row.
 WORD_BITS = 32
+WEIGHT_BITS = (2, 3, 4, 8)
+# Columns per (row, group) scale and zero point; the calibration may choose one per layer. 32 is the
+# source GGUF's own block (Q4_1); MatMulNBits takes each as its block_size.
+WEIGHT_GROUP_SIZES = (32, 64, 128)
 
 # Limits of the ahead-of-time attention kernels, which the plugins size their workspace by.
 RANK_PAD = 256  # feature ranks the kernels take at most (>= n_kv * head_dim of the default model)
@@ -83,6 +87,8 @@ def cpp_header() -> str:
            f"constexpr int32_t kFeatureGroup = {FEATURE_GROUP};",
            f"constexpr float kScaleFloor = {SCALE_FLOOR!r}f;",
            f"constexpr int32_t kWordBits = {WORD_BITS};",
+           "constexpr int32_t kWeightBits[] = {" + ", ".join(map(str, WEIGHT_BITS)) + "};",
+           "constexpr int32_t kWeightGroupSizes[] = {" + ", ".join(map(str, WEIGHT_GROUP_SIZES)) + "};",
            f"constexpr int64_t kRankPad = {RANK_PAD};",
            f"constexpr int64_t kSplitsPad = {SPLITS_PAD};",
            f"constexpr int64_t kMinSplit = {MIN_SPLIT};",

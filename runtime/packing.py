@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from shrinkrt.errors import ShrinkError
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-GROUP_SIZES = (64, 128)
+from shrinkrt.runtime.op_contract import WEIGHT_BITS as SUPPORTED_BITS, WEIGHT_GROUP_SIZES as GROUP_SIZES
 TILE = 32  # codes per tile: a tile of b-bit codes is exactly b int32 words, for every b
 
 

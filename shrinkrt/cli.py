@@ -130,7 +130,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--weight-budget", default=None, metavar="BUDGET",
                    help="weight memory budget of the quantized linears: '3.0bpw' (bits per weight) or '40MiB'")
     w.add_argument("--weight-bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
-    w.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="quantization group size")
+    w.add_argument("--group-size", default=GROUP_SIZE_DEFAULT, metavar="G[,G...]|auto",
+                   help="quantization group size(s) the allocation may choose per layer (comma-separated, or "
+                        f"'auto' for every supported size; default {GROUP_SIZE_DEFAULT})"),
     w.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"], help="rounding: RTN or GPTQ")
     w.add_argument("--outlier-fraction", type=float, default=0.005,
                    help="fraction of each layer's weights kept in FP16 as sparse outliers (default 0.005)")
@@ -215,6 +217,19 @@ def parser() -> argparse.ArgumentParser:
 
 MIN_ARCH = 75  # CUDA 13's oldest target (Turing)
 MIN_CALIB_TOKENS = 256
+GROUP_SIZE_DEFAULT = "128"
+
+
+def parse_group_sizes(text: str) -> tuple[int, ...]:
+    """--group-size: '64', '32,64,128' or 'auto' (every size the kernels and the lowering take)."""
+    from shrinkrt.runtime.op_contract import WEIGHT_GROUP_SIZES
+
+    if text.strip() == "auto":
+        return WEIGHT_GROUP_SIZES
+    try:
+        return tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise ShrinkError(f"--group-size must be 'auto' or comma-separated integers (got '{text}')") from None
 PROFILE_WARMUP = 2  # decode steps `measure` runs before timing (runtime/profile.py)
 
 
@@ -497,7 +512,8 @@ def cmd_calibrate(a) -> int:
             bits = tuple(int(b) for b in a.weight_bits.split(","))
         except ValueError:
             raise ShrinkError(f"--weight-bits must be comma-separated integers (got '{a.weight_bits}')") from None
-        bits = mq.check_options(bits, a.group_size, a.quantizer, a.outlier_fraction)
+        groups = parse_group_sizes(a.group_size)
+        bits, groups = mq.check_options(bits, groups, a.quantizer, a.outlier_fraction)
         mq.parse_budget(a.weight_budget, 1)  # the syntax; the floor once the model is known
     out = check_target(Path(a.out), "--out", checkpoint.is_checkpoint, ours_hint=f" (no {checkpoint.MANIFEST})")
     setup_torch(a.threads, getattr(a, "no_kernels", False))
@@ -506,7 +522,7 @@ def cmd_calibrate(a) -> int:
         raise ShrinkError(f"--window {a.window} must be below the model's context of {lm.model.args.max_seq_len} tokens")
     need = 0
     if a.weight_budget is not None:
-        need = mq.check_budget(lm.model, a.weight_budget, bits, a.group_size)
+        need = mq.check_budget(lm.model, a.weight_budget, bits, groups)
     check_target(out, "--out", checkpoint.is_checkpoint, need_bytes=need)
     text = corpus.calib_text()
     tokens = lm.tokenizer.encode(text, add_special_tokens=False)[:a.calib_tokens]
@@ -526,7 +542,7 @@ def cmd_calibrate(a) -> int:
                                   allocation=a.kv_allocation)
         manifest["kv"], tensors = section, {**tensors, **t}
     if a.weight_budget is not None:
-        section, t = mq.calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_size=a.group_size,
+        section, t = mq.calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_sizes=groups,
                                           quantizer=a.quantizer, outlier_fraction=a.outlier_fraction, seed=a.seed,
                                           progress=not a.quiet)
         manifest["weights"], tensors = section, {**tensors, **t}

@@ -19,18 +19,20 @@ from tests.test_model import ours_from
 pytest.importorskip("onnxruntime")
 
 
-def compress(model, key_mode=None, bits=16, quant_bits=None, seed=0):
-    """Random CSKV factors on every layer and/or quantized q/o/down projections (odd ranks)."""
+def compress(model, key_mode=None, bits=16, quant_bits=None, seed=0, groups=(64, 64, 64)):
+    """Random CSKV factors on every layer and/or quantized q/o/down projections (odd ranks), their group
+    sizes `groups` (q, o, down)."""
     gen = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         if quant_bits:
-            for name in ("q_proj", "o_proj"):
+            for name, group in zip(("q_proj", "o_proj"), groups):
                 lin = getattr(a, name)
-                q = quant_layer(lin.out_features, lin.in_features, quant_bits, 64, 5, seed=seed + i)
+                q = quant_layer(lin.out_features, lin.in_features, quant_bits, group, 5, seed=seed + i)
                 setattr(a, name, q)
             d = layer.mlp.down_proj
-            layer.mlp.down_proj = quant_layer(d.out_features, d.in_features, quant_bits, 64, 0, seed=seed + 50 + i)
+            layer.mlp.down_proj = quant_layer(d.out_features, d.in_features, quant_bits, groups[2], 0,
+                                              seed=seed + 50 + i)
         if key_mode:
             kv = a.n_kv_heads * a.head_dim
             in_k = kv if key_mode == "post-rope" else model.args.dim
@@ -46,8 +48,9 @@ class Loaded:  # the fields of LoadedModel that export reads
         self.model, self.model_dir, self.name = model, model_dir, name
 
 
-@pytest.mark.parametrize("variant", ["fp", "fp-bias-tied", "quant4", "quant3", "cskv-pre-16", "cskv-post-8",
-                                     "cskv-pre-4+quant2", "ort-cpu:quant2", "ort-cpu:quant3", "ort-cpu:quant8",
+@pytest.mark.parametrize("variant", ["fp", "fp-bias-tied", "quant4", "quant3", "quant3-groups", "cskv-pre-16",
+                                     "cskv-post-8", "cskv-pre-4+quant2", "ort-cpu:quant2", "ort-cpu:quant3",
+                                     "ort-cpu:quant8", "ort-cpu:quant4-groups",
                                      "ort-cpu:cskv-post-4+quant4", "ort-cpu-int8act:quant4"])
 def test_onnx_runtime_matches_reference(variant, tmp_path):
     target = "ort-cpu" if variant.startswith("ort-cpu") else "generic"
@@ -55,8 +58,8 @@ def test_onnx_runtime_matches_reference(variant, tmp_path):
     variant = variant.split(":")[-1]
     over = {"attention_bias": True, "tie_word_embeddings": True} if variant == "fp-bias-tied" else {}
     model = ours_from(tiny_hf_model("llama", **over))
-    if variant.startswith("quant"):
-        compress(model, quant_bits=int(variant[-1]))
+    if variant.startswith("quant"):  # "-groups": a group size per layer, as the allocation chooses them
+        compress(model, quant_bits=int(variant[5]), groups=(32, 128, 64) if variant.endswith("-groups") else (64,) * 3)
     elif variant.startswith("cskv"):
         _, mode, bits = variant.split("+")[0].split("-")
         qb = variant.split("+quant")[1] if "+quant" in variant else None
@@ -65,6 +68,12 @@ def test_onnx_runtime_matches_reference(variant, tmp_path):
     if target == "ort-cpu":
         meta = json.loads((tmp_path / "exp" / "export.json").read_text())
         assert meta["ort_cpu"]["layers_in_wider_container"] == (3 * 2 if variant == "quant3" else 0)
+        if variant.endswith("-groups"):  # each MatMulNBits takes its layer's group size as block_size
+            import onnx
+
+            blocks = {a.i for n in onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph.node
+                      if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+            assert {32, 64, 128} <= blocks, blocks
     ort_model = OrtModel(tmp_path / "exp")
     prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     # fp32 both sides: only summation order differs (a feature code may flip at an exact tie);

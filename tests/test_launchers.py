@@ -282,7 +282,7 @@ def _quant_case(bits, group, K, N, n_outliers, seed=0):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group, rows", [(64, 1), (128, 5), (64, 20)])
+@pytest.mark.parametrize("group, rows", [(64, 1), (128, 5), (64, 20), (32, 3)])
 def test_quant_matmul(gpu, launchers, bits, group, rows):
     """Y = X @ W^T for the packed W with FP16 outliers: rows 1 and 5 through one GEMV each (padded to 2 and
     8 rows), 20 rows in chunks of 8, 8 and 4 (no cuBLASLt behind the stand-in); within fp16 rounding of
@@ -359,8 +359,8 @@ def test_injected_driver_faults(gpu, launchers, monkeypatch, fail, at, said):
     ("bibranch", [9, 3, 64, 64, 48, 96, 5, 0], "bits must be 16, 8 or 4 (got 5)"),
     ("bibranch", [9, 3, 64, 48, 48, 96, 4, 0], "no kernel bibranch_split_b4_pre_h9g3d64w48"),
     ("bibranch", [9, 3, 64, 64, 300, 96, 4, 0], "rank_k and rank_v must be in 1..256"),
-    ("quant_matmul", [5, 64, 576, 96], "bits must be 2, 3, 4 or 8 (got 5)"),
-    ("quant_matmul", [4, 32, 576, 96], "group_size must be 64 or 128 (got 32)")])
+    ("quant_matmul", [5, 64, 576, 96], "bits must be one of 2, 3, 4, 8 (got 5)"),
+    ("quant_matmul", [4, 16, 576, 96], "group_size must be one of 32, 64, 128 (got 16)")])
 def test_create_names_what_the_library_cannot_run(launchers, op, attrs, said):
     h, err = launchers.create(op, attrs)
     assert not h and said in err, err

@@ -69,12 +69,13 @@ def test_bad_budget_is_a_clear_error(budget):
 @pytest.mark.parametrize("kw,msg", [
     ({"bits": (3, 5)}, "unknown bit width 5"),
     ({"bits": (1, 9)}, "unknown bit widths 1, 9"),
-    ({"group_size": 32}, "group size 32"),
+    ({"group_sizes": 48}, "group size 48"),
+    ({"group_sizes": (32, 256)}, "group size 256"),
     ({"quantizer": "awq"}, "unknown quantizer 'awq'"),
     ({"outlier_fraction": 0.5}, "outlier fraction"),
 ])
 def test_bad_options_are_clear_errors(kw, msg):
-    args = {"bits": (2, 3, 4, 8), "group_size": 128, "quantizer": "gptq", "outlier_fraction": 0.005, **kw}
+    args = {"bits": (2, 3, 4, 8), "group_sizes": 128, "quantizer": "gptq", "outlier_fraction": 0.005, **kw}
     with pytest.raises(ShrinkError, match=msg):
         mq.check_options(**args)
 
@@ -156,6 +157,31 @@ def test_more_budget_buys_more_bits(tiny):
     assert sum(L["sensitivity"] for L in low["layers"]) > sum(L["sensitivity"] for L in high["layers"])
 
 
+def test_group_size_is_chosen_per_layer(tiny):
+    """Offering groups of 32, 64 and 128 is a superset of the options of 128 alone, so the exact
+    allocation can only lower the summed sensitivity at the same budget; the plan records each layer's
+    own size, and the mixed plan applies and runs."""
+    toks = calib_tokens()
+    one, _ = mq.calibrate_weights(tiny, toks, "4.5bpw", bits=(2, 3, 4), group_sizes=(128,), outlier_fraction=0.0,
+                                  progress=False)
+    mixed, tensors = mq.calibrate_weights(tiny, toks, "4.5bpw", bits=(2, 3, 4), group_sizes=(32, 64, 128),
+                                          outlier_fraction=0.0, progress=False)
+    assert {L["group_size"] for L in one["layers"]} == {128} and one["group_sizes"] == [128]
+    assert mixed["group_sizes"] == [32, 64, 128] and len({L["group_size"] for L in mixed["layers"]}) > 1
+    assert sum(L["sensitivity"] for L in mixed["layers"]) < sum(L["sensitivity"] for L in one["layers"])
+    n_weights = sum(m.weight.numel() for _, m in mq.target_linears(tiny.model))
+    assert mixed["bytes"] <= mq.parse_budget("4.5bpw", n_weights)
+    for L in mixed["layers"]:  # bytes follow each layer's own group size
+        assert L["bytes"] == mq.layer_bytes(L["out_features"], L["in_features"], L["bits"], L["group_size"], 0)
+        assert tensors[f"weights.{L['name']}.scales"].shape[1] == -(-L["in_features"] // L["group_size"])
+    x = torch.tensor([toks[:32]])
+    ref = tiny.model(x)
+    mq.apply_weights(tiny.model, mixed, tensors)
+    assert {m.group_size for m in tiny.model.modules() if isinstance(m, QuantLinear)} == \
+        {L["group_size"] for L in mixed["layers"]}
+    assert torch.isfinite(tiny.model(x)).all() and (tiny.model(x) - ref).abs().max() < 0.5 * ref.abs().max()
+
+
 def test_calibrate_is_deterministic(tiny):
     a = mq.calibrate_weights(tiny, calib_tokens(), "5bpw", seed=3, progress=False)
     b = mq.calibrate_weights(tiny, calib_tokens(), "5bpw", seed=3, progress=False)
@@ -217,6 +243,16 @@ def test_cli_calibrate_eval_generate(tiny_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "1bpw", "--out", str(bad), "--quiet"]) == 2
     assert "below the floor" in capsys.readouterr().err and not bad.exists()
+    assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--group-size", "32,96",
+                 "--out", str(bad), "--quiet"]) == 2
+    assert "group size 96 is not supported (supported: 32, 64, 128)" in capsys.readouterr().err and not bad.exists()
+    assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--group-size", "big",
+                 "--out", str(bad), "--quiet"]) == 2
+    assert "--group-size must be 'auto' or comma-separated integers (got 'big')" in capsys.readouterr().err
+    auto = tmp_path / "auto"
+    assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--group-size", "auto",
+                 "--calib-tokens", "256", "--out", str(auto), "--quiet"]) == 0
+    assert json.loads((auto / "manifest.json").read_text())["weights"]["group_sizes"] == [32, 64, 128]
 
 
 # ---------------------------------------------------------------- the embedded model

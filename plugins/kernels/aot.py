@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from shrinkrt.runtime import op_contract
-from shrinkrt.runtime.op_contract import QGEMV_ROWS, RANK_PAD as R_PAD, SPLITS_PAD as NS_PAD
+from shrinkrt.runtime.op_contract import (QGEMV_ROWS, RANK_PAD as R_PAD, SPLITS_PAD as NS_PAD, WEIGHT_BITS,
+                                          WEIGHT_GROUP_SIZES)
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # pin the default Triton 3.10 will change
 
@@ -175,16 +176,16 @@ def specializations(attention: list[dict] | None = None) -> list[dict]:
                                               QGEMV_BLOCK_K as BLOCK_K, QGEMV_BLOCK_N as BLOCK_N)
 
     out = []
-    for bits in (2, 3, 4, 8):
-        for group in (64, 128):
+    for bits in WEIGHT_BITS:
+        for group in WEIGHT_GROUP_SIZES:
             for m_pad in QGEMV_ROWS:
                 for outliers in (False, True):
                     const = {"BITS": bits, "GROUP": group, "M_PAD": m_pad, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
                              "HAS_OUTLIERS": outliers}
                     out.append({"kernel": "qgemv", "name": qgemv_name(bits, group, m_pad, outliers),
                                 "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1"})
-    for bits in (2, 3, 4, 8):  # prefill: packed -> dense FP16 tiles, then cuBLASLt (outliers read on the device)
-        for group in (64, 128):
+    for bits in WEIGHT_BITS:  # prefill: packed -> dense FP16 tiles, then cuBLASLt (outliers read on the device)
+        for group in WEIGHT_GROUP_SIZES:
             out.append({"kernel": "dequant", "name": dequant_name(bits, group),
                         "const": {"BITS": bits, "GROUP": group, "BLOCK_N": DQ_BLOCK_N, "BLOCK_K": DQ_BLOCK_K,
                                   "HAS_OUTLIERS": True},

@@ -16,15 +16,31 @@ uint64_t dev(void const* p)
 {
     return reinterpret_cast<uint64_t>(p);
 }
+
+template <size_t N>
+bool oneOf(int32_t const (&values)[N], int64_t v)
+{
+    return std::find(values, values + N, v) != values + N;
+}
+
+template <size_t N>
+std::string listed(int32_t const (&values)[N])
+{
+    std::string out;
+    for (size_t i = 0; i < N; ++i)
+        out += (i ? ", " : "") + std::to_string(values[i]);
+    return out;
+}
 } // namespace
 
 std::string QuantMatMulLauncher::check() const
 {
     auto const& c = mConfig;
-    if (c.bits != 2 && c.bits != 3 && c.bits != 4 && c.bits != 8)
-        return "bits must be 2, 3, 4 or 8 (got " + std::to_string(c.bits) + ")";
-    if (c.groupSize != 64 && c.groupSize != 128)
-        return "group_size must be 64 or 128 (got " + std::to_string(c.groupSize) + ")";
+    if (!oneOf(contract::kWeightBits, c.bits))
+        return "bits must be one of " + listed(contract::kWeightBits) + " (got " + std::to_string(c.bits) + ")";
+    if (!oneOf(contract::kWeightGroupSizes, c.groupSize))
+        return "group_size must be one of " + listed(contract::kWeightGroupSizes) + " (got "
+            + std::to_string(c.groupSize) + ")";
     if (c.inFeatures < 1 || c.outFeatures < 1)
         return "in_features and out_features must be positive";
     for (auto const& name : kernelNames())
