@@ -53,12 +53,18 @@ def args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-segments", type=int, default=6, help="perplexity segments of 1024 tokens (default 6)")
     ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192, as the CLI)")
+    ap.add_argument("--calib-text", default=",".join(corpus.CALIB_DOMAINS),
+                    help="calibration domains in turn, as shrinkrt calibrate (default: licenses,code)")
     ap.add_argument("--budgets", default="2.5,3,3.5,4,4.5,5,8",
                     help="mixed-precision budgets in bits per weight (default: the goals' and the k-quants' sizes)")
     ap.add_argument("--group-sizes", default="32,64,128",
                     help="group sizes the allocation chooses from per layer (default 32,64,128)")
     ap.add_argument("--ablation-budgets", default="3,4,5",
                     help="budgets also run with groups of 128 only (the gain of the per-layer group choice)")
+    ap.add_argument("--quantizer", default="gptq-act-order",
+                    help="the mixed runs' quantizer (default gptq-act-order; uniform rows also show rtn and gptq)")
+    ap.add_argument("--sequential-budgets", default="3,4,4.5",
+                    help="budgets also run with sequential GPTQ after the allocation ('mixed seq' rows)")
     ap.add_argument("--outlier-fraction", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--out", type=Path, default=OUT, help="output path without suffix")
@@ -219,11 +225,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     budgets = [float(b) for b in a.budgets.split(",")]
     ablation = {float(b) for b in a.ablation_budgets.split(",") if b}
-    _, groups = mq.check_options(UNIFORM_BITS, tuple(int(g) for g in a.group_sizes.split(",")), "gptq",
+    sequential = {float(b) for b in a.sequential_budgets.split(",") if b}
+    _, groups = mq.check_options(UNIFORM_BITS, tuple(int(g) for g in a.group_sizes.split(",")), a.quantizer,
                                  a.outlier_fraction)
     lm = load(None, progress=False)
     eval_tokens = eval_ids(lm.tokenizer)
-    calib_tokens = lm.tokenizer.encode(corpus.calib_text(), add_special_tokens=False)[:a.calib_tokens]
+    calib_tokens, drawn = corpus.calib_tokens(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
+                                              a.calib_tokens, mq.CALIB_SEQ, tuple(a.calib_text.split(",")))
     t0 = time.time()
     fp = perplexity(lm.model, eval_tokens, 1024, max_segments=a.max_segments, progress=False)
     print(f"fp: perplexity {fp['perplexity']:.3f} ({time.time() - t0:.0f} s)", flush=True)
@@ -231,48 +239,61 @@ def main(argv=None) -> int:
     stats = mq.collect_stats(lm.model, calib_tokens, progress=False)
     t_stats = time.time() - t0
     t0 = time.time()
-    gptq = mq.build_candidates(lm.model, stats, UNIFORM_BITS, groups, "gptq", a.outlier_fraction, False)
-    t_gptq = time.time() - t0
+    cands = mq.build_candidates(lm.model, stats, UNIFORM_BITS, groups, a.quantizer, a.outlier_fraction, False)
+    t_cands = time.time() - t0
     base = max(groups)  # the uniform baselines' group (128 by default: comparable with earlier runs)
     rtn = mq.build_candidates(lm.model, stats, UNIFORM_BITS, (base,), "rtn", 0.0, False)
-    print(f"statistics {t_stats:.0f} s, GPTQ candidates {t_gptq:.0f} s ({len(groups)} group sizes)", flush=True)
+    plain = (mq.build_candidates(lm.model, stats, UNIFORM_BITS, (base,), "gptq", 0.0, False)
+             if a.quantizer != "gptq" else None)
+    print(f"statistics {t_stats:.0f} s, {a.quantizer} candidates {t_cands:.0f} s ({len(groups)} group sizes)",
+          flush=True)
     n_weights = sum(m.weight.numel() for _, m in mq.target_linears(lm.model))
 
-    runs, plans = [], {}
-    uniform_runs = [("rtn", rtn, base), ("gptq", gptq, base)] + [("gptq", gptq, min(groups))] * (min(groups) != base)
-    for method, cands, group in uniform_runs:
+    runs, plans, seq_s = [], {}, []
+    uniform_runs = [("rtn", rtn, base)] + [("gptq", plain, base)] * (plain is not None) + \
+        [(a.quantizer, cands, base)] + [(a.quantizer, cands, min(groups))] * (min(groups) != base)
+    for method, cs, group in uniform_runs:
         for b in UNIFORM_BITS:
-            section, ppl = evaluate_plan(lm, uniform(cands, b, group), eval_tokens, a, method)
+            section, ppl = evaluate_plan(lm, uniform(cs, b, group), eval_tokens, a, method)
             runs.append({"method": method, "bits": b, "group_size": group, "bits_per_weight": section["bits_per_weight"],
                          "bytes": section["bytes"], "perplexity": ppl})
             print(f"{method} {b}-bit g{group}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
     for budget in budgets:
         spec = f"{budget}bpw"
         budget_bytes = mq.parse_budget(spec, n_weights)
-        variants = [("mixed", gptq)] + [(f"mixed g{base}", offered(gptq, (base,)))] * (budget in ablation
-                                                                                       and len(groups) > 1)
-        for method, cands in variants:
-            plan = mq.allocate(cands, budget_bytes)
+        variants = [("mixed", cands)] + [(f"mixed g{base}", offered(cands, (base,)))] * (budget in ablation
+                                                                                         and len(groups) > 1)
+        for method, cs in variants:
+            plan = mq.allocate(cs, budget_bytes)
             if plan is None:
                 print(f"{method} at {spec}: below the floor, skipped", flush=True)
                 continue
-            section, ppl = evaluate_plan(lm, plan, eval_tokens, a, "gptq", spec, budget_bytes)
-            assert section["bytes"] <= budget_bytes  # the allocation never exceeds the budget
-            layers = section["layers"]
-            runs.append({"method": method, "budget_bits_per_weight": budget,
-                         "bits_per_weight": section["bits_per_weight"], "bytes": section["bytes"],
-                         "budget_bytes": budget_bytes, "perplexity": ppl,
-                         "layers_with_outliers": sum(1 for L in layers if L["outliers"]),
-                         "group_sizes": dict(sorted(Counter(str(L["group_size"]) for L in layers).items()))})
-            plans[f"{method}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"]] for L in layers]
-            print(f"{method} at {spec}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
+            todo = [(method, plan)]
+            if method == "mixed" and budget in sequential:
+                t0 = time.time()
+                todo.append(("mixed seq", mq.requantize_sequential(lm.model, calib_tokens, plan, stats, a.quantizer,
+                                                                   a.outlier_fraction, False)))
+                seq_s.append(time.time() - t0)
+            for name, p in todo:
+                section, ppl = evaluate_plan(lm, p, eval_tokens, a, a.quantizer, spec, budget_bytes)
+                assert section["bytes"] <= budget_bytes  # the allocation never exceeds the budget
+                layers = section["layers"]
+                runs.append({"method": name, "budget_bits_per_weight": budget,
+                             "bits_per_weight": section["bits_per_weight"], "bytes": section["bytes"],
+                             "budget_bytes": budget_bytes, "perplexity": ppl,
+                             "layers_with_outliers": sum(1 for L in layers if L["outliers"]),
+                             "group_sizes": dict(sorted(Counter(str(L["group_size"]) for L in layers).items()))})
+                plans[f"{name}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"]] for L in layers]
+                print(f"{name} at {spec}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
 
     result = {"fp": {"perplexity": fp["perplexity"]}, "runs": runs,
               "settings": {"model": lm.name, "context": 1024, "max_segments": a.max_segments,
                            "scored_tokens": fp["scored_tokens"], "calib_tokens": len(calib_tokens),
+                           "calibration": drawn,
                            "group_sizes": list(groups), "outlier_fraction": a.outlier_fraction,
                            "threads": a.threads, "statistics_s": round(t_stats, 1),
-                           "gptq_candidates_s": round(t_gptq, 1),
+                           "quantizer": a.quantizer, "gptq_candidates_s": round(t_cands, 1),
+                           "sequential_s": round(sum(seq_s) / len(seq_s), 1) if seq_s else None,
                            "note": "the embedded weights already went through Q4_1 (4-bit, group 32, with min)"},
               "plans": plans}
     if not a.no_peers:
@@ -296,6 +317,15 @@ def check_scored(result: dict) -> None:
                            f"{fp:.3f}: the two scorers do not see the same tokens")
 
 
+def calib_domains(s: dict) -> str:
+    """'1024-token pieces of licenses (4096) and code (4096) in turn', or the one text of older runs."""
+    drawn = s.get("calibration")
+    if not drawn:
+        return "the calibration licenses"
+    parts = [f"{d['name']} ({d['tokens']})" for d in drawn["domains"]]
+    return f"{drawn['segment']}-token pieces of {' and '.join(parts)} in turn"
+
+
 def markdown(r: dict) -> str:
     s, fp = r["settings"], r["fp"]["perplexity"]
     lines = [
@@ -307,13 +337,15 @@ def markdown(r: dict) -> str:
         "",
         f"Perplexity on the evaluation text (GPL-3, GFDL-1.3, Apache-2.0), context 1024, first "
         f"{s['max_segments']} segments only ({s['scored_tokens']} scored tokens; the FP figure uses the same cap). "
-        f"Calibration: {s['calib_tokens']} tokens of the disjoint calibration text. Group sizes offered per layer: "
+        f"Calibration: {s['calib_tokens']} tokens, {calib_domains(s)}, disjoint from the evaluation text. Group sizes offered per layer: "
         f"{', '.join(map(str, s['group_sizes']))} (uniform rows: the group named), fp16 scales, packed zero points. Bits per weight count every stored byte of the quantized linears "
         f"(codes, scales, zeros, outliers; each tensor rounded up to 256 bytes); embeddings and the tied LM head "
-        f"stay unquantized and are outside the budget. `mixed` chooses per layer among GPTQ candidates at 2/3/4/8 bits x "
+        f"stay unquantized and are outside the budget. `mixed` chooses per layer among {s.get('quantizer', 'gptq')} candidates at 2/3/4/8 bits x "
         f"each group size x with or without {s['outlier_fraction']:.1%} of the layer's weights kept in FP16 "
         f"(exact knapsack on the summed sensitivity); `mixed g{max(s['group_sizes'])}` is the same with one "
-        f"group size only (the gain of choosing it per layer).",
+        f"group size only (the gain of choosing it per layer); `mixed seq` is the `mixed` plan quantized again layer "
+        f"by layer on the outputs of the already-quantized layers (sequential GPTQ, same bytes). `gptq` quantizes "
+        f"columns in input order; `gptq-act-order` the most active inputs first, group ranges fixed up front.",
         "",
         "| method | budget bpw | measured bpw | perplexity | x FP |",
         "| --- | --- | --- | --- | --- |",
@@ -327,7 +359,7 @@ def markdown(r: dict) -> str:
     lines += ["", "Against the goals (mixed = the best mixed run at that budget):", ""]
     for budget, cap in ((3.0, 1.30), (4.0, 1.05), (4.5, 1.01)):
         m = [x for x in r["runs"] if x.get("budget_bits_per_weight") == budget]
-        u = [x for x in r["runs"] if x.get("bits") == int(budget) and x["method"] in ("rtn", "gptq")]
+        u = [x for x in r["runs"] if x.get("bits") == int(budget) and "budget_bits_per_weight" not in x]
         if m:
             best = min(m, key=lambda x: x["perplexity"])
             vs = ", ".join(f"uniform {x['method']} {x['bits']}-bit x{x['perplexity'] / fp:.3f} at "
@@ -336,8 +368,9 @@ def markdown(r: dict) -> str:
             lines.append(f"- {budget} bpw: {best['method']} x{best['perplexity'] / fp:.3f} of FP (goal <= x{cap} "
                          f"and below uniform {int(budget)}-bit); {vs}. **{'met' if ok else 'missed'}**")
     lines += peer_markdown(r)
-    lines += ["", f"Statistics pass {s['statistics_s']} s, GPTQ candidates {s['gptq_candidates_s']} s "
-              f"({s['threads']} thread(s), shared 2-core machine).", "",
+    seq = f", sequential GPTQ {s['sequential_s']} s per plan" if s.get("sequential_s") else ""
+    lines += ["", f"Statistics pass {s['statistics_s']} s, {s.get('quantizer', 'gptq')} candidates "
+              f"{s['gptq_candidates_s']} s{seq} ({s['threads']} thread(s), shared 2-core machine).", "",
               "Regenerate: `python benchmarks/weight_quant.py` (`--peers-only` redoes only the llama.cpp rows). "
               "Per-layer plans are in weight_quant.json (`plans`); the bit map is weight_quant.png.", ""]
     return "\n".join(lines)

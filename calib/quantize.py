@@ -111,33 +111,72 @@ def inverse_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
 
 
 def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
-                  damp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None):
+                  damp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None, act_order: bool = False):
     """GPTQ (Frantar et al. 2022): quantize columns left to right, spreading each column's error
     over the columns not yet quantized through the inverse Hessian H = E[x x^T] of the layer input.
     Blocks equal groups, so each group's range is taken from fully updated weights. Outliers in
     `keep` are never rounded (zero error) but still receive compensation; the stored outlier value
-    is the compensated weight. `hinv`: inverse_hessian(H) when already computed. Same returns as RTN."""
+    is the compensated weight. `hinv`: inverse_hessian(H) when already computed. Same returns as RTN.
+
+    act_order: columns in order of decreasing input energy (diag H), so the most active inputs are
+    rounded first and the error lands on the quiet ones; groups stay contiguous in the stored layout
+    (the kernels read no permutation), so each group's range is fixed up front from the weights
+    ("static groups"). `hinv` must then be inverse_hessian of H permuted by activation_order(H)."""
     rows, cols = w.shape
     maxq = _maxq(bits, rows)
-    Hinv, energy = hinv if hinv is not None else inverse_hessian(H, damp)
-    # Work on W^T: a column of W is then a contiguous row, and both updates are in-place BLAS calls.
-    Wt = w.float().t().contiguous()
-    Wt[energy == 0] = 0.0
-    keep_t = keep.t() if keep is not None else None
     G = n_groups(cols, group_size)
+    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.int64)
+    bounds = [(g * group_size, min(cols, (g + 1) * group_size)) for g in range(G)]
+    if act_order:
+        perm = activation_order(H)
+        Hinv, energy_p = hinv if hinv is not None else inverse_hessian(H[perm][:, perm], damp)
+        energy = torch.empty_like(energy_p)
+        energy[perm] = energy_p
+    else:
+        perm = torch.arange(cols)
+        Hinv, energy = hinv if hinv is not None else inverse_hessian(H, damp)
+    w = w.float().clone()
+    w[:, energy == 0] = 0.0
+    # Work on W^T (permuted): a column of W is then a contiguous row, both updates in-place BLAS calls.
+    Wt = w[:, perm].t().contiguous()
+    keep_t = keep[:, perm].t() if keep is not None else None
+    if act_order:
+        for g, (c0, c1) in enumerate(bounds):  # static groups: ranges from the weights before any update
+            s_g, z_g = group_params(w[:, c0:c1], maxq, keep[:, c0:c1] if keep is not None else None, energy[c0:c1])
+            scales[:, g], zeros[:, g] = s_g, z_g.long()
+        col_s = expand_groups(scales, group_size, cols)[:, perm].t()
+        col_z = expand_groups(zeros, group_size, cols)[:, perm].t().float()
+        spans, params = [(0, cols)], lambda c0, c1: (col_s[c0:c1], col_z[c0:c1])
+    else:
+        def params(c0, c1):  # the group's range from its fully updated weights
+            g = c0 // group_size
+            s_g, z_g = group_params(Wt[c0:c1].t(), maxq, keep[:, c0:c1] if keep is not None else None,
+                                    energy[c0:c1])
+            scales[:, g], zeros[:, g] = s_g, z_g.long()
+            return s_g.expand(c1 - c0, rows), z_g.expand(c1 - c0, rows)
+        spans = bounds
+    q, out = _sweep(Wt, Hinv, maxq, keep_t, spans, params)
+    inv = torch.argsort(perm)
+    q, out = q[inv].t(), out[inv].t()
+    if keep is not None:
+        q = torch.where(keep, expand_groups(zeros, group_size, cols), q)
+    return q.contiguous(), scales, zeros, out.contiguous()
+
+
+def _sweep(Wt, Hinv, maxq, keep_t, spans, params):
+    """GPTQ's column loop over W^T: round column i with its (scale, zero), spread its error over the
+    columns after it (one by one inside a LAZY block, one matmul for the rest). `params(c0, c1)` is
+    called as span [c0, c1) starts and gives the per-column scales and zeros of the span."""
+    cols, rows = Wt.shape
     q = torch.empty(cols, rows, dtype=torch.int64)
     out = torch.empty(cols, rows)
-    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.int64)
     err = torch.empty(LAZY, rows)
-    for g in range(G):
-        c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
-        kg = keep[:, c0:c1] if keep is not None else None
-        s, z = group_params(Wt[c0:c1].t(), maxq, kg, energy[c0:c1])
-        scales[:, g], zeros[:, g] = s, z.long()
+    for c0, c1 in spans:
+        s_cols, z_cols = params(c0, c1)
         for b0 in range(c0, c1, LAZY):
             b1 = min(b0 + LAZY, c1)
             for i in range(b0, b1):
-                col = Wt[i]
+                col, s, z = Wt[i], s_cols[i - c0], z_cols[i - c0]
                 qi = _round(col, s, z, maxq)
                 di = (qi - z) * s
                 if keep_t is not None:
@@ -148,7 +187,10 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
                 Wt[i + 1:b1].addr_(Hinv[i, i + 1:b1], e, alpha=-1)
             if b1 < cols:
                 Wt[b1:].addmm_(Hinv[b0:b1, b1:].t(), err[:b1 - b0], alpha=-1)
-    q, out = q.t(), out.t()
-    if keep is not None:
-        q = torch.where(keep, expand_groups(zeros, group_size, cols), q)
-    return q.contiguous(), scales, zeros, out.contiguous()
+    return q, out
+
+
+def activation_order(H: torch.Tensor) -> torch.Tensor:
+    """The column order act-order GPTQ quantizes in: decreasing diag H (ties by index, so deterministic)."""
+    return torch.sort(torch.diag(H).double(), descending=True, stable=True).indices
+

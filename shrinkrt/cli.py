@@ -106,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of every random choice (same inputs, same checkpoint)")
     c.add_argument("--calib-tokens", type=int, default=8192,
                    help="calibration tokens taken from the calibration text (default 8192)")
+    c.add_argument("--calib-text", default=None, metavar="DOMAIN[,DOMAIN]",
+                   help="calibration domains, 1024-token pieces of each in turn: licenses (Debian's calibration "
+                        "licenses), code (Python standard-library source); default: both")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     kv = c.add_argument_group("CSKV: low-rank bi-branch KV cache")
     kv.add_argument("--kv-ratio", type=float, default=None,
@@ -133,7 +136,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--group-size", default=GROUP_SIZE_DEFAULT, metavar="G[,G...]|auto",
                    help="quantization group size(s) the allocation may choose per layer (comma-separated, or "
                         f"'auto' for every supported size; default {GROUP_SIZE_DEFAULT})"),
-    w.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"], help="rounding: RTN or GPTQ")
+    w.add_argument("--quantizer", default="gptq",
+                   help="rounding: rtn, gptq (columns in order) or gptq-act-order (most active inputs first); "
+                        "default gptq")
+    w.add_argument("--sequential", action="store_true",
+                   help="after the allocation, quantize the chosen options again layer by layer on the inputs "
+                        "of the already-quantized layers (sequential GPTQ; same bytes)")
     w.add_argument("--outlier-fraction", type=float, default=0.005,
                    help="fraction of each layer's weights kept in FP16 as sparse outliers (default 0.005)")
     x = sub.add_parser("export", help="write the ONNX artifact (custom ops + reference bodies) and validate it",
@@ -491,6 +499,7 @@ def load_with_checkpoint(a):
 def cmd_calibrate(a) -> int:
     from shrinkrt.atomic import check_target
     from shrinkrt.calib import checkpoint
+    from shrinkrt.calib.mq import CALIB_SEQ  # pieces as long as the segments calibration runs on
     from shrinkrt.evaluate import corpus
     from shrinkrt.runtime.loader import load
 
@@ -504,6 +513,9 @@ def cmd_calibrate(a) -> int:
         raise ShrinkError(f"--kv-fit-steps must be >= 0 (got {a.kv_fit_steps})")
     if a.calib_tokens < MIN_CALIB_TOKENS:
         raise ShrinkError(f"--calib-tokens must be >= {MIN_CALIB_TOKENS} (got {a.calib_tokens})")
+    domains = corpus.CALIB_DOMAINS if a.calib_text is None else tuple(d.strip() for d in a.calib_text.split(","))
+    if not domains or any(d not in corpus.CALIB_DOMAINS for d in domains) or len(set(domains)) != len(domains):
+        raise ShrinkError(f"--calib-text must list domains among {', '.join(corpus.CALIB_DOMAINS)} (got '{a.calib_text}')")
     bits = None
     if a.weight_budget is not None:  # every weight option before any work (the KV fit runs first)
         from shrinkrt.calib import mq
@@ -524,14 +536,13 @@ def cmd_calibrate(a) -> int:
     if a.weight_budget is not None:
         need = mq.check_budget(lm.model, a.weight_budget, bits, groups)
     check_target(out, "--out", checkpoint.is_checkpoint, need_bytes=need)
-    text = corpus.calib_text()
-    tokens = lm.tokenizer.encode(text, add_special_tokens=False)[:a.calib_tokens]
+    tokens, drawn = corpus.calib_tokens(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
+                                        a.calib_tokens, CALIB_SEQ, domains)
     if len(tokens) < MIN_CALIB_TOKENS:
         raise ShrinkError(f"the calibration text encodes to {len(tokens)} tokens with this model's tokenizer "
                           f"(at least {MIN_CALIB_TOKENS} needed): is its tokenizer the right one?")
     manifest = {"base_model": checkpoint.base_identity(lm),
-                "calibration": {"files": list(corpus.CALIB_FILES), "text_sha256": corpus.digest(text),
-                                "tokens": len(tokens), "seed": a.seed}}
+                "calibration": {**drawn, "tokens": len(tokens), "seed": a.seed}}
     tensors = {}
     if a.kv_ratio is not None:
         from shrinkrt.calib.cskv import calibrate_kv
@@ -544,6 +555,7 @@ def cmd_calibrate(a) -> int:
     if a.weight_budget is not None:
         section, t = mq.calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_sizes=groups,
                                           quantizer=a.quantizer, outlier_fraction=a.outlier_fraction, seed=a.seed,
+                                          sequential=a.sequential,
                                           progress=not a.quiet)
         manifest["weights"], tensors = section, {**tensors, **t}
     checkpoint.save(out, manifest, tensors)

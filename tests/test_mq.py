@@ -1,5 +1,6 @@
 """LLM-MQ: knapsack optimality, budgets, outlier CSR, calibrate/apply on a tiny model, the CLI
 round trip, every bad-input error, and one fast check on the embedded model."""
+import copy
 import itertools
 import json
 
@@ -237,6 +238,9 @@ def test_cli_calibrate_eval_generate(tiny_dir, tmp_path, capsys):
                  "--out", str(ck), "--quiet"]) == 0
     manifest = json.loads((ck / "manifest.json").read_text())
     assert manifest["weights"]["method"] == "llm-mq" and manifest["weights"]["bits_per_weight"] <= 4.0
+    drawn = manifest["calibration"]  # both domains by default, 1024-token pieces: the first 256 are licenses
+    assert [d["name"] for d in drawn["domains"]] == ["licenses", "code"] and drawn["tokens"] == 256
+    assert [d["tokens"] for d in drawn["domains"]] == [256, 0] and drawn["segment"] == 1024
     assert main(["generate", "w1 w2", "--raw", "--model", str(tiny_dir), "--checkpoint", str(ck),
                  "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
@@ -249,10 +253,15 @@ def test_cli_calibrate_eval_generate(tiny_dir, tmp_path, capsys):
     assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--group-size", "big",
                  "--out", str(bad), "--quiet"]) == 2
     assert "--group-size must be 'auto' or comma-separated integers (got 'big')" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--calib-text", "code,news",
+                 "--out", str(bad), "--quiet"]) == 2
+    assert "--calib-text must list domains among licenses, code (got 'code,news')" in capsys.readouterr().err
     auto = tmp_path / "auto"
     assert main(["calibrate", "--model", str(tiny_dir), "--weight-budget", "4bpw", "--group-size", "auto",
-                 "--calib-tokens", "256", "--out", str(auto), "--quiet"]) == 0
-    assert json.loads((auto / "manifest.json").read_text())["weights"]["group_sizes"] == [32, 64, 128]
+                 "--calib-tokens", "256", "--calib-text", "code", "--out", str(auto), "--quiet"]) == 0
+    manifest = json.loads((auto / "manifest.json").read_text())
+    assert manifest["weights"]["group_sizes"] == [32, 64, 128]
+    assert [(d["name"], d["tokens"]) for d in manifest["calibration"]["domains"]] == [("code", 256)]
 
 
 # ---------------------------------------------------------------- the embedded model
@@ -275,3 +284,31 @@ def test_gptq_on_real_activations(embedded):
     err = lambda deq: float(((deq - w) @ X.T).pow(2).mean()) / energy  # noqa: E731
     assert err(qz.quantize_gptq(w, H, 3, 128)[3]) < err(qz.quantize_rtn(w, 3, 128, col_weight=torch.diag(H))[3])
     assert err(qz.quantize_gptq(w, H, 4, 128)[3]) < 0.05
+
+
+def test_sequential_requantizes_on_the_quantized_inputs(tiny):
+    """Sequential GPTQ keeps every layer's option (bits, group, outliers, bytes); layer 0's q/k/v see
+    the same (embedding) input as before, so they come out the same, while later layers change; the
+    model's own weights are restored; the quantized model's logits on the calibration tokens move
+    less from the FP model's."""
+    toks = calib_tokens()
+    opts = dict(bits=(2, 3), outlier_fraction=0.005, progress=False, quantizer="gptq-act-order")
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    base, base_t = mq.calibrate_weights(tiny, toks, "3.6bpw", **opts)
+    seq, seq_t = mq.calibrate_weights(tiny, toks, "3.6bpw", sequential=True, **opts)
+    assert seq["sequential"] is True and base["sequential"] is False
+    strip = lambda s: [(L["name"], L["bits"], L["group_size"], L["outliers"], L["bytes"]) for L in s["layers"]]  # noqa: E731
+    assert strip(seq) == strip(base) and seq["bytes"] == base["bytes"]
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    first = "weights.layers.0.self_attn.q_proj.codes"
+    assert torch.equal(seq_t[first], base_t[first])
+    later = [k for k in seq_t if k.endswith(".codes") and not k.startswith("weights.layers.0.")]
+    assert any(not torch.equal(seq_t[k], base_t[k]) for k in later)
+    x = torch.tensor([toks[:128], toks[128:256]])
+    ref = tiny.model(x)
+    errs = []
+    for section, tensors in ((base, base_t), (seq, seq_t)):
+        model = copy.deepcopy(tiny.model)
+        mq.apply_weights(model, section, tensors)
+        errs.append(float((model(x) - ref).pow(2).mean()))
+    assert errs[1] < errs[0]

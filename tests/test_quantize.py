@@ -107,6 +107,38 @@ def test_gptq_output_is_on_the_grid():
     assert torch.equal(qz.dequantize(p.codes, p.scales, p.zeros, 3, 64, 130), deq)
 
 
+def skewed(n=2048, dim=256, seed=6):
+    """Correlated inputs whose channels differ 100x in energy (as real activations do)."""
+    g = torch.Generator().manual_seed(seed)
+    return correlated(n, dim, seed=seed) * torch.logspace(0, 2, dim)[torch.randperm(dim, generator=g)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_act_order_gptq_beats_input_order_on_skewed_inputs(bits):
+    X = skewed()
+    H = X.T @ X / X.shape[0]
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits))
+    out_err = lambda deq: float(((deq - w) @ X.T).pow(2).mean())  # noqa: E731
+    plain, act = (out_err(qz.quantize_gptq(w, H, bits, 64, act_order=o)[3]) for o in (False, True))
+    assert act < 0.9 * plain
+
+
+def test_act_order_gptq_stays_on_the_contiguous_group_grid():
+    X = skewed(dim=130)
+    H = X.T @ X / X.shape[0]
+    w = torch.randn(5, 130)
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    keep[2, 100] = True
+    q, s, z, deq = qz.quantize_gptq(w, H, 3, 64, keep, act_order=True)
+    p = qz.pack(q, s, z, 3, 64)  # the stored layout knows no permutation: groups of 64 input columns
+    dense = qz.dequantize(p.codes, p.scales, p.zeros, 3, 64, 130)
+    assert torch.equal(torch.where(keep, deq, dense), deq) and float(dense[2, 100]) == 0.0
+    # the permuted inverse Hessian given up front is the one it computes itself
+    perm = qz.activation_order(H)
+    again = qz.quantize_gptq(w, H, 3, 64, keep, hinv=qz.inverse_hessian(H[perm][:, perm]), act_order=True)
+    assert all(torch.equal(a, b) for a, b in zip((q, s, z, deq), again))
+
+
 def test_per_row_bits_match_separate_calls():
     torch.manual_seed(4)
     X = correlated(dim=128)
