@@ -135,7 +135,7 @@ def test_create_plugin_with_exported_node_fields(plugin_lib):
              ["BiBranchAttention", {k: v for k, v in _node_fields(attn).items() if k != "rank_v"}]]
     got, log = run_check(plugin_lib, cases)
     assert got["created"] == [7, 5, 1, None, None, None]
-    assert "QuantMatMul: bits must be 2, 3, 4 or 8 (got 5)" in log
+    assert "QuantMatMul: bits must be one of 2, 3, 4, 8 (got 5)" in log
     assert "no kernel bibranch_split_b4_post_h9g3d64w32" in log
     assert "missing field 'rank_v'" in log
 
