@@ -72,6 +72,9 @@ def args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-peers", action="store_true", help="skip the llama.cpp k-quants")
     ap.add_argument("--peers-only", action="store_true",
                     help="measure only the llama.cpp k-quants and put them into the existing .json (and .md, .png)")
+    ap.add_argument("--peers-from", type=Path, default=None, metavar="JSON",
+                    help="take the llama.cpp rows from an earlier results file (same segments: checked) "
+                         "instead of measuring them again")
     ap.add_argument("--peer-threads", type=int, default=2, help="llama.cpp threads (default 2)")
     return ap
 
@@ -208,7 +211,7 @@ def offered(cands, groups):
 
 def main(argv=None) -> int:
     a = args_parser().parse_args(argv)
-    if not a.no_peers and not a.render_only and importlib.util.find_spec("llama_cpp") is None:
+    if not (a.no_peers or a.peers_from) and not a.render_only and importlib.util.find_spec("llama_cpp") is None:
         # said now, not after an hour of calibration
         sys.exit("the llama.cpp peer needs llama-cpp-python (pip install '.[bench]', ~12 min build); "
                  "or pass --no-peers")
@@ -296,7 +299,12 @@ def main(argv=None) -> int:
                            "sequential_s": round(sum(seq_s) / len(seq_s), 1) if seq_s else None,
                            "note": "the embedded weights already went through Q4_1 (4-bit, group 32, with min)"},
               "plans": plans}
-    if not a.no_peers:
+    if a.peers_from:  # llama.cpp's figures do not depend on our calibration: reuse them, checked
+        earlier = json.loads(Path(a.peers_from).read_text())
+        result.update({k: earlier[k] for k in ("peers", "peer_settings")})
+        result["peer_settings"]["from"] = str(a.peers_from)
+        check_scored(result)
+    elif not a.no_peers:
         result.update(peers(eval_tokens, 1024, a.max_segments, a.peer_threads))
         check_scored(result)
     write_results(result, a.out)
@@ -396,7 +404,9 @@ def peer_markdown(r: dict) -> list[str]:
         f"Alignment check: the {src['type']} source file itself (no quantization beyond what our FP32 was "
         f"dequantized from) scores {src['perplexity']:.3f} in llama.cpp vs {fp:.3f} ours in FP32 "
         f"(x{src['perplexity'] / fp:.3f}; the rest is llama.cpp's arithmetic: 8-bit activations in its quantized "
-        f"matmuls, an f16 KV cache). `x Q4_1` is each peer over that, i.e. its loss within llama.cpp.",
+        f"matmuls, an f16 KV cache). `x Q4_1` is each peer over that, i.e. its loss within llama.cpp."
+        + (f" Peer rows taken from an earlier run ({ps['from']}; same segments and scored tokens, checked)."
+           if ps.get("from") else ""),
         "",
         "| peer | bpw | perplexity | x FP | x Q4_1 | stored as | embedding | ShrinkRT at the nearest bpw | bpw | perplexity | x FP |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -439,7 +439,7 @@ def check_budget(model, budget: str, bits: tuple[int, ...], group_sizes: tuple[i
 
 
 def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4, 8), group_sizes=DEFAULT_GROUP_SIZES,
-                      quantizer: str = "gptq", outlier_fraction: float = 0.005, seed: int = 0,
+                      quantizer: str = "gptq-act-order", outlier_fraction: float = 0.005, seed: int = 0,
                       sequential: bool = False, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """Calibrate mixed-precision weights for `lm` under `budget`; returns (manifest section, tensors).
     Nothing is random here (the seed is recorded and seeds torch for any future random choice);

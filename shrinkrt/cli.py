@@ -136,9 +136,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--group-size", default=GROUP_SIZE_DEFAULT, metavar="G[,G...]|auto",
                    help="quantization group size(s) the allocation may choose per layer (comma-separated, or "
                         f"'auto' for every supported size; default {GROUP_SIZE_DEFAULT})"),
-    w.add_argument("--quantizer", default="gptq",
+    w.add_argument("--quantizer", default="gptq-act-order",
                    help="rounding: rtn, gptq (columns in order) or gptq-act-order (most active inputs first); "
-                        "default gptq")
+                        "default gptq-act-order")
     w.add_argument("--sequential", action="store_true",
                    help="after the allocation, quantize the chosen options again layer by layer on the inputs "
                         "of the already-quantized layers (sequential GPTQ; same bytes)")
@@ -225,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
 
 MIN_ARCH = 75  # CUDA 13's oldest target (Turing)
 MIN_CALIB_TOKENS = 256
-GROUP_SIZE_DEFAULT = "128"
+GROUP_SIZE_DEFAULT = "auto"  # a superset of any one size: the allocation's summed sensitivity can only fall
 
 
 def parse_group_sizes(text: str) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it where
     pytest.skip("kernels are compiled for the GPU here: tests/gpu checks them on the device",
                 allow_module_level=True)
 
+from shrinkrt.runtime.op_contract import WEIGHT_BITS, WEIGHT_GROUP_SIZES  # noqa: E402
 from shrinkrt.plugins.kernels import aot  # noqa: E402
 from shrinkrt.plugins.kernels.qgemv import qgemv  # noqa: E402
 from tests.test_export_ops import quant_layer  # noqa: E402
@@ -63,9 +64,13 @@ def run_aot(out, *extra):
 def test_aot_builds_every_kernel_for_sm75(tmp_path):
     manifest = run_aot(tmp_path / "a")
     names = [k["name"] for k in manifest["kernels"]]
-    assert len(names) == len(aot.specializations()) == 48 + 8 + 11 and len(set(names)) == 67
+    weights = len(WEIGHT_BITS) * len(WEIGHT_GROUP_SIZES)  # 4 widths x 3 group sizes
+    # per (bits, group): a GEMV per padded row count, with and without outliers, and a dequant kernel;
+    # then SmolLM2's attention: 8 split + 3 reduce/feature kernels
+    assert len(names) == len(aot.specializations()) == weights * (2 * len(aot.QGEMV_ROWS) + 1) + 11 == 95
+    assert len(set(names)) == 95
     src = (tmp_path / "a" / "shrinkrt_kernels.gen.cpp").read_text()
-    assert "kNumKernels = 67" in src and all(f'"{n}"' in src for n in names)
+    assert "kNumKernels = 95" in src and all(f'"{n}"' in src for n in names)
     for k in manifest["kernels"]:
         cubin = tmp_path / "a" / f"{k['name']}.sm_75.cubin"
         assert k["arch"] == "sm_75" and cubin.stat().st_size == k["cubin_bytes"] > 1000
