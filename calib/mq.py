@@ -125,12 +125,16 @@ class LayerStats:
     input_of: str            # the first linear fed this input (the key linears are batched by)
 
 
+def calib_segments(model, tokens: list[int]) -> list[list[int]]:
+    """The calibration tokens as the segments every pass runs on (CALIB_SEQ long, at least 2 tokens)."""
+    seq = min(CALIB_SEQ, model.args.max_seq_len)
+    return [s for s in (tokens[i:i + seq] for i in range(0, len(tokens), seq)) if len(s) >= 2]
+
+
 def collect_stats(model, tokens: list[int], progress: bool = True) -> dict[str, LayerStats]:
     """One forward + backward pass per calibration segment; hooks accumulate X^T X per input."""
     targets = target_linears(model)
-    seq = min(CALIB_SEQ, model.args.max_seq_len)
-    segments = [tokens[i:i + seq] for i in range(0, len(tokens), seq)]
-    segments = [s for s in segments if len(s) >= 2]
+    segments = calib_segments(model, tokens)
     n_pred = sum(len(s) - 1 for s in segments)
     sums: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}  # linear -> the linear whose input (and H) it shares
@@ -232,9 +236,8 @@ def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...],
     for key, members, group_size in tqdm(work, desc=f"LLM-MQ candidates ({quantizer})", disable=not progress,
                                          leave=False):
         H = stats[key].H
-        act_order = quantizer == "gptq-act-order"
         if quantizer != "rtn" and key not in hinv:
-            order = qz.activation_order(H) if act_order else torch.arange(H.shape[0])
+            order = qz.activation_order(H) if quantizer == "gptq-act-order" else torch.arange(H.shape[0])
             hinv = {key: qz.inverse_hessian(H[order][:, order])}
         act_rms = torch.diag(H).clamp(min=0).sqrt()
         Ws, Bs, Ks, spans = [], [], [], []
@@ -248,10 +251,7 @@ def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...],
                 spans.append((name, b, k, rows))
         W, B, K = torch.cat(Ws), torch.cat(Bs), torch.cat(Ks)
         keep = K if bool(K.any()) else None
-        if quantizer != "rtn":
-            q, s, z, deq = qz.quantize_gptq(W, H, B, group_size, keep, hinv=hinv[key], act_order=act_order)
-        else:
-            q, s, z, deq = qz.quantize_rtn(W, B, group_size, keep, torch.diag(H))
+        q, s, z, deq = quantize(quantizer, W, H, B, group_size, keep, hinv.get(key))
         r0 = 0
         for name, b, k, rows in spans:
             sl = slice(r0, r0 + rows)
@@ -259,6 +259,13 @@ def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...],
             out.setdefault(name, []).append(
                 _candidate(W[sl], stats[name].grad, b, k, group_size, q[sl], s[sl], z[sl], deq[sl], K[sl]))
     return {name: out[name] for name, _ in targets}
+
+
+def quantize(quantizer: str, w, H, bits, group_size: int, keep, hinv=None):
+    """One QUANTIZERS entry on w with input energy H (hinv: its inverse_hessian in that quantizer's order)."""
+    if quantizer == "rtn":
+        return qz.quantize_rtn(w, bits, group_size, keep, torch.diag(H))
+    return qz.quantize_gptq(w, H, bits, group_size, keep, hinv=hinv, act_order=quantizer == "gptq-act-order")
 
 
 def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep) -> Candidate:
@@ -286,9 +293,7 @@ def requantize_sequential(model, tokens: list[int], plan: dict[str, Candidate], 
     for name, _ in target_linears(model):
         by_input.setdefault(stats[name].input_of, []).append(name)
     modules = dict(model.named_modules())
-    seq = min(CALIB_SEQ, model.args.max_seq_len)
-    segments = [tokens[i:i + seq] for i in range(0, len(tokens), seq)]
-    segments = [s for s in segments if len(s) >= 2]
+    segments = calib_segments(model, tokens)
     saved = {name: modules[name].weight.detach().clone() for name in plan}
     out = {}
     model.clear_caches()
@@ -306,11 +311,7 @@ def requantize_sequential(model, tokens: list[int], plan: dict[str, Candidate], 
                         w = saved[n].float()
                         k = c.n_outliers
                         keep = select_outliers(w, torch.diag(H).clamp(min=0).sqrt(), k) if k else None
-                        if quantizer == "rtn":
-                            q, sc, z, deq = qz.quantize_rtn(w, c.bits, c.group_size, keep, torch.diag(H))
-                        else:
-                            q, sc, z, deq = qz.quantize_gptq(w, H, c.bits, c.group_size, keep,
-                                                             act_order=quantizer == "gptq-act-order")
+                        q, sc, z, deq = quantize(quantizer, w, H, c.bits, c.group_size, keep)
                         keep = keep if keep is not None else torch.zeros_like(w, dtype=torch.bool)
                         out[n] = _candidate(w, stats[n].grad, c.bits, k, c.group_size, q, sc, z, deq, keep)
                         used = torch.where(keep, deq.half().float(), deq) if k else deq

@@ -87,12 +87,16 @@ def correlated(n=2048, dim=256, rank=24, seed=3):
     return torch.randn(n, rank, generator=g) @ torch.randn(rank, dim, generator=g) + 0.05 * torch.randn(n, dim, generator=g)
 
 
+def layer_problem(X, bits):
+    """(H, w, output error of a quantized w on X) for the quantizer comparisons."""
+    w = torch.randn(48, X.shape[1], generator=torch.Generator().manual_seed(bits))
+    return X.T @ X / X.shape[0], w, lambda deq: float(((deq - w) @ X.T).pow(2).mean())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_beats_rtn_on_correlated_inputs(bits):
     X = correlated()
-    H = X.T @ X / X.shape[0]
-    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits))
-    out_err = lambda deq: float(((deq - w) @ X.T).pow(2).mean())  # noqa: E731
+    H, w, out_err = layer_problem(X, bits)
     rtn = out_err(qz.quantize_rtn(w, bits, 64, col_weight=torch.diag(H))[3])
     gptq = out_err(qz.quantize_gptq(w, H, bits, 64)[3])
     assert gptq < 0.5 * rtn
@@ -115,10 +119,7 @@ def skewed(n=2048, dim=256, seed=6):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_act_order_gptq_beats_input_order_on_skewed_inputs(bits):
-    X = skewed()
-    H = X.T @ X / X.shape[0]
-    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits))
-    out_err = lambda deq: float(((deq - w) @ X.T).pow(2).mean())  # noqa: E731
+    H, w, out_err = layer_problem(skewed(), bits)
     plain, act = (out_err(qz.quantize_gptq(w, H, bits, 64, act_order=o)[3]) for o in (False, True))
     assert act < 0.9 * plain
 
