@@ -92,9 +92,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     if not a.collect:
+        unknown = [n for n in a.only.split(",") if n and n not in {slug(k) for k in PRESETS}]
+        if unknown:
+            sys.exit(f"--only: unknown preset {', '.join(unknown)} (known: {', '.join(slug(k) for k in PRESETS)})")
         for name, (text, flags) in PRESETS.items():
             if not a.only or slug(name) in a.only.split(","):
-                run(name, text, flags)
+                try:
+                    run(name, text, flags)
+                except subprocess.CalledProcessError as e:  # shrinkrt said why on stderr
+                    sys.exit(f"preset {slug(name)}: `{' '.join(e.cmd[:2])}` failed (exit {e.returncode})")
     r = collect()
     if not r["presets"]:
         sys.exit(f"no preset results under {WORK}")

@@ -211,6 +211,8 @@ def offered(cands, groups):
 
 def main(argv=None) -> int:
     a = args_parser().parse_args(argv)
+    if a.peers_from and not a.peers_from.is_file():
+        sys.exit(f"--peers-from {a.peers_from}: no such file")
     if not (a.no_peers or a.peers_from) and not a.render_only and importlib.util.find_spec("llama_cpp") is None:
         # said now, not after an hour of calibration
         sys.exit("the llama.cpp peer needs llama-cpp-python (pip install '.[bench]', ~12 min build); "
