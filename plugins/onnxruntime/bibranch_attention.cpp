@@ -104,7 +104,9 @@ constexpr int kLanes = 8;
 constexpr int kLanes = 4;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-constexpr int kMR = 3, kNV = 4;
+// AVX-512's 32 registers hold 6 x 4 accumulators, halving the reloads of b per multiply-add (the key
+// rebuild's GEMMs stream k_up from L2); AVX2's and SSE's 16 hold 3 x 4
+constexpr int kMR = kLanes == 16 ? 6 : 3, kNV = 4;
 constexpr int kPad = 16; // value-feature rows padded to a multiple of every ISA's lanes
 
 inline Vec loadVec(float const* p)
@@ -168,7 +170,9 @@ inline void transposeBlock(Vec* r)
 using MicroKernel = void (*)(float const*, int64_t, float const*, int64_t, int64_t, float*, int64_t);
 template <int MR>
 constexpr MicroKernel kKernelsOfRows[kNV] = {microKernel<MR, 1>, microKernel<MR, 2>, microKernel<MR, 3>, microKernel<MR, 4>};
-constexpr MicroKernel const* kKernels[kMR] = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>};
+constexpr MicroKernel const* kKernelsUpTo6[6]
+    = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>, kKernelsOfRows<4>, kKernelsOfRows<5>, kKernelsOfRows<6>};
+constexpr MicroKernel const* const* kKernels = kKernelsUpTo6; // [rows - 1][vectors - 1], rows <= kMR
 
 // The last N % kLanes columns of a GEMM: one partial vector, loaded and stored through a zeroed Vec.
 template <int MR>
@@ -193,7 +197,8 @@ void microKernelTail(float const* __restrict a, int64_t lda, float const* __rest
     }
 }
 using TailKernel = void (*)(float const*, int64_t, float const*, int64_t, int64_t, float*, int64_t, int);
-constexpr TailKernel kTailKernels[kMR] = {microKernelTail<1>, microKernelTail<2>, microKernelTail<3>};
+constexpr TailKernel kTailKernels[6] = {microKernelTail<1>, microKernelTail<2>, microKernelTail<3>, microKernelTail<4>,
+    microKernelTail<5>, microKernelTail<6>};
 
 // c (M x N) += a (M x K) b (K x N), row-major with leading dimensions.
 void gemmAdd(float const* a, int64_t lda, float const* b, int64_t ldb, float* c, int64_t ldc, int64_t M, int64_t N,
@@ -527,10 +532,15 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
 
     // 4. attention: items (b, query block, split), each over every head: a feature row is shared by
     //    all KV heads (c is per token), so it is dequantised once per item
+    // Pre-RoPE, a step rebuilds every stored key (r_k x G*D multiply-adds per row, the step's main cost at
+    // depth): per tile as one register-blocked GEMM, not r_k axpys through each row (2x the step's speed
+    // at depth 512). A row then costs ~1 us, so a split of one tile already pays for its dispatch.
+    bool const rebuildByGemm = !post && !dense && (G * D) % kLanes == 0;
+    int64_t const minRowsPerSplit = rebuildByGemm ? kRowTile : kMinRowsPerSplit;
     int64_t nSplit = std::max<int64_t>(1, (kTargetItems + B * nBlocks - 1) / (B * nBlocks));
-    nSplit = std::max<int64_t>(1, std::min(nSplit, maxFeatRows / kMinRowsPerSplit));
+    nSplit = std::max<int64_t>(1, std::min(nSplit, maxFeatRows / minRowsPerSplit));
     int64_t splitLen = std::max<int64_t>(1, (maxFeatRows + nSplit - 1) / nSplit);
-    if (dense) // splits start on a tile of the rebuilt rows
+    if (dense || rebuildByGemm) // splits start on a tile of the rebuilt rows
         splitLen = (splitLen + kRowTile - 1) / kRowTile * kRowTile;
     int64_t const RVp = (RV + kPad - 1) / kPad * kPad; // value features as the tile GEMM reads them
     size_t const accLen = 3 + D + RVp;
@@ -681,7 +691,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         size_t const scoreLen = std::max(nh * kRowTile, static_cast<size_t>(W));
         int64_t const KWp = (KW + kLanes - 1) / kLanes * kLanes;
         std::vector<float>& buf = scratch(nh * accLen + kRowTile * (KW + RVp) + scoreLen + kLanes * KWp + RK
-            + static_cast<size_t>(2 * G * W * D));
+            + static_cast<size_t>(2 * G * W * D) + (rebuildByGemm ? kRowTile * (RK + KW) : 0));
         float* accs = buf.data();
         float* tileKey = accs + nh * accLen; // (KW, kRowTile): feature-major, the scores' right factor
         float* tileV = tileKey + kRowTile * KW; // (kRowTile, RVp): row-major, the value sums' right factor
@@ -690,6 +700,8 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         float* rowC = keyRows + kLanes * KWp; // (RK) pre-RoPE: one row of c_k
         float* ringK = rowC + RK; // (G, W, D) the ring as floats
         float* ringV = ringK + static_cast<size_t>(G) * W * D;
+        float* tileC = ringV + static_cast<size_t>(G) * W * D; // (kRowTile, RK) pre-RoPE by GEMM: the tile's c_k
+        float* tileRows = tileC + kRowTile * RK; // (kRowTile, G*D) its rebuilt keys, row-major
         for (size_t x = 0; x < nh; ++x)
         {
             float* acc = accs + x * accLen;
@@ -706,7 +718,27 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             // (dense) or dequantised here
             float const* keys = dense ? denseK + (b * nTiles + j0 / kRowTile) * tileFloats : tileKey;
             float const* values = dense ? denseV + (b * nTiles + j0 / kRowTile) * tileFloats : tileV;
-            for (int64_t jj = 0; jj < (dense ? 0 : n); ++jj)
+            if (!dense && rebuildByGemm) // K = RoPE(c_k @ k_up + k_bias) for the whole tile: one GEMM, one transpose
+            {
+                for (int64_t jj = 0; jj < n; ++jj)
+                {
+                    featRow(true, b, j0 + jj, tileC + jj * RK);
+                    std::memcpy(tileRows + jj * KW, io.kBias, sizeof(float) * KW);
+                }
+                gemmAdd(tileC, RK, io.kUp, KW, tileRows, KW, n, KW, RK);
+                for (int64_t jj = 0; jj < n; ++jj)
+                    rotateHalf(tileRows + jj * KW, tileRows + jj * KW, G, D, io.ropeCos + (j0 + jj) * D,
+                        io.ropeSin + (j0 + jj) * D);
+                std::fill(tileRows + n * KW, tileRows + kRowTile * KW, 0.f); // rows past n: zero keys
+                transposeInto(tileRows, KW, kRowTile, KW, tileKey, kRowTile);
+                for (int64_t jj = 0; jj < n; ++jj)
+                {
+                    float* v = tileV + jj * RVp;
+                    featRow(false, b, j0 + jj, v);
+                    std::fill(v + RV, v + RVp, 0.f);
+                }
+            }
+            for (int64_t jj = 0; jj < (dense || rebuildByGemm ? 0 : n); ++jj)
             {
                 int64_t const j = j0 + jj;
                 float* key = keyRows + (jj % kLanes) * KWp;
@@ -738,7 +770,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     }
                 }
             }
-            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < (dense ? 0 : kRowTile); jb += kLanes) // blocks past n
+            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < (dense || rebuildByGemm ? 0 : kRowTile); jb += kLanes) // blocks past n
                 for (int e = 0; e < KW; ++e)
                     std::fill(tileKey + e * kRowTile + jb, tileKey + e * kRowTile + jb + kLanes, 0.f);
             // queries before qLo see no row of this tile (prefill's causal edge); rows j <= p - W are seen
