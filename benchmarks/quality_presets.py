@@ -34,6 +34,10 @@ PRESETS = {
                                                        "--quantizer gptq-act-order"),
     "kv30-w50-auto-act": ("licenses,code", "--kv-ratio 0.3 --weight-budget 5.0bpw --group-size auto "
                                             "--quantizer gptq-act-order"),
+    # KV alone at 20%, the rank allocation's key weight swept (issue 19); weight 1 is kv20-w45-auto-act's KV part
+    "kv20-kw0.5": ("licenses,code", "--kv-ratio 0.2 --key-weight 0.5"),
+    "kv20-kw2": ("licenses,code", "--kv-ratio 0.2 --key-weight 2"),
+    "kv20-kw4": ("licenses,code", "--kv-ratio 0.2 --key-weight 4"),
 }
 
 

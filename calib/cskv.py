@@ -322,11 +322,13 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
                  key_mode: str = "pre-rope", init: str = "activation", fit_steps: int = 100, seed: int = 0,
                  progress: bool = True, collected=None, objective: str = "attention", allocation: str = "error",
                  sinks: int = 0, curve_cache: dict | None = None,
-                 budget_context: int = REFERENCE_CONTEXT) -> tuple[dict, dict[str, torch.Tensor]]:
+                 budget_context: int = REFERENCE_CONTEXT, key_weight: float = 1.0) -> tuple[dict, dict[str, torch.Tensor]]:
     """`collected` = collect_inputs(model, tokens) reused across settings (a sweep collects once);
     `curve_cache`: a dict in which error curves are kept across budgets (they do not depend on it);
     `budget_context`: the cache length at which kv_ratio is the kept byte fraction (the window's
-    bytes are amortised over it; the long-context sweep sizes at its 4096-token scored length)."""
+    bytes are amortised over it; the long-context sweep sizes at its 4096-token scored length);
+    `key_weight`: the error allocation's weight of the key curves against the value curves (> 1 gives
+    keys more of the budget; the curves measure each alone, the model's loss weighs them its own way)."""
     if objective not in ("kv", "attention"):
         raise ShrinkError(f"unknown objective '{objective}' (use kv or attention)")
     if key_mode not in KEY_MODES:
@@ -337,6 +339,10 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         raise ShrinkError(f"unknown rank allocation '{allocation}' (use error or energy)")
     if init not in ("activation", "weight"):
         raise ShrinkError(f"unknown initialisation '{init}' (use activation or weight)")
+    if not (math.isfinite(key_weight) and key_weight > 0):
+        raise ShrinkError(f"--key-weight must be a positive number (got {key_weight})")
+    if key_weight != 1.0 and allocation != "error":
+        raise ShrinkError("--key-weight weighs the measured error curves: it needs --kv-allocation error")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model, args = lm.model, lm.model.args
@@ -373,7 +379,8 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
                                        window, kv_bits, vecs[2 * i:2 * i + 2], metrics[i], grid, sinks)
         if curve_cache is not None:
             curve_cache[ckey] = curves
-        ranks = allocate_by_error(curves, grid, budget, kv_bits)
+        weighted = [[e * (key_weight if m % 2 == 0 else 1.0) for e in curve] for m, curve in enumerate(curves)]
+        ranks = allocate_by_error(weighted, grid, budget, kv_bits)  # curves alternate K, V per layer
     tensors, rows = {}, []
     for i, layer in enumerate(tqdm(model.layers, desc="fit", disable=not progress, leave=False)):
         attn = layer.self_attn
@@ -406,7 +413,8 @@ def calibrate_kv(lm, tokens: list[int], kv_ratio: float, window: int = 64, kv_bi
         "quant": {"scheme": "symmetric per token", "group": kv_quant.FEATURE_GROUP, "scale_dtype": "float16"}
         if kv_bits < 16 else None,
         "feature_basis": "whitened" + (", seeded random orthogonal rotation (seed = rank)" if kv_bits < 16 else ""),
-        "init": init, "objective": objective, "allocation": allocation, "fit_steps": fit_steps,
+        "init": init, "objective": objective, "allocation": allocation, "key_weight": key_weight,
+        "fit_steps": fit_steps,
         "fit_loss": ("attention-output-weighted" if objective == "attention" else "plain")
         + " K/V reconstruction, quantization-aware",
         "kv_ratio": kv_ratio,

@@ -127,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-allocation", default="error", choices=["error", "energy"],
                     help="per-layer K/V ranks: error = least measured attention-output error under the budget "
                          "(knapsack); energy = greedy on the spectra's relative energy")
+    kv.add_argument("--key-weight", type=float, default=1.0,
+                    help="weight of the keys' measured error against the values' in the rank allocation "
+                         "(default 1; > 1 gives keys more of the byte budget)")
     kv.add_argument("--kv-fit-steps", type=int, default=100,
                     help="layer-wise fitting steps after the initialisation (0 = initialisation only)")
     w = c.add_argument_group("LLM-MQ: mixed-precision weights")
@@ -550,7 +553,7 @@ def cmd_calibrate(a) -> int:
         section, t = calibrate_kv(lm, tokens, kv_ratio=a.kv_ratio, window=a.window, kv_bits=a.kv_bits,
                                   key_mode=a.key_mode, init=a.kv_init, fit_steps=a.kv_fit_steps, seed=a.seed,
                                   progress=not a.quiet, objective=a.kv_objective,
-                                  allocation=a.kv_allocation)
+                                  allocation=a.kv_allocation, key_weight=a.key_weight)
         manifest["kv"], tensors = section, {**tensors, **t}
     if a.weight_budget is not None:
         section, t = mq.calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_sizes=groups,

@@ -254,3 +254,34 @@ def test_weight_bytes_count_factors_not_caches():
     model.setup_caches(1, 32)
     # per layer: k_down (64x32) + k_up (32x32) + v_down (64x32) + v_up (32x32), float32
     assert model.weight_nbytes() == before + 2 * 4 * (64 * 32 + 32 * 32 + 64 * 32 + 32 * 32)
+
+
+def test_key_weight_moves_the_budget_between_keys_and_values(calibrated):
+    """--key-weight scales the keys' measured error curves in the exact knapsack, so a heavier weight
+    never leaves the keys more measured error (nor the values less) under the same byte budget:
+    w1 EK1 + EV1 <= w1 EK2 + EV2 and w2 EK2 + EV2 <= w2 EK1 + EV1 give (w2 - w1)(EK1 - EK2) >= 0."""
+    from shrinkrt.calib.cskv import RANK_GRID
+
+    lm, tokens = calibrated
+    args = lm.model.args
+    kw = dict(kv_ratio=0.6, window=4, kv_bits=16, fit_steps=0, progress=False)
+    cache = {}
+    errs, ranks = {}, {}
+    for w in (0.01, 1.0, 100.0):
+        s, _ = calibrate_kv(lm, tokens, key_weight=w, curve_cache=cache, **kw)
+        assert s["key_weight"] == w and s["feature_bytes_per_token"] <= feature_budget(args, 0.6, 4)
+        (curves,) = cache.values()
+        grid = [r for r in RANK_GRID if r < args.kv_dim] + [args.kv_dim]
+        rows = s["layers"]
+        errs[w] = (sum(curves[2 * i][grid.index(r["rank_k"])] for i, r in enumerate(rows)),
+                   sum(curves[2 * i + 1][grid.index(r["rank_v"])] for i, r in enumerate(rows)))
+        ranks[w] = [(r["rank_k"], r["rank_v"]) for r in rows]
+    assert errs[0.01][0] >= errs[1.0][0] >= errs[100.0][0]
+    assert errs[0.01][1] <= errs[1.0][1] <= errs[100.0][1]
+    assert ranks[100.0] != ranks[1.0]  # measured: keys 8 -> 16 in layer 0, values 32 -> 24 in layer 1
+    # (the tiny random model's value errors dominate, so only a strong weight moves it)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ShrinkError, match="--key-weight must be a positive number"):
+            calibrate_kv(lm, tokens, key_weight=bad, **kw)
+    with pytest.raises(ShrinkError, match="needs --kv-allocation error"):
+        calibrate_kv(lm, tokens, key_weight=2.0, allocation="energy", **kw)
