@@ -585,7 +585,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     // <= kQueryBlock + W - 1 of them) from the ring or this call, per KV head feature-major (D, Lp) for
     // the scores and row-major (L, D) for the value sums; each query masks the ones outside its own
     // window (p - W < j <= p).
-    auto windowByGemm = [&](int64_t b, int64_t t0, int64_t nq, float* accs) {
+    auto windowByGemm = [&](int64_t b, int64_t t0, int64_t nq, float const* qg, float* accs) {
         int64_t const first = std::max<int64_t>(0, P + t0 - W + 1), last = P + t0 + nq - 1;
         int64_t const L = last - first + 1, Lp = (L + kPad - 1) / kPad * kPad;
         size_t const nh = static_cast<size_t>(nq) * H;
@@ -618,26 +618,18 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             transposeInto(kr, D, Lp, D, ktg, Lp); // feature-major
         }
         std::fill(ws, ws + nh * Lp, 0.f);
-        for (int64_t qi = 0; qi < nq; ++qi) // a KV head's window keys serve its rep query heads
-            for (int g = 0; g < G; ++g)
-            {
-                int64_t const x = qi * H + g * rep;
-                gemmAdd(qd + ((b * T + t0) * H + x) * D, D, kt + static_cast<size_t>(g) * D * Lp, Lp, ws + x * Lp, Lp,
-                    rep, Lp, D);
-            }
+        int64_t const nqr = nq * rep; // rows of one KV head (g-major: row g*nqr + qi*rep + i)
+        for (int g = 0; g < G; ++g) // a KV head's window keys serve its rep query heads of every query
+            gemmAdd(qg + g * nqr * D, D, kt + static_cast<size_t>(g) * D * Lp, Lp, ws + g * nqr * Lp, Lp, nqr, Lp, D);
         for (size_t x = 0; x < nh; ++x)
         {
-            int64_t const p = P + t0 + static_cast<int64_t>(x) / H;
+            int64_t const p = P + t0 + static_cast<int64_t>(x) % nqr / rep;
             int64_t const lo = std::max<int64_t>(0, p - W + 1) - first, hi = p - first; // this query's columns
             softmaxInto(ws + x * Lp, Lp, lo, hi, accs + x * accLen, accLen);
         }
-        for (int64_t qi = 0; qi < nq; ++qi) // window sums += weights x the window's values
-            for (int g = 0; g < G; ++g)
-            {
-                int64_t const x = qi * H + g * rep;
-                gemmAdd(ws + x * Lp, Lp, vr + static_cast<size_t>(g) * Lp * D, D, accs + x * accLen + kSums,
-                    static_cast<int64_t>(accLen), rep, D, L);
-            }
+        for (int g = 0; g < G; ++g) // window sums += weights x the window's values
+            gemmAdd(ws + g * nqr * Lp, Lp, vr + static_cast<size_t>(g) * Lp * D, D, accs + g * nqr * accLen + kSums,
+                static_cast<int64_t>(accLen), nqr, D, L);
     };
 
     // The dense path's rebuilt feature rows, tile by tile of kRowTile rows, each tile per KV head: keys
@@ -687,11 +679,17 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         int64_t const b = static_cast<int64_t>(item) / (nSplit * nBlocks);
         int64_t const t0 = blk * kQueryBlock, t1 = std::min(T, t0 + kQueryBlock), nq = t1 - t0;
         size_t const nh = static_cast<size_t>(nq) * H; // (query, head) pairs of this item
+        // The item's rows (queries, accumulators, scores) are KV-head-major, row g*nqr + qi*rep + i for
+        // query qi and query head g*rep + i: the rows reading one KV head's keys are contiguous, so each
+        // tile product is one GEMM of nq*rep rows per KV head (a prefill block: 48), not nq GEMMs of rep
+        int64_t const nqr = nq * rep;
+        auto rowOf = [&](int64_t qi, int g) { return static_cast<size_t>(g * nqr + qi * rep); };
         // scores of every (query, head) of the item against a tile, or one (query, head)'s window
         size_t const scoreLen = std::max(nh * kRowTile, static_cast<size_t>(W));
         int64_t const KWp = (KW + kLanes - 1) / kLanes * kLanes;
         std::vector<float>& buf = scratch(nh * accLen + kRowTile * (KW + RVp) + scoreLen + kLanes * KWp + RK
-            + static_cast<size_t>(2 * G * W * D) + (rebuildByGemm ? kRowTile * (RK + KW) : 0));
+            + static_cast<size_t>(2 * G * W * D) + (rebuildByGemm ? kRowTile * (RK + KW) : 0) + nh * D
+            + (post && !dense ? nh * RK : 0));
         float* accs = buf.data();
         float* tileKey = accs + nh * accLen; // (KW, kRowTile): feature-major, the scores' right factor
         float* tileV = tileKey + kRowTile * KW; // (kRowTile, RVp): row-major, the value sums' right factor
@@ -702,6 +700,16 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         float* ringV = ringK + static_cast<size_t>(G) * W * D;
         float* tileC = ringV + static_cast<size_t>(G) * W * D; // (kRowTile, RK) pre-RoPE by GEMM: the tile's c_k
         float* tileRows = tileC + kRowTile * RK; // (kRowTile, G*D) its rebuilt keys, row-major
+        float* qg = rebuildByGemm ? tileRows + kRowTile * KW : tileC; // (nh, D) the scaled queries, g-major
+        float* qgf = qg + nh * D; // (nh, RK) post-RoPE: the queries folded through k_up, g-major
+        for (int64_t qi = 0; qi < nq; ++qi)
+            for (int g = 0; g < G; ++g)
+            {
+                size_t const from = static_cast<size_t>((b * T + t0 + qi) * H + g * rep);
+                std::memcpy(qg + rowOf(qi, g) * D, qd + from * D, sizeof(float) * rep * D);
+                if (post && !dense)
+                    std::memcpy(qgf + rowOf(qi, g) * RK, qFeat + from * QK, sizeof(float) * rep * QK);
+            }
         for (size_t x = 0; x < nh; ++x)
         {
             float* acc = accs + x * accLen;
@@ -780,39 +788,33 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 ++qLo;
             if (qLo == nq)
                 continue;
-            size_t const x0 = static_cast<size_t>(qLo) * H, rows = nh - x0;
-            std::fill(sc + x0 * kRowTile, sc + nh * kRowTile, 0.f);
-            if (post && !dense) // every head dots the same c_k rows: one GEMM over all (query, head) rows
-                gemmAdd(qFeat + ((b * T + t0) * H + static_cast<int64_t>(x0)) * QK, QK, keys, kRowTile,
-                    sc + x0 * kRowTile, kRowTile, static_cast<int64_t>(rows), kRowTile, QK);
-            else // a KV head's keys serve its rep query heads
-                for (int64_t qi = qLo; qi < nq; ++qi)
-                    for (int g = 0; g < G; ++g)
-                    {
-                        int64_t const x = qi * H + g * rep;
-                        gemmAdd(qd + ((b * T + t0) * H + x) * D, D, keys + static_cast<int64_t>(g) * D * kRowTile,
-                            kRowTile, sc + x * kRowTile, kRowTile, rep, kRowTile, D);
-                    }
-            for (size_t x = x0; x < nh; ++x) // online softmax per (query, head): weights in place of scores
+            int64_t const rows = (nq - qLo) * rep; // per KV head: the queries that see this tile
+            for (int g = 0; g < G; ++g)
             {
-                float* acc = accs + x * accLen;
-                acc[kFeatMass] += softmaxInto(sc + x * kRowTile, kRowTile, 0, validOf(static_cast<int64_t>(x) / H) - 1,
-                    acc, accLen);
+                size_t const x0 = rowOf(qLo, g);
+                float* scg = sc + x0 * kRowTile;
+                std::fill(scg, scg + rows * kRowTile, 0.f);
+                if (post && !dense) // every head dots the same c_k rows
+                    gemmAdd(qgf + x0 * QK, QK, keys, kRowTile, scg, kRowTile, rows, kRowTile, QK);
+                else // a KV head's keys serve its rep query heads of every query
+                    gemmAdd(qg + x0 * D, D, keys + static_cast<int64_t>(g) * D * kRowTile, kRowTile, scg, kRowTile,
+                        rows, kRowTile, D);
+                for (int64_t x = 0; x < rows; ++x) // online softmax per (query, head): weights in place of scores
+                {
+                    float* acc = accs + (x0 + x) * accLen;
+                    acc[kFeatMass] += softmaxInto(scg + x * kRowTile, kRowTile, 0, validOf(qLo + x / rep) - 1, acc,
+                        accLen);
+                }
+                if (dense) // value sums += weights @ the tile's rebuilt values of this KV head
+                    gemmAdd(scg, kRowTile, values + static_cast<int64_t>(g) * kRowTile * D, D, accs + x0 * accLen + kSums,
+                        static_cast<int64_t>(accLen), rows, D, n);
+                else // value-feature sums += weights @ the tile's c_v rows (shared by every head)
+                    gemmAdd(scg, kRowTile, values, RVp, accs + x0 * accLen + kSums + D, static_cast<int64_t>(accLen),
+                        rows, RVp, n);
             }
-            if (dense) // value sums += weights @ the tile's rebuilt values, per KV head
-                for (int64_t qi = qLo; qi < nq; ++qi)
-                    for (int g = 0; g < G; ++g)
-                    {
-                        int64_t const x = qi * H + g * rep;
-                        gemmAdd(sc + x * kRowTile, kRowTile, values + static_cast<int64_t>(g) * kRowTile * D, D,
-                            accs + x * accLen + kSums, static_cast<int64_t>(accLen), rep, D, n);
-                    }
-            else // value-feature sums += weights @ the tile's c_v rows, for every (query, head) row at once
-                gemmAdd(sc + x0 * kRowTile, kRowTile, values, RVp, accs + x0 * accLen + kSums + D,
-                    static_cast<int64_t>(accLen), static_cast<int64_t>(rows), RVp, n);
         }
         if (split == nSplit - 1 && D % kPad == 0) // the window as two small GEMMs per KV head (below)
-            windowByGemm(b, t0, nq, accs);
+            windowByGemm(b, t0, nq, qg, accs);
         else if (split == nSplit - 1) // the window: positions p-W < j <= p, from the ring or this call
         {
             size_t const ringAt = static_cast<size_t>(b * G * W) * D, ringLen = static_cast<size_t>(G) * W * D;
@@ -836,7 +838,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                         sc[j - first] = dot(qv, keyAt(j, false), D);
                         m = std::max(m, sc[j - first]);
                     }
-                    float* acc = accs + (qi * H + h) * accLen;
+                    float* acc = accs + (rowOf(qi, g) + h % rep) * accLen;
                     rebase(acc, std::max(acc[kMax], m), accLen);
                     float const mx = acc[kMax];
                     int64_t const cnt = p - first + 1;
@@ -857,7 +859,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         {
             for (int64_t qi = 0; qi < nq; ++qi)
                 for (int g = 0; g < G; ++g)
-                    finishGroup(b, t0 + qi, g, accs + (qi * H + g * rep) * accLen, accLen);
+                    finishGroup(b, t0 + qi, g, accs + rowOf(qi, g) * accLen, accLen);
             return;
         }
         std::memcpy(partials + item * perItem, accs, sizeof(float) * nh * accLen);
@@ -875,13 +877,13 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         {
             for (int i = 0; i < rep; ++i)
             {
-                int const h = g * rep + i;
                 float* acc = buf.data() + static_cast<size_t>(i) * accLen;
                 std::fill(acc, acc + accLen, 0.f);
                 acc[kMax] = -std::numeric_limits<float>::infinity();
                 for (int64_t sp = 0; sp < nSplit; ++sp)
                 {
-                    float* part = partials + (blockItem * nSplit + sp) * perItem + (qi * H + h) * accLen;
+                    float* part = partials + (blockItem * nSplit + sp) * perItem
+                        + static_cast<size_t>(g * nq * rep + qi * rep + i) * accLen; // the items' g-major rows
                     if (part[kMass] == 0.f)
                         continue;
                     float const m = std::max(acc[kMax], part[kMax]);
