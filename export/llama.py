@@ -180,18 +180,41 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
 
 def _linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, names: list[str]) -> list[str]:
     """Several linears of one input. ort-cpu packs quantized ones of equal container bits and group
-    size into one MatMulNBits and splits its output (one GEMM instead of several); else one each."""
-    from .ort_cpu import matmul_nbits, packable
+    size into one MatMulNBits and splits its output (one GEMM instead of several: a decode step pays
+    ~10 us per node); where only some match (the allocation picks each layer's format per linear, e.g.
+    k and v alike, q not), those are packed and the rest stay alone. Outputs in the order of `mods`."""
+    from .ort_cpu import packable
 
-    if g.target == "ort-cpu" and all(isinstance(m, QuantLinear) for m in mods) and packable(mods):
-        base = path.rsplit(".", 1)[0]
-        y = matmul_nbits(g, b, x, mods, path, [f"{base}.{n}" for n in names])
-        if any(m.bias is not None for m in mods):
-            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
-            y = b("Add", y, g.fweight(f"{path}.bias", bias))
-        sizes = b.const([m.out_features for m in mods], np.int64)
-        return b("Split", y, sizes, axis=-1, n_out=len(mods))
-    return [_linear(g, b, x, m, f"{path.rsplit('.', 1)[0]}.{n}") for m, n in zip(mods, names)]
+    base = path.rsplit(".", 1)[0]
+    if g.target != "ort-cpu" or not all(isinstance(m, QuantLinear) for m in mods):
+        return [_linear(g, b, x, m, f"{base}.{n}") for m, n in zip(mods, names)]
+    groups: list[list[int]] = []  # indices of mutually packable linears, in first-seen order
+    for i, m in enumerate(mods):
+        home = next((grp for grp in groups if packable([mods[grp[0]], m])), None)
+        home.append(i) if home is not None else groups.append([i])
+    out: list[str] = [""] * len(mods)
+    for grp in groups:
+        if len(grp) == 1:
+            out[grp[0]] = _linear(g, b, x, mods[grp[0]], f"{base}.{names[grp[0]]}")
+            continue
+        sub_path = path if len(grp) == len(mods) else \
+            f"{base}." + "_".join(names[i].removesuffix("_proj") for i in grp) + "_proj"
+        for i, y in zip(grp, _packed_linears(g, b, x, [mods[i] for i in grp], sub_path,
+                                             [f"{base}.{names[i]}" for i in grp])):
+            out[i] = y
+    return out
+
+
+def _packed_linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, module_names: list[str]) -> list[str]:
+    """One MatMulNBits over packable `mods` side by side along N, its output split back per linear."""
+    from .ort_cpu import matmul_nbits
+
+    y = matmul_nbits(g, b, x, mods, path, module_names)
+    if any(m.bias is not None for m in mods):
+        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+        y = b("Add", y, g.fweight(f"{path}.bias", bias))
+    sizes = b.const([m.out_features for m in mods], np.int64)
+    return b("Split", y, sizes, axis=-1, n_out=len(mods))
 
 
 def _lean_rope(g: Graph, b: ops.Body, x: str, n: int) -> str:

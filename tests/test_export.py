@@ -258,3 +258,26 @@ def test_identical_constants_are_one_node(tmp_path):
                 assert key not in seen, f"{where}: {n.name} repeats {seen.get(key)}"
                 seen[key] = n.name
     assert sum(n.op_type == "Constant" for n in m.graph.node) <= 10  # was 29 per this model before the dedupe
+
+
+def test_ort_cpu_packs_the_linears_whose_formats_match(tmp_path):
+    """The allocation picks a format per linear; ort-cpu packs those of one input that share container
+    bits and group size (here k and v, not q; gate and up differ) into one MatMulNBits, the rest alone,
+    and the logits stay the reference's."""
+    import onnx
+
+    model = ours_from(tiny_hf_model("llama"))
+    for i, layer in enumerate(model.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        for mod, name, bits, group in ((a, "q_proj", 4, 64), (a, "k_proj", 4, 32), (a, "v_proj", 4, 32),
+                                       (mlp, "gate_proj", 4, 32), (mlp, "up_proj", 8, 32)):
+            lin = getattr(mod, name)
+            setattr(mod, name, quant_layer(lin.out_features, lin.in_features, bits, group, 0, seed=7 * i + bits))
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu")
+    names = [n.name for n in onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    for i in range(len(model.layers)):
+        mine = {n.split("/")[0].split(".")[-1] for n in names if n.startswith(f"layers.{i}.")}
+        assert {"q_proj", "k_v_proj", "gate_proj", "up_proj"} <= mine and not {"k_proj", "v_proj", "qkv_proj"} & mine, mine
+    prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert compare(model, OrtModel(tmp_path / "exp"), prompt, steps=12, tol=1e-3) < 1e-3
