@@ -87,20 +87,9 @@ class OrtModel(ExportedCaches):
             if c.update == "ring":  # the ring's next state is written here, then the two swap
                 other = np.zeros_like(buf)
                 self.spare[c.input] = (other, ort.OrtValue.ortvalue_from_numpy(other))
-        # two bindings, one per ring parity: binding k reads the rings' set k and writes set 1 - k, both
-        # bound once here, so a call rebinds only its rows, its ids and the logits
-        self.bindings = [self.sess.io_binding(), self.sess.io_binding()]
-        for k, binding in enumerate(self.bindings):
-            for c in self.io.caches:
-                sets = (self.bound[c.input], self.spare[c.input][1]) if c.update == "ring" else (self.bound[c.input],) * 2
-                binding.bind_ortvalue_input(c.input, sets[k])
-            for name in self.outputs:  # in the graph's order, which rebinding keeps (get_outputs lists them so)
-                c = self.cache_of_output.get(name)
-                if c is not None and c.update == "ring":
-                    binding.bind_ortvalue_output(name, (self.spare[c.input][1], self.bound[c.input])[k])
-                else:
-                    binding.bind_output(name, "cpu")
-        self.parity = 0
+        self.binding = self.sess.io_binding()
+        for name, v in self.bound.items():
+            self.binding.bind_ortvalue_input(name, v)
         shape = next(o.shape for o in self.sess.get_outputs() if o.name == self.io.logits)
         if len(shape) == 3 and shape[1] == 1 and isinstance(shape[2], int):  # (B, 1, vocab) float32: preallocated
             self.logits_buf = np.zeros((batch, 1, shape[2]), np.float32)
@@ -137,16 +126,17 @@ class OrtModel(ExportedCaches):
         ids (B, T) at positions start..start+T-1; a new array the next call does not overwrite."""
         T = tokens.shape[1]
         self.check_call(start, T)
-        binding = self.bindings[self.parity]
+        binding = self.binding
         binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input(self.io.past_length, np.array([start], np.int64))
+        binding.clear_binding_outputs()  # outputs are this call's rows: their shapes follow T
         copied = []  # outputs ONNX Runtime allocates (then copied in)
-        for name in self.outputs:  # this call's rows (their shapes follow T) and the logits, rebound each call
+        for name in self.outputs:
             c = self.cache_of_output.get(name)
             if name == self.io.logits and self.logits_buf is not None and self.logits_buf.shape[0] == tokens.shape[0]:
                 binding.bind_ortvalue_output(name, self.logits_value)
             elif c is not None and c.update == "ring":
-                continue  # bound once per parity
+                binding.bind_ortvalue_output(name, self.spare[c.input][1])
             elif c is not None and (target := self.row_targets.get(name)) is not None:
                 base, stride, dtype, shape, axis = target
                 shape[axis] = T  # rows start..start+T-1 fit: check_call bounds start + T by the capacity
@@ -155,11 +145,11 @@ class OrtModel(ExportedCaches):
                 binding.bind_output(name, "cpu")
                 copied.append(name)
         self.sess.run_with_iobinding(binding)
-        self.parity = 1 - self.parity
-        for c in self.io.caches:  # the ring just written is the one the next call reads
+        for c in self.io.caches:  # the ring just written becomes the input of the next call
             if c.update == "ring":
                 (new, new_value), old = self.spare[c.input], (self.buffers[c.input], self.bound[c.input])
                 self.buffers[c.input], self.bound[c.input], self.spare[c.input] = new, new_value, old
+                binding.bind_ortvalue_input(c.input, new_value)
         if copied:
             values = dict(zip(self.outputs, binding.get_outputs()))
             outs = {n: values[n].numpy() for n in copied}
