@@ -16,7 +16,7 @@ for f in shrinkrt/*.py; do ln -sf "$PWD/$f" "build/gpu/site/shrinkrt/$(basename 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee build/gpu/device.txt
 $PY -m pytest -q -ra tests/gpu -p no:cacheprovider 2>&1 | tee build/gpu/pytest.txt
 rc_tests=${PIPESTATUS[0]}
-$PY benchmarks/kernels.py --out docs/results/kernels 2>&1 | tee build/gpu/bench.txt
+$PY benchmarks/gpu_kernels.py --out docs/results/kernels 2>&1 | tee build/gpu/bench.txt
 rc_bench=${PIPESTATUS[0]}
 echo "gpu.sh: tests rc=$rc_tests, benchmarks rc=$rc_bench"
 exit $(( rc_tests || rc_bench ))

@@ -43,3 +43,19 @@ def test_cmake_configures_without_cuda_or_tensorrt(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "shrinkrt: no CUDA compiler found: skipping CUDA targets" in r.stdout
     assert "shrinkrt: TensorRT headers not found" in r.stdout
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "tests"])
+def test_script_folders_shadow_no_installed_module(folder):
+    """`python benchmarks/latency.py` puts benchmarks/ first on sys.path, so a script there named like an
+    installed package replaces it for every import: benchmarks/kernels.py once hid Hugging Face's
+    `kernels`, which transformers imports when it loads a tokenizer, and README command 1 failed."""
+    import importlib.machinery
+
+    here = (ROOT / folder).resolve()
+    path = [p for p in sys.path if p and Path(p).resolve() not in (here, ROOT)]
+    names = sorted(f.stem for f in here.glob("*.py"))
+    assert names, f"no scripts in {folder}/"
+    shadowing = [n for n in names if n in sys.stdlib_module_names
+                 or importlib.machinery.PathFinder.find_spec(n, path) is not None]
+    assert shadowing == [], f"{folder}/ scripts named like installed modules: {shadowing}"

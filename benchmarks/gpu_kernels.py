@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/results/kernels")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device (run on a lent GPU machine)", file=sys.stderr)
+        print("benchmarks/gpu_kernels.py: no CUDA device (run on a lent GPU machine)", file=sys.stderr)
         return 2
     copy = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy, "gemv": gemv_rows(copy),
