@@ -67,10 +67,10 @@ def col_dtype(cols: int) -> torch.dtype:
     return torch.int16 if cols <= 65535 else torch.int32
 
 
-def layer_bytes(rows: int, cols: int, bits: int, group_size: int, n_outliers: int) -> int:
-    """Allocated bytes of one quantized linear: codes + scales + zeros (+ outlier CSR arrays)."""
-    total = (alloc(rows * qz.code_words(cols, bits) * 4) + alloc(rows * qz.n_groups(cols, group_size) * 2)
-             + alloc(rows * qz.zero_words(cols, bits, group_size) * 4))
+def layer_bytes(rows: int, cols: int, bits: int, group_size: int, n_outliers: int, mins: bool = False) -> int:
+    """Allocated bytes of one quantized linear: codes + scales + zeros or fp16 mins (+ outlier CSR arrays)."""
+    zero_bytes = rows * qz.n_groups(cols, group_size) * 2 if mins else rows * qz.zero_words(cols, bits, group_size) * 4
+    total = alloc(rows * qz.code_words(cols, bits) * 4) + alloc(rows * qz.n_groups(cols, group_size) * 2) + alloc(zero_bytes)
     if n_outliers:
         total += (alloc((rows + 1) * 4) + alloc(n_outliers * torch.empty(0, dtype=col_dtype(cols)).element_size())
                   + alloc(n_outliers * 2))
@@ -194,6 +194,7 @@ class Candidate:
     nbytes: int              # allocated bytes (ALIGN-rounded), what the budget counts
     sensitivity: float
     tensors: dict[str, torch.Tensor] = field(repr=False)  # suffix -> stored tensor
+    mins: bool = False       # fp16 min per group instead of a zero point (packing.MIN_FORMATS)
 
 
 def select_outliers(w: torch.Tensor, act_rms: torch.Tensor, k: int) -> torch.Tensor:
@@ -221,11 +222,18 @@ def layer_options(rows: int, cols: int, bits: tuple[int, ...], outlier_fraction:
     return [(b, 0) for b in bits] + [(b, k) for b in bits if k and b < 8]
 
 
+def min_formats(bits: tuple[int, ...], group_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The (bits, group) options that are also offered with fp16 mins: packing.MIN_FORMATS among those asked for."""
+    return [(b, g) for b, g in qz.MIN_FORMATS if b in bits and g in group_sizes]
+
+
 def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...], group_sizes: tuple[int, ...],
-                     quantizer: str, outlier_fraction: float, progress: bool = True) -> dict[str, list[Candidate]]:
-    """Quantize every target linear at every option (bits x outliers x group size). The linears fed
-    the same input (q/k/v, gate/up) and all their options of one group size are stacked row-wise into
-    one quantizer call."""
+                     quantizer: str, outlier_fraction: float, progress: bool = True,
+                     mins: bool = True) -> dict[str, list[Candidate]]:
+    """Quantize every target linear at every option (bits x outliers x group size, and with `mins` the
+    min_formats() once more with fp16 mins, without outliers). The linears fed the same input (q/k/v,
+    gate/up) and all their options of one group size are stacked row-wise into one quantizer call (the
+    min options into a second one)."""
     targets = target_linears(model)
     by_input: dict[str, list[tuple[str, nn.Linear]]] = {}
     for name, m in targets:
@@ -258,25 +266,36 @@ def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...],
             r0 += rows
             out.setdefault(name, []).append(
                 _candidate(W[sl], stats[name].grad, b, k, group_size, q[sl], s[sl], z[sl], deq[sl], K[sl]))
+        for b in [b for b, g in min_formats(bits, group_sizes) if g == group_size and mins]:
+            W = torch.cat([m.weight.detach().float() for _, m in members])
+            q, s, z, deq = quantize(quantizer, W, H, b, group_size, None, hinv.get(key), mins=True)
+            r0 = 0
+            for name, m in members:
+                sl = slice(r0, r0 + m.out_features)
+                r0 += m.out_features
+                out[name].append(_candidate(W[sl], stats[name].grad, b, 0, group_size, q[sl], s[sl], z[sl], deq[sl],
+                                            None, mins=True))
     return {name: out[name] for name, _ in targets}
 
 
-def quantize(quantizer: str, w, H, bits, group_size: int, keep, hinv=None):
+def quantize(quantizer: str, w, H, bits, group_size: int, keep, hinv=None, mins: bool = False):
     """One QUANTIZERS entry on w with input energy H (hinv: its inverse_hessian in that quantizer's order)."""
     if quantizer == "rtn":
-        return qz.quantize_rtn(w, bits, group_size, keep, torch.diag(H))
-    return qz.quantize_gptq(w, H, bits, group_size, keep, hinv=hinv, act_order=quantizer == "gptq-act-order")
+        return qz.quantize_rtn(w, bits, group_size, keep, torch.diag(H), mins=mins)
+    return qz.quantize_gptq(w, H, bits, group_size, keep, hinv=hinv, act_order=quantizer == "gptq-act-order",
+                            mins=mins)
 
 
-def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep) -> Candidate:
+def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep, mins: bool = False) -> Candidate:
     rows, cols = w.shape
-    p = qz.pack(q, s, z, bits, group_size)
-    tensors = {"codes": p.codes, "scales": p.scales, "zeros": p.zeros}
+    p = qz.pack(q, s, z, bits, group_size, mins=mins)
+    tensors = {"codes": p.codes, "scales": p.scales}
+    tensors.update({"mins": p.mins} if mins else {"zeros": p.zeros})
     if k:
         tensors.update(zip(OUTLIER_SUFFIXES, to_csr(keep, deq)))
         deq = torch.where(keep, deq.half().float(), deq)  # the model computes with the fp16 value
     sens = float((grad * (deq - w)).abs().sum())
-    return Candidate(bits, group_size, k, layer_bytes(rows, cols, bits, group_size, k), sens, tensors)
+    return Candidate(bits, group_size, k, layer_bytes(rows, cols, bits, group_size, k, mins), sens, tensors, mins)
 
 
 class _Captured(Exception):
@@ -311,9 +330,9 @@ def requantize_sequential(model, tokens: list[int], plan: dict[str, Candidate], 
                         w = saved[n].float()
                         k = c.n_outliers
                         keep = select_outliers(w, torch.diag(H).clamp(min=0).sqrt(), k) if k else None
-                        q, sc, z, deq = quantize(quantizer, w, H, c.bits, c.group_size, keep)
+                        q, sc, z, deq = quantize(quantizer, w, H, c.bits, c.group_size, keep, mins=c.mins)
                         keep = keep if keep is not None else torch.zeros_like(w, dtype=torch.bool)
-                        out[n] = _candidate(w, stats[n].grad, c.bits, k, c.group_size, q, sc, z, deq, keep)
+                        out[n] = _candidate(w, stats[n].grad, c.bits, k, c.group_size, q, sc, z, deq, keep, c.mins)
                         used = torch.where(keep, deq.half().float(), deq) if k else deq
                         modules[n].weight.copy_(used.to(modules[n].weight.dtype))
                 xs = [_run_layer(layer, x, model) for x in xs]
@@ -400,7 +419,7 @@ def floor_bytes(model, bits: tuple[int, ...], group_sizes: tuple[int, ...]) -> i
 # ---------------------------------------------------------------- section + tensors
 def assemble(model, plan: dict[str, Candidate], *, group_sizes: tuple[int, ...], quantizer: str, outlier_fraction: float,
              budget: str | None, budget_bytes: int | None, seed: int,
-             sequential: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+             sequential: bool = False, mins_offered: list | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     shapes = {n: tuple(m.weight.shape) for n, m in target_linears(model)}
     n_weights = sum(r * c for r, c in shapes.values())
     total = sum(c.nbytes for c in plan.values())
@@ -409,13 +428,13 @@ def assemble(model, plan: dict[str, Candidate], *, group_sizes: tuple[int, ...],
         rows, cols = shapes[name]
         layers.append({"name": name, "bits": c.bits, "group_size": c.group_size, "in_features": cols,
                        "out_features": rows, "outliers": c.n_outliers, "bytes": c.nbytes,
-                       "sensitivity": c.sensitivity})
+                       "sensitivity": c.sensitivity, **({"mins": True} if c.mins else {})})
         for suffix, t in c.tensors.items():
             tensors[f"weights.{name}.{suffix}"] = t
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
     section = {
         "method": FORMAT, "format_version": FORMAT_VERSION, "quantizer": quantizer, "sequential": sequential,
-        "group_sizes": list(group_sizes),
+        "group_sizes": list(group_sizes), "min_formats": [list(f) for f in (mins_offered or [])],
         "outlier_fraction": outlier_fraction, "outlier_rule": OUTLIER_RULE,
         "sensitivity": "sum |dL/dW * (W_quantized - W)| over the calibration tokens",
         "embeddings_policy": "embeddings and LM head kept unquantized in the model dtype; not in the budget",
@@ -441,10 +460,11 @@ def check_budget(model, budget: str, bits: tuple[int, ...], group_sizes: tuple[i
 
 def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4, 8), group_sizes=DEFAULT_GROUP_SIZES,
                       quantizer: str = "gptq-act-order", outlier_fraction: float = 0.005, seed: int = 0,
-                      sequential: bool = False, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+                      sequential: bool = False, progress: bool = True,
+                      mins: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """Calibrate mixed-precision weights for `lm` under `budget`; returns (manifest section, tensors).
     Nothing is random here (the seed is recorded and seeds torch for any future random choice);
-    the same inputs give the same plan and tensors."""
+    the same inputs give the same plan and tensors. `mins`: also offer min_formats() with fp16 mins."""
     bits, group_sizes = check_options(bits, group_sizes, quantizer, outlier_fraction)
     model = lm.model
     budget_bytes = check_budget(model, budget, bits, group_sizes)
@@ -452,12 +472,13 @@ def calibrate_weights(lm, calib_tokens: list[int], budget: str, *, bits=(2, 3, 4
         raise ShrinkError("LLM-MQ calibration needs at least 2 calibration tokens")
     torch.manual_seed(seed)
     stats = collect_stats(model, calib_tokens, progress)
-    cands = build_candidates(model, stats, bits, group_sizes, quantizer, outlier_fraction, progress)
+    cands = build_candidates(model, stats, bits, group_sizes, quantizer, outlier_fraction, progress, mins)
     plan = allocate(cands, budget_bytes)
     if sequential:
         plan = requantize_sequential(model, calib_tokens, plan, stats, quantizer, outlier_fraction, progress)
     return assemble(model, plan, group_sizes=group_sizes, quantizer=quantizer, outlier_fraction=outlier_fraction,
-                    budget=budget, budget_bytes=budget_bytes, seed=seed, sequential=sequential)
+                    budget=budget, budget_bytes=budget_bytes, seed=seed, sequential=sequential,
+                    mins_offered=min_formats(bits, group_sizes) if mins else [])
 
 
 # ---------------------------------------------------------------- runtime
@@ -485,9 +506,17 @@ def _expect(section: dict, tensors: dict[str, torch.Tensor], model) -> list[tupl
                               f"{m.weight.shape[0]}x{m.weight.shape[1]}")
         if bits not in qz.SUPPORTED_BITS or g not in qz.GROUP_SIZES:
             raise ShrinkError(f"weights plan: '{name}' has unsupported bits {bits} / group size {g}")
+        mins = L.get("mins", False)
+        if mins is not False and mins is not True:
+            raise ShrinkError(f"weights plan: '{name}' has mins {mins!r} (true or false)")
+        if mins and ((bits, g) not in qz.MIN_FORMATS or k):
+            raise ShrinkError(f"weights plan: '{name}' stores fp16 mins at {bits} bits, group {g}"
+                              f"{', with outliers' if k else ''}; mins are for "
+                              f"{', '.join(f'{b}-bit group-{gg}' for b, gg in qz.MIN_FORMATS)} layers without outliers")
         specs = {"codes": (torch.int32, (rows, qz.code_words(cols, bits))),
-                 "scales": (torch.float16, (rows, qz.n_groups(cols, g))),
-                 "zeros": (torch.int32, (rows, qz.zero_words(cols, bits, g)))}
+                 "scales": (torch.float16, (rows, qz.n_groups(cols, g)))}
+        specs.update({"mins": (torch.float16, (rows, qz.n_groups(cols, g)))} if mins else
+                     {"zeros": (torch.int32, (rows, qz.zero_words(cols, bits, g)))})
         if k:
             specs.update({"outlier_rowptr": (torch.int32, (rows + 1,)), "outlier_cols": (col_dtype(cols), (k,)),
                           "outlier_vals": (torch.float16, (k,))})
@@ -509,7 +538,7 @@ def _expect(section: dict, tensors: dict[str, torch.Tensor], model) -> list[tupl
                     or bool((c >= cols).any()) or bool((c < 0).any())):
                 raise ShrinkError(f"checkpoint plan and tensors disagree: the outliers of '{name}' are not a "
                                   f"valid CSR of {k} entries in {rows}x{cols}")
-        todo.append((name, {"bits": bits, "group_size": g, "outliers": k}, m))
+        todo.append((name, {"bits": bits, "group_size": g, "outliers": k, "mins": mins}, m))
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ShrinkError(f"checkpoint plan and tensors disagree: '{extra[0]}' is not in the plan")
@@ -530,6 +559,7 @@ def apply_weights(model, section: dict, tensors: dict[str, torch.Tensor]) -> Non
         outliers = tuple(t(s) for s in OUTLIER_SUFFIXES) if spec["outliers"] else None
         bias = m.bias.detach().clone() if m.bias is not None else None
         q = QuantLinear(m.in_features, m.out_features, spec["bits"], spec["group_size"],
-                        t("codes"), t("scales"), t("zeros"), outliers, bias)
+                        t("codes"), t("scales"), None if spec["mins"] else t("zeros"), outliers, bias,
+                        mins=t("mins") if spec["mins"] else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, q)

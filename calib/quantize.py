@@ -8,12 +8,18 @@ an fp16 scale and an integer zero point z in [0, 2^b - 1]; a code q in [0, 2^b -
 (layout: docs/formats.md, "Packed weights (LLM-MQ)"). Outliers (sparse fp16, calib/mq.py) are
 excluded from the range of their group and stored with code = z, so the dense part is exactly 0
 there and the kernel adds the sparse part on top.
+
+With `mins` (the formats of packing.MIN_FORMATS) a group keeps its fp16 min m instead of z, and a code
+dequantizes to q * scale + m: the grid starts at the group's own minimum rather than at the nearest
+integer multiple of the step, so a weight already on a Q4_1 grid (the source GGUF's) is kept exactly.
+Such layers take no outliers (the dense part under an outlier would not be 0).
 """
 from __future__ import annotations
 
 import torch
 
-from shrinkrt.runtime.packing import (GROUP_SIZES, SUPPORTED_BITS, TILE, Packed, check_bits, code_words,  # noqa: F401
+from shrinkrt.runtime.packing import (GROUP_SIZES, MIN_FORMATS, SUPPORTED_BITS, TILE, Packed, check_bits,  # noqa: F401
+                                      code_words,
                                       dequantize, expand_groups, n_groups, pack, pack_bits, unpack, unpack_bits,
                                       zero_words)
 
@@ -36,8 +42,9 @@ def _maxq(bits, rows: int) -> torch.Tensor:
 
 
 def group_params(w: torch.Tensor, maxq: torch.Tensor, keep: torch.Tensor | None = None,
-                 col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (fp16-representable, float32) and zero point (float) of one group w (rows, g), per row.
+                 col_weight: torch.Tensor | None = None, mins: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable, float32) and zero point (float; with `mins`, the fp16-representable
+    min) of one group w (rows, g), per row.
 
     Positions in `keep` (outliers) neither set the range nor count in the error. The range is the
     min/max shrunk by the factor in RANGE_SHRINK with the least squared error (weighted per column
@@ -52,8 +59,8 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, keep: torch.Tensor | None 
     best_err = torch.full((w.shape[0],), float("inf"))
     best_s, best_z = torch.ones(w.shape[0]), torch.zeros(w.shape[0])
     for f in RANGE_SHRINK:
-        s, z = _scale_zero(xmin * f, xmax * f, maxq)
-        d = (_round(w, s[:, None], z[:, None], maxq[:, None]) - z[:, None]) * s[:, None] - w
+        s, z = _scale_zero(xmin * f, xmax * f, maxq, mins)
+        d = _deq(_round(w, s[:, None], z[:, None], maxq[:, None], mins), s[:, None], z[:, None], mins) - w
         if keep is not None:
             d = torch.where(keep, 0.0, d)
         err = (d * d * cw).sum(dim=1)
@@ -63,36 +70,52 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, keep: torch.Tensor | None 
     return best_s, best_z
 
 
-def _scale_zero(xmin, xmax, maxq):
+def _scale_zero(xmin, xmax, maxq, mins: bool = False):
     # Smallest fp16 normal as the floor: a constant group still gets a valid step.
     s = ((xmax - xmin) / maxq).clamp(min=2.0**-14).to(torch.float16).to(torch.float32)
+    if mins:
+        return s, xmin.to(torch.float16).to(torch.float32)
     z = torch.minimum(torch.round(-xmin / s).clamp(min=0), maxq)
     return s, z
 
 
-def _round(w, s, z, maxq):
+def _round(w, s, z, maxq, mins: bool = False):
+    """Codes of w on the grid (q - z) * s, or q * s + z with `mins` (z the group's min)."""
+    if mins:
+        return torch.minimum(torch.round((w - z) / s).clamp(min=0), maxq)
     return torch.minimum((torch.round(w / s) + z).clamp(min=0), maxq)
 
 
+def _deq(q, s, z, mins: bool = False):
+    """The value the reference dequantization (runtime/packing.py) gives code q."""
+    return q * s + z if mins else (q - z) * s
+
+
+def _check_mins(keep, mins: bool) -> None:
+    if mins and keep is not None and bool(keep.any()):
+        raise ValueError("a layer stored with mins takes no outliers")
+
+
 def quantize_rtn(w: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
-                 col_weight: torch.Tensor | None = None):
-    """Round to nearest. Returns (codes (rows, cols) int64, scales (rows, G), zeros (rows, G) int64,
-    W' float32): W' is what the model computes with (outliers keep their exact value, their code
-    is the zero point so the dense part is 0 there)."""
+                 col_weight: torch.Tensor | None = None, mins: bool = False):
+    """Round to nearest. Returns (codes (rows, cols) int64, scales (rows, G), zeros (rows, G) int64
+    (with `mins`: the mins, float32), W' float32): W' is what the model computes with (outliers keep
+    their exact value, their code is the zero point so the dense part is 0 there)."""
+    _check_mins(keep, mins)
     rows, cols = w.shape
     maxq = _maxq(bits, rows)
     w = w.float()
     G = n_groups(cols, group_size)
     q = torch.empty(rows, cols, dtype=torch.int64)
-    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.int64)
+    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.float32 if mins else torch.int64)
     for g in range(G):
         c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
         kg = keep[:, c0:c1] if keep is not None else None
         cw = col_weight[c0:c1] if col_weight is not None else None
-        s, z = group_params(w[:, c0:c1], maxq, kg, cw)
-        q[:, c0:c1] = _round(w[:, c0:c1], s[:, None], z[:, None], maxq[:, None]).long()
-        scales[:, g], zeros[:, g] = s, z.long()
-    deq = (q - expand_groups(zeros, group_size, cols)).float() * expand_groups(scales, group_size, cols)
+        s, z = group_params(w[:, c0:c1], maxq, kg, cw, mins)
+        q[:, c0:c1] = _round(w[:, c0:c1], s[:, None], z[:, None], maxq[:, None], mins).long()
+        scales[:, g], zeros[:, g] = s, (z if mins else z.long())
+    deq = _deq(q.float(), expand_groups(scales, group_size, cols), expand_groups(zeros, group_size, cols).float(), mins)
     if keep is not None:
         q = torch.where(keep, expand_groups(zeros, group_size, cols), q)
         deq = torch.where(keep, w, deq)
@@ -111,7 +134,8 @@ def inverse_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
 
 
 def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
-                  damp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None, act_order: bool = False):
+                  damp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None, act_order: bool = False,
+                  mins: bool = False):
     """GPTQ (Frantar et al. 2022): quantize columns left to right, spreading each column's error
     over the columns not yet quantized through the inverse Hessian H = E[x x^T] of the layer input.
     Blocks equal groups, so each group's range is taken from fully updated weights. Outliers in
@@ -121,11 +145,14 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
     act_order: columns in order of decreasing input energy (diag H), so the most active inputs are
     rounded first and the error lands on the quiet ones; groups stay contiguous in the stored layout
     (the kernels read no permutation), so each group's range is fixed up front from the weights
-    ("static groups"). `hinv` must then be inverse_hessian of H permuted by activation_order(H)."""
+    ("static groups"). `hinv` must then be inverse_hessian of H permuted by activation_order(H).
+    `mins`: groups keep their min instead of a zero point (quantize_rtn)."""
+    _check_mins(keep, mins)
     rows, cols = w.shape
     maxq = _maxq(bits, rows)
     G = n_groups(cols, group_size)
-    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=torch.int64)
+    zdtype = torch.float32 if mins else torch.int64
+    scales, zeros = torch.empty(rows, G), torch.empty(rows, G, dtype=zdtype)
     bounds = [(g * group_size, min(cols, (g + 1) * group_size)) for g in range(G)]
     if act_order:
         perm = activation_order(H)
@@ -142,8 +169,9 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
     keep_t = keep[:, perm].t() if keep is not None else None
     if act_order:
         for g, (c0, c1) in enumerate(bounds):  # static groups: ranges from the weights before any update
-            s_g, z_g = group_params(w[:, c0:c1], maxq, keep[:, c0:c1] if keep is not None else None, energy[c0:c1])
-            scales[:, g], zeros[:, g] = s_g, z_g.long()
+            s_g, z_g = group_params(w[:, c0:c1], maxq, keep[:, c0:c1] if keep is not None else None, energy[c0:c1],
+                                    mins)
+            scales[:, g], zeros[:, g] = s_g, z_g.to(zdtype)
         col_s = expand_groups(scales, group_size, cols)[:, perm].t()
         col_z = expand_groups(zeros, group_size, cols)[:, perm].t().float()
         spans, params = [(0, cols)], lambda c0, c1: (col_s[c0:c1], col_z[c0:c1])
@@ -151,11 +179,11 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
         def params(c0, c1):  # the group's range from its fully updated weights
             g = c0 // group_size
             s_g, z_g = group_params(Wt[c0:c1].t(), maxq, keep[:, c0:c1] if keep is not None else None,
-                                    energy[c0:c1])
-            scales[:, g], zeros[:, g] = s_g, z_g.long()
+                                    energy[c0:c1], mins)
+            scales[:, g], zeros[:, g] = s_g, z_g.to(zdtype)
             return s_g.expand(c1 - c0, rows), z_g.expand(c1 - c0, rows)
         spans = bounds
-    q, out = _sweep(Wt, Hinv, maxq, keep_t, spans, params)
+    q, out = _sweep(Wt, Hinv, maxq, keep_t, spans, params, mins)
     inv = torch.argsort(perm)
     q, out = q[inv].t(), out[inv].t()
     if keep is not None:
@@ -163,7 +191,7 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
     return q.contiguous(), scales, zeros, out.contiguous()
 
 
-def _sweep(Wt, Hinv, maxq, keep_t, spans, params):
+def _sweep(Wt, Hinv, maxq, keep_t, spans, params, mins: bool = False):
     """GPTQ's column loop over W^T: round column i with its (scale, zero), spread its error over the
     columns after it (one by one inside a LAZY block, one matmul for the rest). `params(c0, c1)` is
     called as span [c0, c1) starts and gives the per-column scales and zeros of the span."""
@@ -177,8 +205,8 @@ def _sweep(Wt, Hinv, maxq, keep_t, spans, params):
             b1 = min(b0 + LAZY, c1)
             for i in range(b0, b1):
                 col, s, z = Wt[i], s_cols[i - c0], z_cols[i - c0]
-                qi = _round(col, s, z, maxq)
-                di = (qi - z) * s
+                qi = _round(col, s, z, maxq, mins)
+                di = _deq(qi, s, z, mins)
                 if keep_t is not None:
                     di = torch.where(keep_t[i], col, di)
                 q[i], out[i] = qi.long(), di

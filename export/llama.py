@@ -162,7 +162,7 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
         y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight().T))
         return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
     if isinstance(m, QuantLinear):
-        fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype)
+        fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype, m.has_mins)
         g.functions[f"{fn.name}/{fn.overload}"] = fn
         feeds = ops.quant_matmul_inputs(path, m)
         for t in feeds["initializers"]:
@@ -170,7 +170,7 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
         y = f"{path}/y"
         g.nodes.append(ops.node("QuantMatMul", [x, *feeds["inputs"]], [y], f"{path}/QuantMatMul", fn.overload,
                                 bits=m.bits, group_size=m.group_size, in_features=m.in_features,
-                                out_features=m.out_features))
+                                out_features=m.out_features, has_mins=int(m.has_mins)))
         bias = m.bias
     else:
         y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight.T))

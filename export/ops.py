@@ -87,16 +87,20 @@ def _unpack_stream(b: Body, words: str, rows: int, n: int, bits: int) -> str:
 
 
 def quant_matmul_function(bits: int, group_size: int, in_features: int, out_features: int,
-                          dtype: str = "float32") -> onnx.FunctionProto:
-    """Reference body of QuantMatMul for one (bits, group, K, N, activation dtype)."""
+                          dtype: str = "float32", mins: bool = False) -> onnx.FunctionProto:
+    """Reference body of QuantMatMul for one (bits, group, K, N, activation dtype, zero-point kind):
+    w = (q - z) * s, or q * s + m where `zeros` holds the fp16 mins (has_mins = 1)."""
     K, N, F = in_features, out_features, ONNX_DTYPE[dtype]
     G = math.ceil(K / group_size)
     b = Body("")
     codes = _unpack_stream(b, "codes", N, K, bits)
-    zeros = _unpack_stream(b, "zeros", N, G, bits)
     group_of = b.const(np.arange(K) // group_size, np.int64, "group_of_col")
     scale = b("Gather", b("Cast", "scales", to=TensorProto.FLOAT), group_of, axis=1)
-    w = b("Mul", b("Sub", codes, b("Gather", zeros, group_of, axis=1)), scale)  # (N, K)
+    if mins:
+        w = b("Add", b("Mul", codes, scale), b("Gather", b("Cast", "zeros", to=TensorProto.FLOAT), group_of, axis=1))
+    else:
+        zeros = _unpack_stream(b, "zeros", N, G, bits)
+        w = b("Mul", b("Sub", codes, b("Gather", zeros, group_of, axis=1)), scale)  # (N, K)
     # Outliers: row of entry i = number of rows whose end pointer is <= i; padding entries
     # (i >= rowptr[N]) get value 0 at row N-1 so the scatter stays in range.
     nnz = b("Shape", "outlier_vals")
@@ -117,12 +121,13 @@ def quant_matmul_function(bits: int, group_size: int, in_features: int, out_feat
     b.nodes.append(helper.make_node("Identity", [y], ["Y"], name="output"))
     fn = helper.make_function(DOMAIN, "QuantMatMul", SCHEMAS["QuantMatMul"][0], ["Y"], b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=SCHEMAS["QuantMatMul"][2])
-    fn.overload = quant_matmul_overload(bits, group_size, in_features, out_features, dtype)
+    fn.overload = quant_matmul_overload(bits, group_size, in_features, out_features, dtype, mins)
     return fn
 
 
-def quant_matmul_overload(bits: int, group_size: int, in_features: int, out_features: int, dtype: str) -> str:
-    return f"b{bits}_g{group_size}_k{in_features}_n{out_features}_{dtype}"
+def quant_matmul_overload(bits: int, group_size: int, in_features: int, out_features: int, dtype: str,
+                          mins: bool = False) -> str:
+    return f"b{bits}_g{group_size}{'_min' if mins else ''}_k{in_features}_n{out_features}_{dtype}"
 
 
 def quant_matmul_inputs(prefix: str, m) -> dict:
@@ -137,7 +142,8 @@ def quant_matmul_inputs(prefix: str, m) -> dict:
     else:
         rowptr, cols, vals = np.zeros(N + 1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float16)
     arrays = {"codes": m.codes.numpy().astype(np.int32), "scales": m.scales.numpy().astype(np.float16),
-              "zeros": m.zeros.numpy().astype(np.int32), "outlier_rowptr": rowptr, "outlier_cols": cols,
+              "zeros": m.mins.numpy().astype(np.float16) if m.has_mins else m.zeros.numpy().astype(np.int32),
+              "outlier_rowptr": rowptr, "outlier_cols": cols,
               "outlier_vals": vals}
     names = [f"{prefix}.{k}" for k in arrays]
     return {"inputs": names, "initializers": [numpy_helper.from_array(a, n) for n, a in zip(names, arrays.values())]}

@@ -5,7 +5,8 @@ MatMulNBits takes the same quantization as our packed layout (w = (q - zero) * s
 block of `group_size` columns), in its own packing: B uint8 (N, blocks, group_size * bits / 8) with
 code j of a byte at bits [j*bits, (j+1)*bits), zero points packed the same way per row, fp32 scales.
 It runs 2, 4 and 8 bits on CPU; a 3-bit layer goes into the 4-bit container (exact: codes and zero
-points < 8), which costs one extra bit per weight: `container_bytes` reports it.
+points < 8), which costs one extra bit per weight: `container_bytes` reports it. A layer with fp16 mins
+(w = q * s + m) becomes float zero points z = -m / s, which MatMulNBits also takes (w = (q - z) * s).
 """
 from __future__ import annotations
 
@@ -41,21 +42,26 @@ def _nbits_parts(m):
     G = n_groups(K, gs)
     codes = unpack_bits(m.codes, m.bits, K).numpy()
     codes = np.pad(codes, ((0, 0), (0, G * gs - K)))
-    zeros = unpack_bits(m.zeros, m.bits, G).numpy()
     B = _pack_rows(codes, bits).reshape(N, G, gs * bits // 8)
+    scales = m.scales.float().numpy()
+    if m.has_mins:  # float zero points, computed in fp32 as MatMulNBits dequantizes (q - z) * s
+        zp = (-m.mins.float().numpy() / scales).reshape(-1)
+    else:
+        zp = _pack_rows(unpack_bits(m.zeros, m.bits, G).numpy(), bits)
     rows, cols, vals = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     if m.n_outliers:
         rows = np.repeat(np.arange(N), np.diff(m.outlier_rowptr.numpy()))
         c = m.outlier_cols
         cols = (c.long() & 0xFFFF if c.dtype.itemsize == 2 else c.long()).numpy()
         vals = m.outlier_vals.float().numpy()
-    return B, m.scales.float().numpy().reshape(-1), _pack_rows(zeros, bits), (rows, cols, vals)
+    return B, scales.reshape(-1), zp, (rows, cols, vals)
 
 
 def packable(mods) -> bool:
-    """Linears one MatMulNBits can carry side by side: same input, container bits and group size."""
+    """Linears one MatMulNBits can carry side by side: same input, container bits, group size and
+    zero-point kind (uint8 codes or floats from fp16 mins)."""
     return all(m.in_features == mods[0].in_features and CONTAINER[m.bits] == CONTAINER[mods[0].bits]
-               and m.group_size == mods[0].group_size for m in mods)
+               and m.group_size == mods[0].group_size and m.has_mins == mods[0].has_mins for m in mods)
 
 
 def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None = None) -> str:
@@ -71,7 +77,8 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
     zp = np.concatenate([p[2] for p in parts])
     N = B.shape[0]
     names = [g.weight(f"{path}.nbits_B", B), g.weight(f"{path}.nbits_scales", scales.astype(g.np_float)),
-             g.weight(f"{path}.nbits_zero_points", zp.reshape(-1))]
+             g.weight(f"{path}.nbits_zero_points", zp.reshape(-1).astype(g.np_float) if mods[0].has_mins
+                      else zp.reshape(-1))]
     y = f"{path}/y"
     g.nodes.append(helper.make_node("MatMulNBits", [x, *names], [y], name=f"{path}/MatMulNBits",
                                     domain="com.microsoft", K=K, N=N, bits=bits, block_size=gs,
@@ -90,6 +97,7 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
         nbytes += 8 * len(used) + dense.astype(g.np_float).nbytes
     for m, name in zip(mods, module_names or [path]):
         g.stats.setdefault("matmul_nbits", []).append({"name": name, "bits": m.bits, "container_bits": bits,
+                                                        "mins": m.has_mins,
                                                         "bytes": int(nbytes * m.out_features / N),
                                                         "packed_with": len(mods)})
     return y

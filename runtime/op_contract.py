@@ -18,7 +18,8 @@ SCHEMAS = {
     "QuantMatMul": (
         ["X", "codes", "scales", "zeros", "outlier_rowptr", "outlier_cols", "outlier_vals"],
         ["Y"],
-        ["bits", "group_size", "in_features", "out_features"]),
+        # has_mins: 1 = `zeros` holds the fp16 min per (row, group) and w = q * s + m (WEIGHT_MIN_FORMATS)
+        ["bits", "group_size", "in_features", "out_features", "has_mins"]),
     "BiBranchAttention": (
         # the scales come last: a 16-bit feature branch has none, and the node simply ends earlier
         ["q", "k", "v", "c_k", "c_v", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias", "v_bias",
@@ -50,6 +51,10 @@ WEIGHT_BITS = (2, 3, 4, 8)
 # Columns per (row, group) scale and zero point; the calibration may choose one per layer. 32 is the
 # source GGUF's own block (Q4_1); MatMulNBits takes each as its block_size.
 WEIGHT_GROUP_SIZES = (32, 64, 128)
+# (bits, group) a layer may store with an fp16 min per group instead of an integer zero point
+# (w = q * s + m: Q4_1's own form, 5.0 bits per weight at group 32). The source GGUF is Q4_1, so this
+# format holds its linears exactly, where an integer zero point shifts the grid by up to half a step.
+WEIGHT_MIN_FORMATS = ((4, 32),)
 
 # Limits of the ahead-of-time attention kernels, which the plugins size their workspace by.
 RANK_PAD = 256  # feature ranks the kernels take at most (>= n_kv * head_dim of the default model)
@@ -89,6 +94,8 @@ def cpp_header() -> str:
            f"constexpr int32_t kWordBits = {WORD_BITS};",
            "constexpr int32_t kWeightBits[] = {" + ", ".join(map(str, WEIGHT_BITS)) + "};",
            "constexpr int32_t kWeightGroupSizes[] = {" + ", ".join(map(str, WEIGHT_GROUP_SIZES)) + "};",
+           "constexpr int32_t kWeightMinFormats[][2] = {" + ", ".join(f"{{{b}, {g}}}" for b, g in WEIGHT_MIN_FORMATS)
+           + "};",
            f"constexpr int64_t kRankPad = {RANK_PAD};",
            f"constexpr int64_t kSplitsPad = {SPLITS_PAD};",
            f"constexpr int64_t kMinSplit = {MIN_SPLIT};",

@@ -3,8 +3,9 @@ codes and zero points in int32 words, fp16 scales per (row, group), and the refe
 dequantization. One place for the layout: calibration writes it (calib/quantize.py), the runtime's
 QuantLinear and the export's MatMulNBits lowering read it, the kernels' tests check against it.
 
-A code q in [0, 2^b - 1] with zero point z and scale s dequantizes to (q - z) * s; groups run along
-the input dimension (the last group of a row may be shorter).
+A code q in [0, 2^b - 1] with zero point z and scale s dequantizes to (q - z) * s; or, in a layer
+stored with fp16 mins (MIN_FORMATS), to q * s + m with the group's min m. Groups run along the input
+dimension (the last group of a row may be shorter).
 """
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ from dataclasses import dataclass
 import torch
 
 from shrinkrt.errors import ShrinkError
-from shrinkrt.runtime.op_contract import WEIGHT_BITS as SUPPORTED_BITS, WEIGHT_GROUP_SIZES as GROUP_SIZES
+from shrinkrt.runtime.op_contract import (WEIGHT_BITS as SUPPORTED_BITS, WEIGHT_GROUP_SIZES as GROUP_SIZES,
+                                          WEIGHT_MIN_FORMATS as MIN_FORMATS)
 TILE = 32  # codes per tile: a tile of b-bit codes is exactly b int32 words, for every b
 
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ShrinkError(f"unsupported bit width {bits} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+
+
+def check_min_format(bits: int, group_size: int) -> None:
+    if (bits, group_size) not in MIN_FORMATS:
+        raise ShrinkError(f"fp16 mins are stored for {' and '.join(f'{b}-bit group-{g}' for b, g in MIN_FORMATS)} "
+                          f"layers only (got {bits}-bit group-{group_size})")
 
 
 def n_groups(cols: int, group_size: int) -> int:
@@ -75,36 +83,50 @@ class Packed:
     cols: int
     codes: torch.Tensor   # int32 (rows, code_words)
     scales: torch.Tensor  # float16 (rows, n_groups)
-    zeros: torch.Tensor   # int32 (rows, zero_words)
+    zeros: torch.Tensor | None   # int32 (rows, zero_words); None in a layer with mins
+    mins: torch.Tensor | None = None  # float16 (rows, n_groups): w = q * s + m (MIN_FORMATS only)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros, self.mins)
+                   if t is not None)
 
 
-def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> Packed:
-    """Codes (rows, cols) and per-group zero points (rows, n_groups) -> Packed. The tail of the last
-    tile is filled with the last group's zero point, so padded positions dequantize to exactly 0."""
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+         mins: bool = False) -> Packed:
+    """Codes (rows, cols) and per-group zero points (rows, n_groups) -> Packed; with `mins`, `zeros`
+    holds each group's min instead (stored as fp16). The tail of the last tile is filled with the last
+    group's zero point, so padded positions dequantize to exactly 0; with mins the tail codes are 0 and
+    dequantize to the min (kernels mask columns >= K, the activation there is zero-padded anyway)."""
     rows, cols = q.shape
     tail = -(-cols // TILE) * TILE - cols
-    full = torch.cat([q.to(torch.int64), zeros[:, -1:].to(torch.int64).expand(rows, tail)], dim=1)
-    return Packed(bits, group_size, rows, cols,
-                  pack_bits(full, bits, code_words(cols, bits)),
-                  scales.to(torch.float16).contiguous(),
+    fill = torch.zeros(rows, tail, dtype=torch.int64) if mins else zeros[:, -1:].to(torch.int64).expand(rows, tail)
+    codes = pack_bits(torch.cat([q.to(torch.int64), fill], dim=1), bits, code_words(cols, bits))
+    if mins:
+        check_min_format(bits, group_size)
+        return Packed(bits, group_size, rows, cols, codes, scales.to(torch.float16).contiguous(), None,
+                      zeros.to(torch.float16).contiguous())
+    return Packed(bits, group_size, rows, cols, codes, scales.to(torch.float16).contiguous(),
                   pack_bits(zeros, bits, zero_words(cols, bits, group_size)))
 
 
 def unpack(p: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed -> (codes (rows, cols), zero points (rows, n_groups)), both int64."""
+    """Packed -> (codes (rows, cols) int64, zero points (rows, n_groups) int64, or the mins as float32)."""
+    if p.mins is not None:
+        return unpack_bits(p.codes, p.bits, p.cols), p.mins.float()
     return (unpack_bits(p.codes, p.bits, p.cols),
             unpack_bits(p.zeros, p.bits, n_groups(p.cols, p.group_size)))
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-               cols: int) -> torch.Tensor:
-    """The reference dequantization of the stored tensors -> float32 (rows, cols), outliers not added."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
+               cols: int, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference dequantization of the stored tensors -> float32 (rows, cols), outliers not added:
+    (q - z) * s, or q * s + m where the layer has fp16 `mins` (then `zeros` is not read)."""
     q = unpack_bits(codes, bits, cols)
+    s = expand_groups(scales.to(torch.float32), group_size, cols)
+    if mins is not None:
+        return q.to(torch.float32) * s + expand_groups(mins.to(torch.float32), group_size, cols)
     z = unpack_bits(zeros, bits, scales.shape[1])
-    return (q - expand_groups(z, group_size, cols)).to(torch.float32) * expand_groups(scales.to(torch.float32), group_size, cols)
+    return (q - expand_groups(z, group_size, cols)).to(torch.float32) * s
 
 
 def expand_groups(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:

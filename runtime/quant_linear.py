@@ -15,15 +15,17 @@ from shrinkrt.runtime import kernels
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.has_mins = mins is not None  # fp16 min per group instead of integer zero points
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
+        self.register_buffer("mins", mins)
         self.register_buffer("bias", bias)
         self.n_outliers = 0
         if outliers is not None:
@@ -37,9 +39,13 @@ class QuantLinear(nn.Module):
                                            (rowptr[1:] - rowptr[:-1]).long())
             self.register_buffer("_outlier_rows", rows, persistent=False)
 
+    def zero_points(self) -> torch.Tensor:
+        """What a kernel reads in the zero-point slot: the int32 zero-point stream, or the fp16 mins."""
+        return self.mins if self.has_mins else self.zeros
+
     def weight(self) -> torch.Tensor:
         """The dequantized weight (out_features, in_features) in float32, outliers included."""
-        w = dequantize(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+        w = dequantize(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.mins)
         if self.n_outliers:
             # The dense codes under an outlier dequantize to exactly 0, so adding is setting.
             cols = self.outlier_cols.long() & 0xFFFF if self.outlier_cols.dtype == torch.int16 \
@@ -50,7 +56,7 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes the packed weight holds (codes, scales, zeros, outliers; bias excluded)."""
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False)
-                   if n != "bias" and not n.startswith("_"))
+                   if n != "bias" and not n.startswith("_") and b is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.enabled(x):
@@ -60,4 +66,4 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, outliers={self.n_outliers}")
+                f"group_size={self.group_size}, outliers={self.n_outliers}{', mins' if self.has_mins else ''}")

@@ -13,14 +13,15 @@ from shrinkrt.runtime.quant_linear import QuantLinear
 ort = pytest.importorskip("onnxruntime")
 
 
-def quant_layer(N, K, bits, group, n_out, seed=0):
+def quant_layer(N, K, bits, group, n_out, seed=0, mins=False):
+    """A QuantLinear of random weights (RTN); `mins`: stored with fp16 mins (no outliers then)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=gen)
     keep = select_outliers(w, torch.ones(K), n_out) if n_out else None
-    q, s, z, _ = qz.quantize_rtn(w, bits, group, keep=keep)
-    p = qz.pack(q, s, z, bits, group)
+    q, s, z, _ = qz.quantize_rtn(w, bits, group, keep=keep, mins=mins)
+    p = qz.pack(q, s, z, bits, group, mins=mins)
     outl = to_csr(keep, w) if n_out else None
-    return QuantLinear(K, N, bits, group, p.codes, p.scales, p.zeros, outl)
+    return QuantLinear(K, N, bits, group, p.codes, p.scales, p.zeros, outl, mins=p.mins)
 
 
 def quant_matmul_model(layers, dtype="float32"):
@@ -31,11 +32,11 @@ def quant_matmul_model(layers, dtype="float32"):
     for i, m in enumerate(layers):
         names = ops.quant_matmul_inputs(f"l{i}", m)
         inits += names["initializers"]
-        fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, dtype)
+        fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, dtype, m.has_mins)
         fns[fn.overload] = fn
         nodes.append(ops.node("QuantMatMul", ["X", *names["inputs"]], [f"Y{i}"], f"qmm{i}", fn.overload,
                               bits=m.bits, group_size=m.group_size, in_features=m.in_features,
-                              out_features=m.out_features))
+                              out_features=m.out_features, has_mins=int(m.has_mins)))
         outs.append(helper.make_tensor_value_info(f"Y{i}", F, ["B", "T", m.out_features]))
     graph = helper.make_graph(nodes, "qmm", [helper.make_tensor_value_info("X", F, ["B", "T", K])], outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET),
@@ -62,15 +63,29 @@ def test_quant_matmul_body_matches_reference(bits):
         assert np.abs(y - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+def test_quant_matmul_body_with_mins_matches_reference():
+    """A 4-bit group-32 layer with fp16 mins (w = q * s + m) beside one with zero points, in one graph:
+    each body gives its QuantLinear's product, on a K that is not a multiple of the group."""
+    layers = [quant_layer(37, 200, 4, 32, 0, seed=4, mins=True), quant_layer(19, 200, 4, 32, 0, seed=5)]
+    assert layers[0].has_mins and layers[0].mins.dtype == torch.float16 and not layers[1].has_mins
+    x = torch.randn(2, 3, 200, generator=torch.Generator().manual_seed(6))
+    got = run(quant_matmul_model(layers), {"X": x.numpy()})
+    for m, y in zip(layers, got):
+        ref = m(x).numpy()
+        assert np.abs(y - ref).max() < 1e-4 * np.abs(ref).max()
+
+
 def test_quant_matmul_attributes_are_int32_and_plugin_tagged():
     with pytest.raises(ValueError, match="int32"):
-        ops.node("QuantMatMul", ["X"], ["Y"], "n", bits=4, group_size=64, in_features=2**31, out_features=8)
+        ops.node("QuantMatMul", ["X"], ["Y"], "n", bits=4, group_size=64, in_features=2**31, out_features=8,
+                 has_mins=0)
     with pytest.raises(ValueError, match="takes attributes"):
         ops.node("QuantMatMul", ["X"], ["Y"], "n", bits=4)
-    n = ops.node("QuantMatMul", ["X"], ["Y"], "n", bits=4, group_size=64, in_features=8, out_features=8)
+    n = ops.node("QuantMatMul", ["X"], ["Y"], "n", bits=4, group_size=64, in_features=8, out_features=8,
+                 has_mins=1)
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
     assert attrs["plugin_namespace"] == b"shrinkrt" and attrs["plugin_version"] == b"1"
-    assert n.domain == "shrinkrt" and n.op_type == "QuantMatMul"
+    assert attrs["has_mins"] == 1 and n.domain == "shrinkrt" and n.op_type == "QuantMatMul"
 
 
 def bi_branch_model(attn, cfg, dtype="float32", hidden=None):

@@ -12,7 +12,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it where
     pytest.skip("kernels are compiled for the GPU here: tests/gpu checks them on the device",
                 allow_module_level=True)
 
-from shrinkrt.runtime.op_contract import WEIGHT_BITS, WEIGHT_GROUP_SIZES  # noqa: E402
+from shrinkrt.runtime.op_contract import WEIGHT_BITS, WEIGHT_GROUP_SIZES, WEIGHT_MIN_FORMATS  # noqa: E402
 from shrinkrt.plugins.kernels import aot  # noqa: E402
 from shrinkrt.plugins.kernels.qgemv import qgemv  # noqa: E402
 from tests.test_export_ops import quant_layer  # noqa: E402
@@ -30,6 +30,19 @@ def test_qgemv_matches_reference(bits, group, n_out):
         y, ref = qgemv(x, m), m(x)
         # fp32 both sides; the kernel sums in its own order: ~1e-6 relative
         assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-5
+
+
+def test_qgemv_and_dequant_with_mins_match_reference():
+    """The fp16-min format (w = q * s + m, 4-bit group 32): the GEMV at 1/3/8 rows and the prefill
+    dequantization give QuantLinear's product and weight; K not a multiple of 32 (masked tail codes)."""
+    from shrinkrt.plugins.kernels.dequant import dequant
+
+    m = quant_layer(45, 200, 4, 32, 0, seed=7, mins=True)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 200, generator=torch.Generator().manual_seed(M))
+        y, ref = qgemv(x, m), m(x)
+        assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-5
+    assert torch.equal(dequant(m), m.weight().half())
 
 
 @pytest.mark.model
@@ -66,11 +79,13 @@ def test_aot_builds_every_kernel_for_sm75(tmp_path):
     names = [k["name"] for k in manifest["kernels"]]
     weights = len(WEIGHT_BITS) * len(WEIGHT_GROUP_SIZES)  # 4 widths x 3 group sizes
     # per (bits, group): a GEMV per padded row count, with and without outliers, and a dequant kernel;
+    # per fp16-min format (4 bits, group 32): the GEMVs the plugin launches (o1) and a dequant kernel;
     # then SmolLM2's attention: 8 split + 3 reduce/feature kernels
-    assert len(names) == len(aot.specializations()) == weights * (2 * len(aot.QGEMV_ROWS) + 1) + 11 == 95
-    assert len(set(names)) == 95
+    mins = len(WEIGHT_MIN_FORMATS) * (len(aot.QGEMV_ROWS) + 1)
+    assert len(names) == len(aot.specializations()) == weights * (2 * len(aot.QGEMV_ROWS) + 1) + mins + 11 == 99
+    assert len(set(names)) == 99 and "qgemv_b4_g32_min_m8_o1" in names and "dequant_b4_g32_min" in names
     src = (tmp_path / "a" / "shrinkrt_kernels.gen.cpp").read_text()
-    assert "kNumKernels = 95" in src and all(f'"{n}"' in src for n in names)
+    assert "kNumKernels = 99" in src and all(f'"{n}"' in src for n in names)
     for k in manifest["kernels"]:
         cubin = tmp_path / "a" / f"{k['name']}.sm_75.cubin"
         assert k["arch"] == "sm_75" and cubin.stat().st_size == k["cubin_bytes"] > 1000

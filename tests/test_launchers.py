@@ -290,7 +290,7 @@ def test_quant_matmul(gpu, launchers, bits, group, rows):
     K, N = 576, 96
     ins, dense = _quant_case(bits, group, K, N, n_outliers=37)
     x = (torch.randn(1, rows, K, generator=torch.Generator().manual_seed(1))).half()
-    h, err = launchers.create("quant_matmul", [bits, group, K, N])  # kAttributes order
+    h, err = launchers.create("quant_matmul", [bits, group, K, N, 0])  # kAttributes order
     assert h, err
     try:
         assert launchers.call("shrinkrt_quant_matmul_load", h) == ""
@@ -313,6 +313,39 @@ def test_quant_matmul(gpu, launchers, bits, group, rows):
     assert err <= 2e-3 * ref.abs().max().item(), err
 
 
+def test_quant_matmul_with_mins(gpu, launchers):
+    """The fp16-min format (4-bit, groups of 32, w = q * s + m, no outliers): one GEMV for 1 row and the
+    dequant + GEMM path is not reached (no cuBLASLt): 3 rows through the m4 GEMV named `_min`; within
+    fp16 rounding of the dense fp32 product."""
+    from shrinkrt.runtime import packing
+
+    K, N, rows = 576, 96, 3
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    scales = (torch.rand(N, K // 32, generator=g) * 0.02 + 0.002).half()
+    mins = (-(torch.rand(N, K // 32, generator=g) * 0.15)).half()
+    p = packing.pack(q, scales, mins, 4, 32, mins=True)
+    dense = packing.dequantize(p.codes, p.scales, None, 4, 32, K, mins=p.mins)
+    ins = [p.codes, p.scales, p.mins, torch.zeros(N + 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+           torch.zeros(1, dtype=torch.float16)]
+    x = torch.randn(1, rows, K, generator=torch.Generator().manual_seed(1)).half()
+    h, err = launchers.create("quant_matmul", [4, 32, K, N, 1])
+    assert h, err
+    try:
+        assert launchers.call("shrinkrt_quant_matmul_load", h) == ""
+        ptrs = [gpu.upload(t) for t in [x, *ins]]
+        y = gpu.alloc(rows * N * 2)
+        err = launchers.call("shrinkrt_quant_matmul_enqueue", h, rows, _ptrs(ptrs), y, None, None)
+        gpu.raise_failure()
+        assert err == "" and gpu.guards_broken() == 0
+        got = gpu.download(y, (rows, N), torch.float16).float()
+    finally:
+        launchers.lib.shrinkrt_quant_matmul_destroy(h)
+    assert [ln["name"] for ln in gpu.launches] == ["qgemv_b4_g32_min_m4_o1"]
+    ref = x[0].float() @ dense.T
+    assert (got - ref).abs().max().item() <= 2e-3 * ref.abs().max().item()
+
+
 # what the stand-in catches and what the launchers report -----------------------------------------------
 
 def test_a_pointer_outside_every_allocation_fails_the_launch(gpu, launchers):
@@ -320,7 +353,7 @@ def test_a_pointer_outside_every_allocation_fails_the_launch(gpu, launchers):
     naming the kernel's parameter, and the launcher reports the failed launch in one line."""
     ins, _ = _quant_case(4, 64, 576, 96, n_outliers=0)
     x = torch.zeros(1, 1, 576, dtype=torch.float16)
-    h, _ = launchers.create("quant_matmul", [4, 64, 576, 96])
+    h, _ = launchers.create("quant_matmul", [4, 64, 576, 96, 0])
     try:
         assert launchers.call("shrinkrt_quant_matmul_load", h) == ""
         ptrs = [x.data_ptr()] + [gpu.upload(t) for t in ins]  # X left in host memory
@@ -341,7 +374,7 @@ def test_injected_driver_faults(gpu, launchers, monkeypatch, fail, at, said):
     driver's error; a launcher whose load failed refuses to enqueue."""
     monkeypatch.setenv("SHRINKRT_FAKE_CUDA_FAIL", fail)
     ins, _ = _quant_case(3, 128, 576, 96, n_outliers=0)
-    h, _ = launchers.create("quant_matmul", [3, 128, 576, 96])
+    h, _ = launchers.create("quant_matmul", [3, 128, 576, 96, 0])
     try:
         load_err = launchers.call("shrinkrt_quant_matmul_load", h)
         ptrs = [gpu.upload(t) for t in [torch.zeros(1, 1, 576, dtype=torch.float16), *ins]]
@@ -359,8 +392,8 @@ def test_injected_driver_faults(gpu, launchers, monkeypatch, fail, at, said):
     ("bibranch", [9, 3, 64, 64, 48, 96, 5, 0], "bits must be 16, 8 or 4 (got 5)"),
     ("bibranch", [9, 3, 64, 48, 48, 96, 4, 0], "no kernel bibranch_split_b4_pre_h9g3d64w48"),
     ("bibranch", [9, 3, 64, 64, 300, 96, 4, 0], "rank_k and rank_v must be in 1..256"),
-    ("quant_matmul", [5, 64, 576, 96], "bits must be one of 2, 3, 4, 8 (got 5)"),
-    ("quant_matmul", [4, 16, 576, 96], "group_size must be one of 32, 64, 128 (got 16)")])
+    ("quant_matmul", [5, 64, 576, 96, 0], "bits must be one of 2, 3, 4, 8 (got 5)"),
+    ("quant_matmul", [4, 16, 576, 96, 0], "group_size must be one of 32, 64, 128 (got 16)")])
 def test_create_names_what_the_library_cannot_run(launchers, op, attrs, said):
     h, err = launchers.create(op, attrs)
     assert not h and said in err, err

@@ -209,6 +209,55 @@ def test_apply_tracks_fp_at_8_bits(tiny):
     assert (out - ref).abs().max() < 0.02 * ref.abs().max()
 
 
+def snap_to_q4_1(model):
+    """Put every target linear on Q4_1 grids (groups of 32, fp16 step and min), as the embedded GGUF's are."""
+    with torch.no_grad():
+        for _, m in mq.target_linears(model):
+            m.weight.copy_(qz.quantize_rtn(m.weight.float(), 4, 32, mins=True)[3])
+
+
+def test_mins_keep_q4_1_sourced_weights_exactly(tiny):
+    """On weights that are Q4_1 already, offering 4-bit group-32 with fp16 mins lets the allocation keep
+    every linear exactly (sensitivity 0, outputs equal to FP's) at 5.0 bits per weight plus alignment,
+    where zero points cost accuracy at the same bits; the plan records the format and applies."""
+    snap_to_q4_1(tiny.model)
+    toks = calib_tokens()
+    x = torch.tensor([toks[:48]])
+    ref = tiny.model(x)
+    kw = dict(bits=(2, 4), group_sizes=(32, 128), outlier_fraction=0.01, progress=False)
+    section, tensors = mq.calibrate_weights(tiny, toks, "100bpw", **kw)
+    assert section["min_formats"] == [[4, 32]]
+    assert all(L.get("mins") and L["bits"] == 4 and L["group_size"] == 32 and L["sensitivity"] == 0.0
+               and L["outliers"] == 0 for L in section["layers"])
+    for L in section["layers"]:
+        assert L["bytes"] == mq.layer_bytes(L["out_features"], L["in_features"], 4, 32, 0, mins=True)
+        assert tensors[f"weights.{L['name']}.mins"].dtype == torch.float16
+        assert f"weights.{L['name']}.zeros" not in tensors
+    n_weights = sum(m.weight.numel() for _, m in mq.target_linears(tiny.model))
+    unaligned = sum(r * c * 4 // 8 + r * (c // 32) * 4 for r, c in (m.weight.shape for _, m in mq.target_linears(tiny.model)))
+    assert section["bytes_unaligned"] == unaligned and 8 * unaligned / n_weights == 5.0
+    without, _ = mq.calibrate_weights(tiny, toks, "100bpw", mins=False, **kw)
+    assert without["min_formats"] == [] and not any(L.get("mins") for L in without["layers"])
+    assert sum(L["sensitivity"] for L in without["layers"]) > 0
+    mq.apply_weights(tiny.model, section, tensors)
+    assert all(m.has_mins for m in tiny.model.modules() if isinstance(m, QuantLinear))
+    assert torch.equal(tiny.model(x), ref)
+
+
+@pytest.mark.parametrize("breakage,msg", [
+    (lambda s, t: s["layers"][0].__setitem__("mins", True), "mins are for 4-bit group-32 layers without outliers"),
+    (lambda s, t: s["layers"][0].__setitem__("mins", "yes"), "has mins 'yes'"),
+])
+def test_bad_mins_entries_modify_nothing(tiny, breakage, msg):
+    section, tensors = mq.calibrate_weights(tiny, calib_tokens(), "4bpw", bits=(2, 3), outlier_fraction=0.0,
+                                            progress=False)
+    breakage(section, tensors)
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    with pytest.raises(ShrinkError, match=msg):
+        mq.apply_weights(tiny.model, section, tensors)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+
+
 @pytest.mark.parametrize("breakage,msg", [
     (lambda s, t: t.pop("weights.layers.0.mlp.up_proj.codes"), "'weights.layers.0.mlp.up_proj.codes' is missing"),
     (lambda s, t: t.__setitem__("weights.layers.0.mlp.up_proj.scales", torch.zeros(3, dtype=torch.float16)),

@@ -173,3 +173,56 @@ def test_kept_weights_are_exact_and_leave_the_range(gptq):
 def test_unknown_bits_is_a_clear_error():
     with pytest.raises(ShrinkError, match="unsupported bit width 5"):
         qz.quantize_rtn(torch.randn(2, 64), 5, 64)
+
+
+def q41_weights(rows, cols, seed=0):
+    """Weights on Q4_1 grids, as the source GGUF's linears are: per 32 columns d * q + m with fp16 d and
+    m, q in 0..15 (codes 0 and 15 present in every group, as Q4_1's min/max rule puts them)."""
+    gen = torch.Generator().manual_seed(seed)
+    G = cols // 32
+    d = (torch.rand(rows, G, 1, generator=gen) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(rows, G, 1, generator=gen) * 0.15).half().float()
+    q = torch.randint(0, 16, (rows, G, 32), generator=gen)
+    q[:, :, 0], q[:, :, 1] = 0, 15
+    return (q * d + m).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq", "gptq-act-order"])
+def test_mins_hold_q4_1_weights_exactly_and_zero_points_do_not(quantizer):
+    """4-bit group-32 with fp16 mins is Q4_1's own form: every quantizer keeps such weights bit for bit
+    (and the packed layer dequantizes to them), while integer zero points move the grid off by up to half
+    a step and lose them."""
+    w = q41_weights(24, 96)
+    x = torch.randn(512, 96, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.2, 3, 96)
+    H = x.T @ x / 512
+
+    def run(mins):
+        if quantizer == "rtn":
+            return qz.quantize_rtn(w, 4, 32, col_weight=torch.diag(H), mins=mins)
+        return qz.quantize_gptq(w, H, 4, 32, act_order=quantizer == "gptq-act-order", mins=mins)
+
+    q, s, m, deq = run(True)
+    assert torch.equal(deq, w)
+    p = qz.pack(q, s, m, 4, 32, mins=True)
+    assert p.zeros is None and p.mins.dtype == torch.float16 and tuple(p.mins.shape) == (24, 3)
+    assert torch.equal(qz.dequantize(p.codes, p.scales, None, 4, 32, 96, p.mins), w)
+    codes, mins = qz.unpack(p)
+    assert torch.equal(codes, q) and torch.equal(mins, m)
+    *_, deq_z = run(False)
+    assert (deq_z - w).abs().max() > 1e-4
+
+
+def test_mins_pack_tail_and_formats():
+    """Columns past K in the last tile hold code 0 (dequantizing to the min: kernels mask them); mins are
+    refused outside the min formats and with outliers."""
+    w = q41_weights(3, 64)[:, :50]
+    q, s, m, deq = qz.quantize_rtn(w, 4, 32, mins=True)
+    p = qz.pack(q, s, m, 4, 32, mins=True)
+    full = qz.unpack_bits(p.codes, 4, 64)
+    assert torch.equal(full[:, :50], q) and bool((full[:, 50:] == 0).all())
+    with pytest.raises(ShrinkError, match="fp16 mins are stored for 4-bit group-32 layers only"):
+        qz.pack(*qz.quantize_rtn(w, 3, 32, mins=True)[:3], 3, 32, mins=True)
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    keep[0, 0] = True
+    with pytest.raises(ValueError, match="no outliers"):
+        qz.quantize_rtn(w, 4, 32, keep=keep, mins=True)

@@ -127,7 +127,7 @@ def test_create_plugin_with_exported_node_fields(plugin_lib):
     attn16 = ops.node("BiBranchAttention", *ops.bi_branch_io(16)[:2], "b", num_heads=9, num_kv_heads=3, head_dim=64,
                       window=64, rank_k=80, rank_v=112, bits=16, key_mode=0)
     mm = ops.node("QuantMatMul", list(ops.SCHEMAS["QuantMatMul"][0]), ["Y"], "m", bits=3, group_size=128,
-                  in_features=576, out_features=1536)
+                  in_features=576, out_features=1536, has_mins=0)
     cases = [["BiBranchAttention", _node_fields(attn)], ["BiBranchAttention", _node_fields(attn16)],
              ["QuantMatMul", _node_fields(mm)],
              ["QuantMatMul", {**_node_fields(mm), "bits": 5}],
@@ -143,7 +143,7 @@ def test_create_plugin_with_exported_node_fields(plugin_lib):
 def test_quant_matmul_build_phase(probe):
     """Shapes, dtypes, formats, workspace and serialised fields as TensorRT's builder would query
     them; without a GPU driver the runtime says so and enqueue fails cleanly."""
-    fields = dict(bits=3, group_size=64, in_features=576, out_features=1536)
+    fields = dict(bits=3, group_size=64, in_features=576, out_features=1536, has_mins=0)
     packed = [("i", (1536, 54)), ("h", (1536, 9)), ("i", (1536, 1)), ("i", (1537,)), ("i", (4,)), ("h", (4,))]
     got, err = probe("QuantMatMul", fields, [("h", (1, 5, 576))] + packed)
     assert got["out_shapes"] == [[1, 5, 1536]] and got["out_types"] == "h" and got["supported"]
@@ -256,7 +256,7 @@ def test_quant_matmul_launches_through_the_driver_stand_in(plugin_lib, probe, fa
     """QuantMatMul's enqueue on the stand-in (no cuBLASLt there, so every call runs the GEMV): chunks of at
     most 8 rows, each through the specialization padded to its row count, grid ceil(N / 32)."""
     K, N, group = 576, 192, 64
-    fields = dict(bits=bits, group_size=group, in_features=K, out_features=N)
+    fields = dict(bits=bits, group_size=group, in_features=K, out_features=N, has_mins=0)
     ins = [("h", (1, rows, K)), ("i", (N, K // 32 * bits)), ("h", (N, K // group)),
            ("i", (N, -(-(K // group) * bits // 32))), ("i", (N + 1,)), ("i", (1,)), ("h", (1,))]
     got, err, events = _through_stand_in(probe, fake_cuda, tmp_path, "QuantMatMul", fields, ins)
@@ -277,7 +277,7 @@ def test_quant_matmul_launches_through_the_driver_stand_in(plugin_lib, probe, fa
 @pytest.mark.parametrize("fail, said", [("context", "CUDA_ERROR_INVALID_CONTEXT"), ("load", "CUDA_ERROR_INVALID_IMAGE"),
                                         ("launch", "CUDA_ERROR_LAUNCH_FAILED")])
 def test_injected_driver_faults_fail_enqueue_with_one_clear_line(plugin_lib, probe, fake_cuda, tmp_path, fail, said):
-    fields = dict(bits=4, group_size=64, in_features=576, out_features=192)
+    fields = dict(bits=4, group_size=64, in_features=576, out_features=192, has_mins=0)
     packed = [("i", (192, 36)), ("h", (192, 9)), ("i", (192, 1)), ("i", (193,)), ("i", (1,)), ("h", (1,))]
     got, err, events = _through_stand_in(probe, fake_cuda, tmp_path, "QuantMatMul", fields,
                                          [("h", (1, 1, 576))] + packed, fail=fail)

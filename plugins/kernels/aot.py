@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shrinkrt.runtime import op_contract
 from shrinkrt.runtime.op_contract import (QGEMV_ROWS, RANK_PAD as R_PAD, SPLITS_PAD as NS_PAD, WEIGHT_BITS,
-                                          WEIGHT_GROUP_SIZES)
+                                          WEIGHT_GROUP_SIZES, WEIGHT_MIN_FORMATS)
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # pin the default Triton 3.10 will change
 
@@ -29,14 +29,19 @@ QGEMV_SIGNATURE = {
     "cols_ptr": "*i32", "vals_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "G": "i32",
     "words_per_row": "i32", "zwords_per_row": "i32", "stride_xm": "i32", "stride_ym": "i32",
     "BITS": "constexpr", "GROUP": "constexpr", "M_PAD": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    "HAS_OUTLIERS": "constexpr"}
+    "HAS_OUTLIERS": "constexpr", "HAS_MINS": "constexpr"}
 
 
 DEQUANT_SIGNATURE = {
     "codes_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*i32", "rowptr_ptr": "*i32", "cols_ptr": "*i32",
     "vals_ptr": "*fp16", "w_ptr": "*fp16", "N": "i32", "K": "i32", "G": "i32", "words_per_row": "i32",
     "zwords_per_row": "i32", "BITS": "constexpr", "GROUP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    "HAS_OUTLIERS": "constexpr"}
+    "HAS_OUTLIERS": "constexpr", "HAS_MINS": "constexpr"}
+
+
+def _with_mins(signature: dict, mins: bool) -> dict:
+    """A weight kernel's signature; in a layer with fp16 mins the zero-point slot holds fp16 values."""
+    return {**signature, "zeros_ptr": "*fp16"} if mins else signature
 
 
 # The default attention specializations: the embedded SmolLM2's shape (window 64) with every feature
@@ -64,12 +69,12 @@ def feature_quant_name(bits) -> str:
     return f"feature_quant_b{bits}"
 
 
-def qgemv_name(bits, group, m_pad, outliers) -> str:
-    return f"qgemv_b{bits}_g{group}_m{m_pad}_o{int(outliers)}"
+def qgemv_name(bits, group, m_pad, outliers, mins=False) -> str:
+    return f"qgemv_b{bits}_g{group}{'_min' if mins else ''}_m{m_pad}_o{int(outliers)}"
 
 
-def dequant_name(bits, group) -> str:
-    return f"dequant_b{bits}_g{group}"
+def dequant_name(bits, group, mins=False) -> str:
+    return f"dequant_b{bits}_g{group}{'_min' if mins else ''}"
 
 
 def check_attention(cfg: dict) -> None:
@@ -136,9 +141,10 @@ def needed_kernels(op_attributes: dict) -> dict[str, str]:
                   feature_quant_name(bits)):
             need.setdefault(n, shape)
     for c in op_attributes.get("QuantMatMul", []):
-        shape = f"QuantMatMul {c['bits']} bits, group {c['group_size']}"
-        for n in [qgemv_name(c["bits"], c["group_size"], m, True) for m in QGEMV_ROWS] + \
-                [dequant_name(c["bits"], c["group_size"])]:
+        mins = bool(c.get("has_mins", 0))
+        shape = f"QuantMatMul {c['bits']} bits, group {c['group_size']}{', fp16 mins' if mins else ''}"
+        for n in [qgemv_name(c["bits"], c["group_size"], m, True, mins) for m in QGEMV_ROWS] + \
+                [dequant_name(c["bits"], c["group_size"], mins)]:
             need.setdefault(n, shape)
     return need
 
@@ -176,20 +182,24 @@ def specializations(attention: list[dict] | None = None) -> list[dict]:
                                               QGEMV_BLOCK_K as BLOCK_K, QGEMV_BLOCK_N as BLOCK_N)
 
     out = []
-    for bits in WEIGHT_BITS:
-        for group in WEIGHT_GROUP_SIZES:
-            for m_pad in QGEMV_ROWS:
-                for outliers in (False, True):
-                    const = {"BITS": bits, "GROUP": group, "M_PAD": m_pad, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
-                             "HAS_OUTLIERS": outliers}
-                    out.append({"kernel": "qgemv", "name": qgemv_name(bits, group, m_pad, outliers),
-                                "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1"})
-    for bits in WEIGHT_BITS:  # prefill: packed -> dense FP16 tiles, then cuBLASLt (outliers read on the device)
-        for group in WEIGHT_GROUP_SIZES:
-            out.append({"kernel": "dequant", "name": dequant_name(bits, group),
-                        "const": {"BITS": bits, "GROUP": group, "BLOCK_N": DQ_BLOCK_N, "BLOCK_K": DQ_BLOCK_K,
-                                  "HAS_OUTLIERS": True},
-                        "grid": f"ceil(N / {DQ_BLOCK_N}) x ceil(K / {DQ_BLOCK_K}) x 1", "signature": DEQUANT_SIGNATURE})
+    formats = [(b, g, False) for b in WEIGHT_BITS for g in WEIGHT_GROUP_SIZES] + \
+        [(b, g, True) for b, g in WEIGHT_MIN_FORMATS]
+    for bits, group, mins in formats:
+        for m_pad in QGEMV_ROWS:
+            # a min layer has no outliers, but the plugin launches the o1 GEMV for every layer (the CSR
+            # counts read on the device, zero rows here), so that is the only min variant built
+            for outliers in ((True,) if mins else (False, True)):
+                const = {"BITS": bits, "GROUP": group, "M_PAD": m_pad, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
+                         "HAS_OUTLIERS": outliers, "HAS_MINS": mins}
+                out.append({"kernel": "qgemv", "name": qgemv_name(bits, group, m_pad, outliers, mins),
+                            "const": const, "grid": f"ceil(N / {BLOCK_N}) x 1 x 1",
+                            "signature": _with_mins(QGEMV_SIGNATURE, mins)})
+    for bits, group, mins in formats:  # prefill: packed -> dense FP16 tiles, then cuBLASLt (outliers read on the device)
+        out.append({"kernel": "dequant", "name": dequant_name(bits, group, mins),
+                    "const": {"BITS": bits, "GROUP": group, "BLOCK_N": DQ_BLOCK_N, "BLOCK_K": DQ_BLOCK_K,
+                              "HAS_OUTLIERS": True, "HAS_MINS": mins},
+                    "grid": f"ceil(N / {DQ_BLOCK_N}) x ceil(K / {DQ_BLOCK_K}) x 1",
+                    "signature": _with_mins(DEQUANT_SIGNATURE, mins)})
     return out + attention_specs(attention or DEFAULT_ATTENTION)
 
 

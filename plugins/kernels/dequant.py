@@ -13,22 +13,21 @@ import triton.language as tl
 
 from shrinkrt.runtime.op_contract import DEQUANT_BLOCK_K as BLOCK_K, DEQUANT_BLOCK_N as BLOCK_N
 
-from .qgemv import _bits_at
+from .qgemv import _bits_at, _weights
 
 
 @triton.jit
 def dequant_kernel(codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, w_ptr, N, K, G,
                    words_per_row, zwords_per_row, BITS: tl.constexpr, GROUP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_MINS: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < N
     m2 = rmask[:, None] & (ks < K)[None, :]
     code = _bits_at(codes_ptr, rows[:, None] * words_per_row, ks[None, :] * BITS, m2, BITS)
     g = ks // GROUP
-    zero = _bits_at(zeros_ptr, rows[:, None] * zwords_per_row, g[None, :] * BITS, m2, BITS)
     scale = tl.load(scales_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0.0).to(tl.float32)
-    w = (code - zero).to(tl.float32) * scale
+    w = _weights(code, zeros_ptr, rows, g, m2, G, zwords_per_row, scale, BITS, HAS_MINS)
     if HAS_OUTLIERS:
         start = tl.load(rowptr_ptr + rows, mask=rmask, other=0)
         count = tl.load(rowptr_ptr + rows + 1, mask=rmask, other=0) - start
@@ -52,7 +51,7 @@ def dequant(m) -> torch.Tensor:
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=w.device)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
-    dequant_kernel[grid](m.codes, m.scales, m.zeros, rowptr, cols, vals, w, N, K, m.scales.shape[1],
-                         m.codes.shape[1], m.zeros.shape[1], BITS=m.bits, GROUP=m.group_size, BLOCK_N=BLOCK_N,
-                         BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers))
+    dequant_kernel[grid](m.codes, m.scales, m.zero_points(), rowptr, cols, vals, w, N, K, m.scales.shape[1],
+                         m.codes.shape[1], m.zero_points().shape[1], BITS=m.bits, GROUP=m.group_size, BLOCK_N=BLOCK_N,
+                         BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers), HAS_MINS=m.has_mins)
     return w

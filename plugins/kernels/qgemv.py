@@ -1,6 +1,7 @@
 """Mixed-precision dequantize + GEMV over the LLM-MQ packed layout (docs/formats.md), outliers fused.
 
 y[m, n] = sum_k x[m, k] * ((code(n, k) - zero(n, k // GROUP)) * scale(n, k // GROUP))
+          (or code * scale + min(n, k // GROUP) in a layer with fp16 mins, HAS_MINS)
           + sum over row n's CSR outliers of vals[i] * x[m, cols[i]]
 fp32 accumulation, any of 2/3/4/8 bits (a 3-bit code may straddle two words), batch M <= 8.
 
@@ -32,10 +33,25 @@ def _bits_at(base_ptr, row_off, bitpos, mask, BITS: tl.constexpr):
 
 
 @triton.jit
+def _weights(code, zeros_ptr, rows, g, m2, G, zwords_per_row, scale, BITS: tl.constexpr, HAS_MINS: tl.constexpr):
+    """Dequantized (BLOCK_N, BLOCK_K) tile: (code - zero) * scale, or code * scale + min where the
+    zero-point slot holds the fp16 mins, (N, G) row-major (docs/formats.md)."""
+    # one return after a constexpr if/else: Triton compiles only the taken branch (an early return
+    # inside the `if` still compiled the zero-point branch against the fp16 pointer)
+    if HAS_MINS:
+        mn = tl.load(zeros_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0.0).to(tl.float32)
+        w = code.to(tl.float32) * scale + mn
+    else:
+        zero = _bits_at(zeros_ptr, rows[:, None] * zwords_per_row, g[None, :] * BITS, m2, BITS)
+        w = (code - zero).to(tl.float32) * scale
+    return w
+
+
+@triton.jit
 def qgemv_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr,
                  M, N, K, G, words_per_row, zwords_per_row, stride_xm, stride_ym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_MINS: tl.constexpr = False):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -48,9 +64,8 @@ def qgemv_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, 
         m2 = rmask[:, None] & kmask[None, :]
         code = _bits_at(codes_ptr, rows[:, None] * words_per_row, ks[None, :] * BITS, m2, BITS)
         g = ks // GROUP
-        zero = _bits_at(zeros_ptr, rows[:, None] * zwords_per_row, g[None, :] * BITS, m2, BITS)
         scale = tl.load(scales_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0.0).to(tl.float32)
-        w = (code - zero).to(tl.float32) * scale  # (BLOCK_N, BLOCK_K)
+        w = _weights(code, zeros_ptr, rows, g, m2, G, zwords_per_row, scale, BITS, HAS_MINS)  # (BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + ms[None, :] * stride_xm + ks[:, None], mask=kmask[:, None] & mmask[None, :],
                     other=0.0).to(tl.float32)  # (BLOCK_K, M_PAD)
         acc += tl.sum(w[:, :, None] * x[None, :, :], axis=1)
@@ -87,8 +102,8 @@ def qgemv(x: torch.Tensor, m) -> torch.Tensor:
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N),)
-    qgemv_kernel[grid](x, m.codes, m.scales, m.zeros, rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
-                       m.codes.shape[1], m.zeros.shape[1], x.stride(0), y.stride(0),
+    qgemv_kernel[grid](x, m.codes, m.scales, m.zero_points(), rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
+                       m.codes.shape[1], m.zero_points().shape[1], x.stride(0), y.stride(0),
                        BITS=m.bits, GROUP=m.group_size, M_PAD=max(2, triton.next_power_of_2(M)),
-                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers))
+                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers), HAS_MINS=m.has_mins)
     return y

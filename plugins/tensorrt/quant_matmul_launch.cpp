@@ -41,6 +41,13 @@ std::string QuantMatMulLauncher::check() const
     if (!oneOf(contract::kWeightGroupSizes, c.groupSize))
         return "group_size must be one of " + listed(contract::kWeightGroupSizes) + " (got "
             + std::to_string(c.groupSize) + ")";
+    if (c.hasMins != 0 && c.hasMins != 1)
+        return "has_mins must be 0 or 1 (got " + std::to_string(c.hasMins) + ")";
+    if (c.hasMins
+        && std::none_of(std::begin(contract::kWeightMinFormats), std::end(contract::kWeightMinFormats),
+            [&](int32_t const (&f)[2]) { return f[0] == c.bits && f[1] == c.groupSize; }))
+        return "fp16 mins are not a format of " + std::to_string(c.bits) + "-bit group-" + std::to_string(c.groupSize)
+            + " weights (docs/formats.md)";
     if (c.inFeatures < 1 || c.outFeatures < 1)
         return "in_features and out_features must be positive";
     for (auto const& name : kernelNames())
@@ -53,13 +60,14 @@ std::string QuantMatMulLauncher::gemvName(int64_t rows) const
 {
     int const pad = rows <= 2 ? 2 : (rows <= 4 ? 4 : 8);
     // Outliers are device data: the o1 kernel also serves layers without any (rowptr all zero).
-    return "qgemv_b" + std::to_string(mConfig.bits) + "_g" + std::to_string(mConfig.groupSize) + "_m"
-        + std::to_string(pad) + "_o1";
+    return "qgemv_b" + std::to_string(mConfig.bits) + "_g" + std::to_string(mConfig.groupSize)
+        + (mConfig.hasMins ? "_min" : "") + "_m" + std::to_string(pad) + "_o1";
 }
 
 std::string QuantMatMulLauncher::dequantName() const
 {
-    return "dequant_b" + std::to_string(mConfig.bits) + "_g" + std::to_string(mConfig.groupSize);
+    return "dequant_b" + std::to_string(mConfig.bits) + "_g" + std::to_string(mConfig.groupSize)
+        + (mConfig.hasMins ? "_min" : "");
 }
 
 std::vector<std::string> QuantMatMulLauncher::kernelNames() const
@@ -97,7 +105,7 @@ bool QuantMatMulLauncher::enqueue(
     }
     int32_t K = mConfig.inFeatures, N = mConfig.outFeatures;
     int32_t G = static_cast<int32_t>(mConfig.groups()), words = static_cast<int32_t>(mConfig.codeWords()),
-            zwords = static_cast<int32_t>(mConfig.zeroWords());
+            zwords = static_cast<int32_t>(mConfig.zeroCols());
     int32_t strideX = K, strideY = N;
     uint64_t codes = dev(inputs[kCodes]), scales = dev(inputs[kScales]), zeros = dev(inputs[kZeros]);
     uint64_t rowptr = dev(inputs[kOutlierRowptr]), cols = dev(inputs[kOutlierCols]), vals = dev(inputs[kOutlierVals]);

@@ -21,15 +21,18 @@ namespace shrinkrt
 struct QuantMatMulConfig
 {
     int32_t bits, groupSize, inFeatures, outFeatures;
+    int32_t hasMins; // 1: the zero-point input holds fp16 mins (N, groups), w = q * s + m
 
     template <class Get>
     static QuantMatMulConfig from(Get get)
     {
-        return {get("bits"), get("group_size"), get("in_features"), get("out_features")};
+        return {get("bits"), get("group_size"), get("in_features"), get("out_features"), get("has_mins")};
     }
     int64_t groups() const { return (inFeatures + groupSize - 1) / groupSize; }
     int64_t codeWords() const { return (inFeatures + contract::kWordBits - 1) / contract::kWordBits * bits; }
     int64_t zeroWords() const { return (groups() * bits + contract::kWordBits - 1) / contract::kWordBits; }
+    // the zero-point input's second dimension: int32 words of the zero-point stream, or one fp16 min per group
+    int64_t zeroCols() const { return hasMins ? groups() : zeroWords(); }
 };
 
 class QuantMatMulLauncher

@@ -55,7 +55,7 @@ int32_t QuantMatMulPlugin::configurePlugin(
         && check(kScales, "scales", 0, c.outFeatures, "out_features")
         && check(kScales, "scales", 1, c.groups(), "ceil(in_features/group_size)")
         && check(kZeros, "zeros", 0, c.outFeatures, "out_features")
-        && check(kZeros, "zeros", 1, c.zeroWords(), "ceil(groups*bits/32)")
+        && check(kZeros, "zeros", 1, c.zeroCols(), c.hasMins ? "ceil(in_features/group_size)" : "ceil(groups*bits/32)")
         && check(kOutlierRowptr, "outlier_rowptr", 0, c.outFeatures + 1, "out_features+1");
     return ok ? 0 : -1;
 }
@@ -89,8 +89,8 @@ bool QuantMatMulPlugin::supportsFormatCombination(
     case kX:
     case kScales:
     case kOutlierVals: return isLinear(inOut[pos], DataType::kHALF);
+    case kZeros: return isLinear(inOut[pos], mFields["has_mins"] ? DataType::kHALF : DataType::kINT32);
     case kCodes:
-    case kZeros:
     case kOutlierRowptr:
     case kOutlierCols: return isLinear(inOut[pos], DataType::kINT32);
     default: return isLinear(inOut[pos], DataType::kHALF); // Y
