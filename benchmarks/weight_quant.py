@@ -199,14 +199,14 @@ def evaluate_plan(lm, plan, eval_tokens, a, quantizer, budget=None, budget_bytes
     return section, ppl
 
 
-def uniform(cands, bits, group):
-    return {n: next(c for c in cs if c.bits == bits and c.group_size == group and c.n_outliers == 0)
-            for n, cs in cands.items()}
+def uniform(cands, bits, group, mins=False):
+    return {n: next(c for c in cs if c.bits == bits and c.group_size == group and c.n_outliers == 0
+                    and c.mins == mins) for n, cs in cands.items()}
 
 
-def offered(cands, groups):
-    """The candidates of the given group sizes only."""
-    return {n: [c for c in cs if c.group_size in groups] for n, cs in cands.items()}
+def offered(cands, groups, mins=True):
+    """The candidates of the given group sizes only (and without the fp16-min ones unless `mins`)."""
+    return {n: [c for c in cs if c.group_size in groups and (mins or not c.mins)] for n, cs in cands.items()}
 
 
 def main(argv=None) -> int:
@@ -263,11 +263,18 @@ def main(argv=None) -> int:
             runs.append({"method": method, "bits": b, "group_size": group, "bits_per_weight": section["bits_per_weight"],
                          "bytes": section["bytes"], "perplexity": ppl})
             print(f"{method} {b}-bit g{group}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
+    for b, group in mq.min_formats(UNIFORM_BITS, groups):  # every linear in the fp16-min format (Q4_1's layout)
+        section, ppl = evaluate_plan(lm, uniform(cands, b, group, mins=True), eval_tokens, a, a.quantizer)
+        runs.append({"method": f"{a.quantizer} mins", "bits": b, "group_size": group, "mins": True,
+                     "bits_per_weight": section["bits_per_weight"], "bytes": section["bytes"], "perplexity": ppl})
+        print(f"{a.quantizer} mins {b}-bit g{group}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}",
+              flush=True)
     for budget in budgets:
         spec = f"{budget}bpw"
         budget_bytes = mq.parse_budget(spec, n_weights)
-        variants = [("mixed", cands)] + [(f"mixed g{base}", offered(cands, (base,)))] * (budget in ablation
-                                                                                         and len(groups) > 1)
+        variants = [("mixed", cands)] + [(f"mixed g{base}", offered(cands, (base,), mins=False))] * (
+            budget in ablation and len(groups) > 1) + [("mixed no-mins", offered(cands, groups, mins=False))] * (
+            budget in ablation)
         for method, cs in variants:
             plan = mq.allocate(cs, budget_bytes)
             if plan is None:
@@ -287,8 +294,10 @@ def main(argv=None) -> int:
                              "bits_per_weight": section["bits_per_weight"], "bytes": section["bytes"],
                              "budget_bytes": budget_bytes, "perplexity": ppl,
                              "layers_with_outliers": sum(1 for L in layers if L["outliers"]),
+                             "layers_with_mins": sum(1 for L in layers if L.get("mins")),
                              "group_sizes": dict(sorted(Counter(str(L["group_size"]) for L in layers).items()))})
-                plans[f"{name}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"]] for L in layers]
+                plans[f"{name}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"], L.get("mins", False)]
+                                             for L in layers]
                 print(f"{name} at {spec}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
 
     result = {"fp": {"perplexity": fp["perplexity"]}, "runs": runs,
@@ -348,7 +357,9 @@ def markdown(r: dict) -> str:
         f"Perplexity on the evaluation text (GPL-3, GFDL-1.3, Apache-2.0), context 1024, first "
         f"{s['max_segments']} segments only ({s['scored_tokens']} scored tokens; the FP figure uses the same cap). "
         f"Calibration: {s['calib_tokens']} tokens, {calib_domains(s)}, disjoint from the evaluation text. Group sizes offered per layer: "
-        f"{', '.join(map(str, s['group_sizes']))} (uniform rows: the group named), fp16 scales, packed zero points. Bits per weight count every stored byte of the quantized linears "
+        f"{', '.join(map(str, s['group_sizes']))} (uniform rows: the group named), fp16 scales, packed zero points, "
+        f"and at 4 bits / group 32 also fp16 mins instead (w = q * s + m, Q4_1's layout: 5.0 bpw; `mins` rows, "
+        f"`layers_with_mins` in the json; `mixed no-mins` is `mixed` without that option). Bits per weight count every stored byte of the quantized linears "
         f"(codes, scales, zeros, outliers; each tensor rounded up to 256 bytes); embeddings and the tied LM head "
         f"stay unquantized and are outside the budget. `mixed` chooses per layer among {s.get('quantizer', 'gptq')} candidates at 2/3/4/8 bits x "
         f"each group size x with or without {s['outlier_fraction']:.1%} of the layer's weights kept in FP16 "

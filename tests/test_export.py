@@ -281,3 +281,53 @@ def test_ort_cpu_packs_the_linears_whose_formats_match(tmp_path):
         assert {"q_proj", "k_v_proj", "gate_proj", "up_proj"} <= mine and not {"k_proj", "v_proj", "qkv_proj"} & mine, mine
     prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     assert compare(model, OrtModel(tmp_path / "exp"), prompt, steps=12, tol=1e-3) < 1e-3
+
+
+def test_min_layer_codes_hold_the_min_on_a_17x_finer_grid():
+    """4-bit codes with fp16 mins in the 8-bit container: w = (Q - Z) * S reproduces q * s + m with the
+    min off by at most s / 34 in the usual block (min in [-15s, 0]), s / (2k) with a coarser k for a
+    positive or far min, and a flat block (s = 0) to within fp32 rounding."""
+    from shrinkrt.export.ort_cpu import min_layer_codes
+
+    gen = np.random.default_rng(0)
+    N, G, gs = 64, 6, 32
+    q = gen.integers(0, 16, (N, G * gs))
+    s = gen.uniform(0.001, 0.05, (N, G))
+    m = -s * gen.uniform(0, 15, (N, G))  # the usual block
+    m[0, 0], m[1, 1], m[2, 2], m[3, 3] = 3.0 * s[0, 0], -40.0 * s[1, 1], 0.9 * s[2, 2], 0.0
+    s[4, 4], m[4, 4], q[4, 4 * gs:5 * gs] = 0.0, -0.25, 0  # all 32 weights equal
+    Q, S, Z, err = min_layer_codes(q, s, m, gs)
+    assert Q.dtype == np.uint8 and Z.dtype == np.uint8 and S.dtype == np.float32
+    w = (Q.astype(np.float64) - np.repeat(Z, gs, axis=1)) * np.repeat(S, gs, axis=1)
+    ref = q * np.repeat(s, gs, axis=1) + np.repeat(m, gs, axis=1)
+    off = np.abs(w - ref).reshape(N, G, gs).max(axis=2)
+    usual = np.ones((N, G), bool)
+    usual[[0, 1, 2, 4], [0, 1, 2, 4]] = False
+    assert (off[usual] <= s[usual] / 34 * (1 + 1e-6)).all()
+    assert off[0, 0] <= s[0, 0] / (2 * 14) and off[1, 1] <= s[1, 1] / (2 * 6) and off[2, 2] <= s[2, 2] / 30
+    assert off[4, 4] < 1e-7 and err <= s.max() / 12
+
+
+def test_ort_cpu_min_layers_share_the_8bit_container(tmp_path):
+    """Linears with fp16 mins lower to 8-bit MatMulNBits with uint8 zero points (no float zero points:
+    ONNX Runtime's slow path), packed beside an 8-bit layer of the same input; logits within the
+    min's regridding of the reference's."""
+    import onnx
+
+    model = ours_from(tiny_hf_model("llama"))
+    for i, layer in enumerate(model.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        for mod, name, bits, mins in ((a, "q_proj", 4, True), (mlp, "gate_proj", 4, True), (mlp, "up_proj", 8, False)):
+            lin = getattr(mod, name)
+            setattr(mod, name, quant_layer(lin.out_features, lin.in_features, bits, 32, 0, seed=5 * i + bits, mins=mins))
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu")
+    graph = onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph
+    nbits = {n.name.split("/")[0].split(".")[-1]: n for n in graph.node
+             if n.op_type == "MatMulNBits" and n.name.startswith("layers.0.")}
+    assert {"q_proj", "gate_up_proj"} <= set(nbits), set(nbits)
+    for n in (nbits["q_proj"], nbits["gate_up_proj"]):
+        assert {a.name: a.i for a in n.attribute}["bits"] == 8
+    zp = {i.name: i.data_type for i in graph.initializer}
+    assert zp["layers.0.self_attn.q_proj.nbits_zero_points"] == onnx.TensorProto.UINT8
+    prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert compare(model, OrtModel(tmp_path / "exp"), prompt, steps=12, tol=1e-2) < 1e-2
