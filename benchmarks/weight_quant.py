@@ -276,7 +276,9 @@ def main(argv=None) -> int:
             budget in ablation and len(groups) > 1) + [("mixed no-mins", offered(cands, groups, mins=False))] * (
             budget in ablation)
         for method, cs in variants:
-            plan = mq.allocate(cs, budget_bytes)
+            # `mixed` is what calibrate ships: the knapsack per option set, the set chosen on calibration NLL
+            plan, choice = mq.choose_plan(lm.model, calib_tokens, cs, budget_bytes) if method == "mixed" else \
+                (mq.allocate(cs, budget_bytes), None)
             if plan is None:
                 print(f"{method} at {spec}: below the floor, skipped", flush=True)
                 continue
@@ -295,6 +297,7 @@ def main(argv=None) -> int:
                              "budget_bytes": budget_bytes, "perplexity": ppl,
                              "layers_with_outliers": sum(1 for L in layers if L["outliers"]),
                              "layers_with_mins": sum(1 for L in layers if L.get("mins")),
+                             **({"plan_choice": choice} if choice and name == "mixed" else {}),
                              "group_sizes": dict(sorted(Counter(str(L["group_size"]) for L in layers).items()))})
                 plans[f"{name}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"], L.get("mins", False)]
                                              for L in layers]
@@ -359,7 +362,9 @@ def markdown(r: dict) -> str:
         f"Calibration: {s['calib_tokens']} tokens, {calib_domains(s)}, disjoint from the evaluation text. Group sizes offered per layer: "
         f"{', '.join(map(str, s['group_sizes']))} (uniform rows: the group named), fp16 scales, packed zero points, "
         f"and at 4 bits / group 32 also fp16 mins instead (w = q * s + m, Q4_1's layout: 5.0 bpw; `mins` rows, "
-        f"`layers_with_mins` in the json; `mixed no-mins` is `mixed` without that option). Bits per weight count every stored byte of the quantized linears "
+        f"`layers_with_mins` in the json; `mixed no-mins` is `mixed` without that option). `mixed` is what "
+        f"`shrinkrt calibrate` ships: the knapsack's plan over all options, over all but the mins and over "
+        f"the largest group only, the one with the lowest calibration NLL taken (`plan_choice` in the json). Bits per weight count every stored byte of the quantized linears "
         f"(codes, scales, zeros, outliers; each tensor rounded up to 256 bytes); embeddings and the tied LM head "
         f"stay unquantized and are outside the budget. `mixed` chooses per layer among {s.get('quantizer', 'gptq')} candidates at 2/3/4/8 bits x "
         f"each group size x with or without {s['outlier_fraction']:.1%} of the layer's weights kept in FP16 "
@@ -374,7 +379,8 @@ def markdown(r: dict) -> str:
     ]
     for run in r["runs"]:
         budget = f"{run['budget_bits_per_weight']:.2f}" if "budget_bits_per_weight" in run else "-"
-        name = run["method"] + (f" {run['bits']}-bit g{run['group_size']}" if "bits" in run else "")
+        name = run["method"] + (f" {run['bits']}-bit g{run['group_size']}" if "bits" in run else "") + \
+            (f" ({run['plan_choice']['chosen']})" if run.get("plan_choice") else "")
         lines.append(f"| {name} | {budget} | {run['bits_per_weight']:.3f} | {run['perplexity']:.3f} | "
                      f"{run['perplexity'] / fp:.3f} |")
     lines += ["", "Against the goals (mixed = the best mixed run at that budget):", ""]

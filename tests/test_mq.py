@@ -244,6 +244,37 @@ def test_mins_keep_q4_1_sourced_weights_exactly(tiny):
     assert torch.equal(tiny.model(x), ref)
 
 
+def test_choose_plan_judges_the_variants_by_calibration_nll(tiny):
+    """The knapsack trusts the proxy; choose_plan checks each variant's plan on the calibration tokens.
+    Mins candidates made to lie (sensitivity 0, their stored mins wrecked) win the knapsack over all
+    options, so the NLL check must reject that plan for a variant without them; the model comes back
+    unchanged, and calibrate_weights records the choice in the manifest."""
+    snap_to_q4_1(tiny.model)
+    toks = calib_tokens()
+    x = torch.tensor([toks[:48]])
+    ref = tiny.model(x)
+    stats = mq.collect_stats(tiny.model, toks, progress=False)
+    cands = mq.build_candidates(tiny.model, stats, (2, 4), (32, 128), "gptq", 0.0, False)
+    budget = mq.parse_budget("4.6bpw", sum(m.weight.numel() for _, m in mq.target_linears(tiny.model)))
+    honest, choice = mq.choose_plan(tiny.model, toks, cands, budget)
+    nll = choice["calib_nll"]
+    # the untrained model's plans differ by noise (< PLAN_MARGIN): the first variant's plan stays
+    assert choice["chosen"] == "all options" and max(nll.values()) - min(nll.values()) < mq.PLAN_MARGIN, nll
+    for cs in cands.values():
+        for c in cs:
+            if c.mins:
+                c.sensitivity, c.nbytes = 0.0, min(o.nbytes for o in cs)  # free and lossless, says the proxy
+                c.tensors["mins"] = c.tensors["mins"] + 30.0
+    plan, choice = mq.choose_plan(tiny.model, toks, cands, budget)
+    assert all(c.mins for c in mq.allocate(cands, budget).values())  # what the knapsack alone would ship
+    assert choice["chosen"] != "all options" and not any(c.mins for c in plan.values())
+    nll = choice["calib_nll"]
+    assert nll["all options"] > nll[choice["chosen"]] + 10 * mq.PLAN_MARGIN, nll
+    assert torch.equal(tiny.model(x), ref)  # every variant's linears were put back
+    section, _ = mq.calibrate_weights(tiny, toks, "4.6bpw", bits=(2, 4), group_sizes=(32, 128), progress=False)
+    assert section["plan_choice"]["chosen"] in mq.PLAN_VARIANTS and len(section["plan_choice"]["calib_nll"]) >= 2
+
+
 @pytest.mark.parametrize("breakage,msg", [
     (lambda s, t: s["layers"][0].__setitem__("mins", True), "mins are for 4-bit group-32 layers without outliers"),
     (lambda s, t: s["layers"][0].__setitem__("mins", "yes"), "has mins 'yes'"),
