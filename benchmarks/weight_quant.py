@@ -237,6 +237,9 @@ def main(argv=None) -> int:
     eval_tokens = eval_ids(lm.tokenizer)
     calib_tokens, drawn = corpus.calib_tokens(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
                                               a.calib_tokens, mq.CALIB_SEQ, tuple(a.calib_text.split(",")))
+    both, _ = corpus.calib_tokens(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
+                                  a.calib_tokens + mq.SELECT_TOKENS, mq.CALIB_SEQ, tuple(a.calib_text.split(",")))
+    select_tokens = both[len(calib_tokens):]  # held out for the plan choice, as calibrate does
     t0 = time.time()
     fp = perplexity(lm.model, eval_tokens, 1024, max_segments=a.max_segments, progress=False)
     print(f"fp: perplexity {fp['perplexity']:.3f} ({time.time() - t0:.0f} s)", flush=True)
@@ -277,7 +280,7 @@ def main(argv=None) -> int:
             budget in ablation)
         for method, cs in variants:
             # `mixed` is what calibrate ships: the knapsack per option set, the set chosen on calibration NLL
-            plan, choice = mq.choose_plan(lm.model, calib_tokens, cs, budget_bytes) if method == "mixed" else \
+            plan, choice = mq.choose_plan(lm.model, select_tokens, cs, budget_bytes) if method == "mixed" else \
                 (mq.allocate(cs, budget_bytes), None)
             if plan is None:
                 print(f"{method} at {spec}: below the floor, skipped", flush=True)
@@ -364,7 +367,7 @@ def markdown(r: dict) -> str:
         f"and at 4 bits / group 32 also fp16 mins instead (w = q * s + m, Q4_1's layout: 5.0 bpw; `mins` rows, "
         f"`layers_with_mins` in the json; `mixed no-mins` is `mixed` without that option). `mixed` is what "
         f"`shrinkrt calibrate` ships: the knapsack's plan over all options, over all but the mins and over "
-        f"the largest group only, the one with the lowest calibration NLL taken (`plan_choice` in the json). Bits per weight count every stored byte of the quantized linears "
+        f"the largest group only, the one with the lowest NLL on {mq.SELECT_TOKENS} held-out tokens of the calibration sources taken (`plan_choice` in the json). Bits per weight count every stored byte of the quantized linears "
         f"(codes, scales, zeros, outliers; each tensor rounded up to 256 bytes); embeddings and the tied LM head "
         f"stay unquantized and are outside the budget. `mixed` chooses per layer among {s.get('quantizer', 'gptq')} candidates at 2/3/4/8 bits x "
         f"each group size x with or without {s['outlier_fraction']:.1%} of the layer's weights kept in FP16 "

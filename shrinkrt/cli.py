@@ -541,11 +541,17 @@ def cmd_calibrate(a) -> int:
     check_target(out, "--out", checkpoint.is_checkpoint, need_bytes=need)
     tokens, drawn = corpus.calib_tokens(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
                                         a.calib_tokens, CALIB_SEQ, domains)
+    select = []
+    if a.weight_budget is not None:  # the next tokens of the same draw, held out for LLM-MQ's plan choice
+        both, _ = corpus.calib_tokens(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
+                                      a.calib_tokens + mq.SELECT_TOKENS, CALIB_SEQ, domains)
+        select = both[len(tokens):]
     if len(tokens) < MIN_CALIB_TOKENS:
         raise ShrinkError(f"the calibration text encodes to {len(tokens)} tokens with this model's tokenizer "
                           f"(at least {MIN_CALIB_TOKENS} needed): is its tokenizer the right one?")
     manifest = {"base_model": checkpoint.base_identity(lm),
-                "calibration": {**drawn, "tokens": len(tokens), "seed": a.seed}}
+                "calibration": {**drawn, "tokens": len(tokens), "seed": a.seed,
+                                **({"selection_tokens": len(select)} if a.weight_budget is not None else {})}}
     tensors = {}
     if a.kv_ratio is not None:
         from shrinkrt.calib.cskv import calibrate_kv
@@ -559,7 +565,7 @@ def cmd_calibrate(a) -> int:
         section, t = mq.calibrate_weights(lm, tokens, a.weight_budget, bits=bits, group_sizes=groups,
                                           quantizer=a.quantizer, outlier_fraction=a.outlier_fraction, seed=a.seed,
                                           sequential=a.sequential,
-                                          progress=not a.quiet)
+                                          progress=not a.quiet, select_tokens=select)
         manifest["weights"], tensors = section, {**tensors, **t}
     checkpoint.save(out, manifest, tensors)
     print(f"[shrinkrt] wrote checkpoint {a.out}")

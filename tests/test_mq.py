@@ -271,8 +271,15 @@ def test_choose_plan_judges_the_variants_by_calibration_nll(tiny):
     nll = choice["calib_nll"]
     assert nll["all options"] > nll[choice["chosen"]] + 10 * mq.PLAN_MARGIN, nll
     assert torch.equal(tiny.model(x), ref)  # every variant's linears were put back
-    section, _ = mq.calibrate_weights(tiny, toks, "4.6bpw", bits=(2, 4), group_sizes=(32, 128), progress=False)
+    kw = dict(bits=(2, 4), group_sizes=(32, 128), progress=False)
+    section, _ = mq.calibrate_weights(tiny, toks, "4.6bpw", **kw)
     assert section["plan_choice"]["chosen"] in mq.PLAN_VARIANTS and len(section["plan_choice"]["calib_nll"]) >= 2
+    assert section["plan_choice"]["on"].startswith("the calibration tokens") and section["plan_choice"]["tokens"] == 384
+    held = calib_tokens(256, seed=9)  # scored on text the fit never saw: other NLLs, same candidates
+    section2, _ = mq.calibrate_weights(tiny, toks, "4.6bpw", select_tokens=held, **kw)
+    c2 = section2["plan_choice"]
+    assert c2["on"] == "held-out calibration text" and c2["tokens"] == 256
+    assert c2["calib_nll"] != section["plan_choice"]["calib_nll"] and c2["calib_nll"].keys() == section["plan_choice"]["calib_nll"].keys()
 
 
 @pytest.mark.parametrize("breakage,msg", [
