@@ -20,7 +20,8 @@ mkdir -p "$OUT"
 CKPT="$OUT/ckpt"
 if [ ! -f "$CKPT/manifest.json" ]; then  # calibration is deterministic: reuse it once written
   # the preset: measured with shrinkrt quality (KV alone x1.011 / x1.026 at 30%, x1.068 / x1.081 at 20%;
-  # weights alone x1.071 / x1.076 at 4.5 bpw, x1.149 / x1.146 at 4.0; licenses / python docs); llama.cpp's
+  # weights alone x1.053 / x1.056 at 4.5 bpw with fp16-min layers (x1.071 / x1.076 without), x1.149 / x1.146
+  # at 4.0; licenses / python docs; both together x1.062 / x1.090); llama.cpp's
   # nearest type in bytes, Q3_K_M at 4.63 bpw, is compared in docs/results/weight_quant.md
   shrinkrt calibrate --kv-ratio 0.3 --window 64 --kv-bits 4 --key-mode pre-rope --kv-fit-steps 20 \
     --weight-budget 4.5bpw --calib-tokens 2048 --out "$CKPT" --quiet
