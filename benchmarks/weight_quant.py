@@ -188,14 +188,12 @@ def evaluate_plan(lm, plan, eval_tokens, a, quantizer, budget=None, budget_bytes
     section, tensors = mq.assemble(lm.model, plan, group_sizes=tuple(groups), quantizer=quantizer,
                                    outlier_fraction=a.outlier_fraction, budget=budget, budget_bytes=budget_bytes,
                                    seed=0)
-    originals = {n: m for n, m in mq.target_linears(lm.model)}
+    originals = dict(mq.target_linears(lm.model))
     mq.apply_weights(lm.model, section, tensors)
     try:
         ppl = perplexity(lm.model, eval_tokens, 1024, max_segments=a.max_segments, progress=False)["perplexity"]
     finally:
-        for name, m in originals.items():
-            parent, _, child = name.rpartition(".")
-            setattr(lm.model.get_submodule(parent), child, m)
+        mq.put_back(lm.model, originals)
     return section, ppl
 
 

@@ -424,6 +424,13 @@ def calib_nll(model, tokens: list[int]) -> float:
     return nll / n
 
 
+def put_back(model, originals: dict[str, nn.Module]) -> None:
+    """Return the linears `originals` (name -> module, as target_linears gave them) to their places."""
+    for name, m in originals.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m)
+
+
 def plan_nll(model, tokens: list[int], plan: dict[str, Candidate]) -> float:
     """calib_nll with the plan's quantized linears swapped in (as the checkpoint runs them), then put back."""
     section, tensors = assemble(model, plan, group_sizes=tuple(sorted({c.group_size for c in plan.values()})),
@@ -433,9 +440,7 @@ def plan_nll(model, tokens: list[int], plan: dict[str, Candidate]) -> float:
     try:
         return calib_nll(model, tokens)
     finally:
-        for name, m in originals.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, m)
+        put_back(model, originals)
 
 
 # The option sets choose_plan allocates over. The knapsack's proxy (first-order |g * dW|, summed) scores

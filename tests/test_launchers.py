@@ -281,16 +281,11 @@ def _quant_case(bits, group, K, N, n_outliers, seed=0):
     return ins, dense
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group, rows", [(64, 1), (128, 5), (64, 20), (32, 3)])
-def test_quant_matmul(gpu, launchers, bits, group, rows):
-    """Y = X @ W^T for the packed W with FP16 outliers: rows 1 and 5 through one GEMV each (padded to 2 and
-    8 rows), 20 rows in chunks of 8, 8 and 4 (no cuBLASLt behind the stand-in); within fp16 rounding of
-    the dense fp32 product."""
-    K, N = 576, 96
-    ins, dense = _quant_case(bits, group, K, N, n_outliers=37)
-    x = (torch.randn(1, rows, K, generator=torch.Generator().manual_seed(1))).half()
-    h, err = launchers.create("quant_matmul", [bits, group, K, N, 0])  # kAttributes order
+def _run_quant_matmul(gpu, launchers, attributes, x, ins):
+    """One QuantMatMul launcher (attributes in kAttributes order) created, loaded and enqueued on the
+    stand-in for x (1, rows, K) -> Y (rows, N) as float32; no launch may fail or touch a guard byte."""
+    rows, N = x.shape[1], attributes[3]
+    h, err = launchers.create("quant_matmul", attributes)
     assert h, err
     try:
         assert launchers.call("shrinkrt_quant_matmul_load", h) == ""
@@ -300,9 +295,21 @@ def test_quant_matmul(gpu, launchers, bits, group, rows):
         err = launchers.call("shrinkrt_quant_matmul_enqueue", h, rows, _ptrs(ptrs), y, ws, None)
         gpu.raise_failure()
         assert err == "" and gpu.guards_broken() == 0
-        got = gpu.download(y, (rows, N), torch.float16).float()
+        return gpu.download(y, (rows, N), torch.float16).float()
     finally:
         launchers.lib.shrinkrt_quant_matmul_destroy(h)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group, rows", [(64, 1), (128, 5), (64, 20), (32, 3)])
+def test_quant_matmul(gpu, launchers, bits, group, rows):
+    """Y = X @ W^T for the packed W with FP16 outliers: rows 1 and 5 through one GEMV each (padded to 2 and
+    8 rows), 20 rows in chunks of 8, 8 and 4 (no cuBLASLt behind the stand-in); within fp16 rounding of
+    the dense fp32 product."""
+    K, N = 576, 96
+    ins, dense = _quant_case(bits, group, K, N, n_outliers=37)
+    x = (torch.randn(1, rows, K, generator=torch.Generator().manual_seed(1))).half()
+    got = _run_quant_matmul(gpu, launchers, [bits, group, K, N, 0], x, ins)
     pad = lambda m: 2 if m <= 2 else 4 if m <= 4 else 8  # noqa: E731
     chunks = [min(8, rows - r0) for r0 in range(0, rows, 8)]
     assert [ln["name"] for ln in gpu.launches] == [f"qgemv_b{bits}_g{group}_m{pad(m)}_o1" for m in chunks]
@@ -329,18 +336,7 @@ def test_quant_matmul_with_mins(gpu, launchers):
     ins = [p.codes, p.scales, p.mins, torch.zeros(N + 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
            torch.zeros(1, dtype=torch.float16)]
     x = torch.randn(1, rows, K, generator=torch.Generator().manual_seed(1)).half()
-    h, err = launchers.create("quant_matmul", [4, 32, K, N, 1])
-    assert h, err
-    try:
-        assert launchers.call("shrinkrt_quant_matmul_load", h) == ""
-        ptrs = [gpu.upload(t) for t in [x, *ins]]
-        y = gpu.alloc(rows * N * 2)
-        err = launchers.call("shrinkrt_quant_matmul_enqueue", h, rows, _ptrs(ptrs), y, None, None)
-        gpu.raise_failure()
-        assert err == "" and gpu.guards_broken() == 0
-        got = gpu.download(y, (rows, N), torch.float16).float()
-    finally:
-        launchers.lib.shrinkrt_quant_matmul_destroy(h)
+    got = _run_quant_matmul(gpu, launchers, [4, 32, K, N, 1], x, ins)
     assert [ln["name"] for ln in gpu.launches] == ["qgemv_b4_g32_min_m4_o1"]
     ref = x[0].float() @ dense.T
     assert (got - ref).abs().max().item() <= 2e-3 * ref.abs().max().item()
