@@ -197,13 +197,13 @@ def evaluate_plan(lm, plan, eval_tokens, a, quantizer, budget=None, budget_bytes
     return section, ppl
 
 
-def uniform(cands, bits, group, mins=False):
+def uniform(cands, bits, group, mins=False, param_bits=16):
     return {n: next(c for c in cs if c.bits == bits and c.group_size == group and c.n_outliers == 0
-                    and c.mins == mins) for n, cs in cands.items()}
+                    and c.mins == mins and c.param_bits == param_bits) for n, cs in cands.items()}
 
 
 def offered(cands, groups, mins=True):
-    """The candidates of the given group sizes only (and without the fp16-min ones unless `mins`)."""
+    """The candidates of the given group sizes only (and without the min ones unless `mins`)."""
     return {n: [c for c in cs if c.group_size in groups and (mins or not c.mins)] for n, cs in cands.items()}
 
 
@@ -264,12 +264,14 @@ def main(argv=None) -> int:
             runs.append({"method": method, "bits": b, "group_size": group, "bits_per_weight": section["bits_per_weight"],
                          "bytes": section["bytes"], "perplexity": ppl})
             print(f"{method} {b}-bit g{group}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
-    for b, group in mq.min_formats(UNIFORM_BITS, groups):  # every linear in the fp16-min format (Q4_1's layout)
-        section, ppl = evaluate_plan(lm, uniform(cands, b, group, mins=True), eval_tokens, a, a.quantizer)
-        runs.append({"method": f"{a.quantizer} mins", "bits": b, "group_size": group, "mins": True,
+    for (b, group), pb in [(f, pb) for f in mq.min_formats(UNIFORM_BITS, groups) for pb in mq.MIN_PARAM_BITS]:
+        # every linear in the min format (Q4_1's layout), its scales and mins fp16 or 8-bit codes
+        section, ppl = evaluate_plan(lm, uniform(cands, b, group, mins=True, param_bits=pb), eval_tokens, a,
+                                     a.quantizer)
+        method = f"{a.quantizer} mins" + (" 8-bit params" if pb == 8 else "")
+        runs.append({"method": method, "bits": b, "group_size": group, "mins": True, "param_bits": pb,
                      "bits_per_weight": section["bits_per_weight"], "bytes": section["bytes"], "perplexity": ppl})
-        print(f"{a.quantizer} mins {b}-bit g{group}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}",
-              flush=True)
+        print(f"{method} {b}-bit g{group}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
     for budget in budgets:
         spec = f"{budget}bpw"
         budget_bytes = mq.parse_budget(spec, n_weights)
@@ -298,10 +300,11 @@ def main(argv=None) -> int:
                              "budget_bytes": budget_bytes, "perplexity": ppl,
                              "layers_with_outliers": sum(1 for L in layers if L["outliers"]),
                              "layers_with_mins": sum(1 for L in layers if L.get("mins")),
+                             "layers_with_8bit_params": sum(1 for L in layers if L.get("param_bits") == 8),
                              **({"plan_choice": choice} if choice and name == "mixed" else {}),
                              "group_sizes": dict(sorted(Counter(str(L["group_size"]) for L in layers).items()))})
-                plans[f"{name}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"], L.get("mins", False)]
-                                             for L in layers]
+                plans[f"{name}@{budget}"] = [[L["name"], L["bits"], L["outliers"], L["group_size"], L.get("mins", False),
+                                              L.get("param_bits", 16)] for L in layers]
                 print(f"{name} at {spec}: {section['bits_per_weight']:.3f} bpw, perplexity {ppl:.3f}", flush=True)
 
     result = {"fp": {"perplexity": fp["perplexity"]}, "runs": runs,
@@ -362,10 +365,12 @@ def markdown(r: dict) -> str:
         f"{s['max_segments']} segments only ({s['scored_tokens']} scored tokens; the FP figure uses the same cap). "
         f"Calibration: {s['calib_tokens']} tokens, {calib_domains(s)}, disjoint from the evaluation text. Group sizes offered per layer: "
         f"{', '.join(map(str, s['group_sizes']))} (uniform rows: the group named), fp16 scales, packed zero points, "
-        f"and at 4 bits / group 32 also fp16 mins instead (w = q * s + m, Q4_1's layout: 5.0 bpw; `mins` rows, "
-        f"`layers_with_mins` in the json; `mixed no-mins` is `mixed` without that option). `mixed` is what "
-        f"`shrinkrt calibrate` ships: the knapsack's plan over all options, over all but the mins and over "
-        f"the largest group only, the one with the lowest NLL on {mq.SELECT_TOKENS} held-out tokens of the calibration sources taken (`plan_choice` in the json). Bits per weight count every stored byte of the quantized linears "
+        f"and at 4 bits / group 32 also mins instead (w = q * s + m, Q4_1's layout), with fp16 scales and mins "
+        f"(5.0 bpw) or with both as 8-bit codes on one fp16 step per row each (`8-bit params`: 4.5 bpw + 4 bytes "
+        f"a row; `mins` rows, `layers_with_mins` / `layers_with_8bit_params` in the json; `mixed no-mins` is "
+        f"`mixed` without the min options). `mixed` is what "
+        f"`shrinkrt calibrate` ships: the knapsack's plan over all options, over all but the fp16-param mins, over "
+        f"all but the mins and over the largest group only, the one with the lowest NLL on {mq.SELECT_TOKENS} held-out tokens of the calibration sources taken (`plan_choice` in the json). Bits per weight count every stored byte of the quantized linears "
         f"(codes, scales, zeros, outliers; each tensor rounded up to 256 bytes); embeddings and the tied LM head "
         f"stay unquantized and are outside the budget. `mixed` chooses per layer among {s.get('quantizer', 'gptq')} candidates at 2/3/4/8 bits x "
         f"each group size x with or without {s['outlier_fraction']:.1%} of the layer's weights kept in FP16 "

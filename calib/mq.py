@@ -67,10 +67,16 @@ def col_dtype(cols: int) -> torch.dtype:
     return torch.int16 if cols <= 65535 else torch.int32
 
 
-def layer_bytes(rows: int, cols: int, bits: int, group_size: int, n_outliers: int, mins: bool = False) -> int:
-    """Allocated bytes of one quantized linear: codes + scales + zeros or fp16 mins (+ outlier CSR arrays)."""
-    zero_bytes = rows * qz.n_groups(cols, group_size) * 2 if mins else rows * qz.zero_words(cols, bits, group_size) * 4
-    total = alloc(rows * qz.code_words(cols, bits) * 4) + alloc(rows * qz.n_groups(cols, group_size) * 2) + alloc(zero_bytes)
+def layer_bytes(rows: int, cols: int, bits: int, group_size: int, n_outliers: int, mins: bool = False,
+                param_bits: int = 16) -> int:
+    """Allocated bytes of one quantized linear: codes + scales + zeros or mins (+ the rows' param steps
+    where scales and mins are 8-bit codes) (+ outlier CSR arrays)."""
+    G = qz.n_groups(cols, group_size)
+    param_bytes = param_bits // 8
+    zero_bytes = rows * G * param_bytes if mins else rows * qz.zero_words(cols, bits, group_size) * 4
+    total = alloc(rows * qz.code_words(cols, bits) * 4) + alloc(rows * G * param_bytes) + alloc(zero_bytes)
+    if mins and param_bits == 8:
+        total += alloc(rows * 2 * 2)
     if n_outliers:
         total += (alloc((rows + 1) * 4) + alloc(n_outliers * torch.empty(0, dtype=col_dtype(cols)).element_size())
                   + alloc(n_outliers * 2))
@@ -194,7 +200,8 @@ class Candidate:
     nbytes: int              # allocated bytes (ALIGN-rounded), what the budget counts
     sensitivity: float
     tensors: dict[str, torch.Tensor] = field(repr=False)  # suffix -> stored tensor
-    mins: bool = False       # fp16 min per group instead of a zero point (packing.MIN_FORMATS)
+    mins: bool = False       # min per group instead of a zero point (packing.MIN_FORMATS)
+    param_bits: int = 16     # with mins: 16 = fp16 scales and mins, 8 = 8-bit codes on per-row steps
 
 
 def select_outliers(w: torch.Tensor, act_rms: torch.Tensor, k: int) -> torch.Tensor:
@@ -223,8 +230,13 @@ def layer_options(rows: int, cols: int, bits: tuple[int, ...], outlier_fraction:
 
 
 def min_formats(bits: tuple[int, ...], group_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The (bits, group) options that are also offered with fp16 mins: packing.MIN_FORMATS among those asked for."""
+    """The (bits, group) options that are also offered with mins: packing.MIN_FORMATS among those asked for."""
     return [(b, g) for b, g in qz.MIN_FORMATS if b in bits and g in group_sizes]
+
+
+# The param widths each min format is offered at: fp16 (exact on the source's Q4_1 weights) and 8-bit
+# codes (0.5 bits per weight less at group 32; x1.003 perplexity on SmolLM2, weight_format_probe.md).
+MIN_PARAM_BITS = (16, 8)
 
 
 def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...], group_sizes: tuple[int, ...],
@@ -268,34 +280,40 @@ def build_candidates(model, stats: dict[str, LayerStats], bits: tuple[int, ...],
                 _candidate(W[sl], stats[name].grad, b, k, group_size, q[sl], s[sl], z[sl], deq[sl], K[sl]))
         for b in [b for b, g in min_formats(bits, group_sizes) if g == group_size and mins]:
             W = torch.cat([m.weight.detach().float() for _, m in members])
-            q, s, z, deq = quantize(quantizer, W, H, b, group_size, None, hinv.get(key), mins=True)
-            r0 = 0
-            for name, m in members:
-                sl = slice(r0, r0 + m.out_features)
-                r0 += m.out_features
-                out[name].append(_candidate(W[sl], stats[name].grad, b, 0, group_size, q[sl], s[sl], z[sl], deq[sl],
-                                            None, mins=True))
+            for pb in MIN_PARAM_BITS:
+                steps = qz.row_param_steps(W, b, group_size, torch.diag(H)) if pb == 8 else None
+                q, s, z, deq = quantize(quantizer, W, H, b, group_size, None, hinv.get(key), mins=True, steps=steps)
+                r0 = 0
+                for name, m in members:
+                    sl = slice(r0, r0 + m.out_features)
+                    r0 += m.out_features
+                    out[name].append(_candidate(W[sl], stats[name].grad, b, 0, group_size, q[sl], s[sl], z[sl],
+                                                deq[sl], None, mins=True, steps=None if steps is None else steps[sl]))
     return {name: out[name] for name, _ in targets}
 
 
-def quantize(quantizer: str, w, H, bits, group_size: int, keep, hinv=None, mins: bool = False):
+def quantize(quantizer: str, w, H, bits, group_size: int, keep, hinv=None, mins: bool = False, steps=None):
     """One QUANTIZERS entry on w with input energy H (hinv: its inverse_hessian in that quantizer's order)."""
     if quantizer == "rtn":
-        return qz.quantize_rtn(w, bits, group_size, keep, torch.diag(H), mins=mins)
+        return qz.quantize_rtn(w, bits, group_size, keep, torch.diag(H), mins=mins, steps=steps)
     return qz.quantize_gptq(w, H, bits, group_size, keep, hinv=hinv, act_order=quantizer == "gptq-act-order",
-                            mins=mins)
+                            mins=mins, steps=steps)
 
 
-def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep, mins: bool = False) -> Candidate:
+def _candidate(w, grad, bits, k, group_size, q, s, z, deq, keep, mins: bool = False, steps=None) -> Candidate:
     rows, cols = w.shape
-    p = qz.pack(q, s, z, bits, group_size, mins=mins)
+    p = qz.pack(q, s, z, bits, group_size, mins=mins, steps=steps)
     tensors = {"codes": p.codes, "scales": p.scales}
     tensors.update({"mins": p.mins} if mins else {"zeros": p.zeros})
+    if steps is not None:
+        tensors["param_steps"] = p.param_steps
     if k:
         tensors.update(zip(OUTLIER_SUFFIXES, to_csr(keep, deq)))
         deq = torch.where(keep, deq.half().float(), deq)  # the model computes with the fp16 value
     sens = float((grad * (deq - w)).abs().sum())
-    return Candidate(bits, group_size, k, layer_bytes(rows, cols, bits, group_size, k, mins), sens, tensors, mins)
+    param_bits = 8 if steps is not None else 16
+    return Candidate(bits, group_size, k, layer_bytes(rows, cols, bits, group_size, k, mins, param_bits), sens, tensors,
+                     mins, param_bits)
 
 
 class _Captured(Exception):
@@ -330,9 +348,12 @@ def requantize_sequential(model, tokens: list[int], plan: dict[str, Candidate], 
                         w = saved[n].float()
                         k = c.n_outliers
                         keep = select_outliers(w, torch.diag(H).clamp(min=0).sqrt(), k) if k else None
-                        q, sc, z, deq = quantize(quantizer, w, H, c.bits, c.group_size, keep, mins=c.mins)
+                        steps = qz.row_param_steps(w, c.bits, c.group_size, torch.diag(H)) if c.param_bits == 8 \
+                            else None
+                        q, sc, z, deq = quantize(quantizer, w, H, c.bits, c.group_size, keep, mins=c.mins, steps=steps)
                         keep = keep if keep is not None else torch.zeros_like(w, dtype=torch.bool)
-                        out[n] = _candidate(w, stats[n].grad, c.bits, k, c.group_size, q, sc, z, deq, keep, c.mins)
+                        out[n] = _candidate(w, stats[n].grad, c.bits, k, c.group_size, q, sc, z, deq, keep, c.mins,
+                                            steps)
                         used = torch.where(keep, deq.half().float(), deq) if k else deq
                         modules[n].weight.copy_(used.to(modules[n].weight.dtype))
                 xs = [_run_layer(layer, x, model) for x in xs]
@@ -447,7 +468,9 @@ def plan_nll(model, tokens: list[int], plan: dict[str, Candidate]) -> float:
 # a lossless layer at 0 whatever it costs, and is additive where the loss is not: measured on SmolLM2 at
 # 4.0 bpw, offering fp16 mins (5.0 bpw, exact on its Q4_1 weights) put 120 linears at 5.0 bpw and the rest
 # lower (perplexity x1.145) where the plan without them gave x1.127 and one group size only x1.120.
-PLAN_VARIANTS = ("all options", "no fp16 mins", "largest group only")
+# 8-bit-param mins (4.5 bpw, near exact) change the picture again: the variant without the fp16 ones lets
+# the knapsack trade them instead.
+PLAN_VARIANTS = ("all options", "no fp16-param mins", "no min layers", "largest group only")
 # Another variant replaces the first one's plan only when its calibration NLL is lower by more than this
 # (nats per token, ~0.2% of perplexity): below it the comparison is noise (a random tiny model's plans
 # differ by ~0.001), and the first plan is the one the proxy prefers.
@@ -459,7 +482,9 @@ SELECT_TOKENS = 2048
 
 
 def _variant(cands: dict[str, list[Candidate]], variant: str) -> dict[str, list[Candidate]]:
-    if variant == "no fp16 mins":
+    if variant == "no fp16-param mins":
+        return {n: [c for c in cs if not (c.mins and c.param_bits == 16)] for n, cs in cands.items()}
+    if variant == "no min layers":
         return {n: [c for c in cs if not c.mins] for n, cs in cands.items()}
     if variant == "largest group only":
         g = max(c.group_size for cs in cands.values() for c in cs)
@@ -510,7 +535,7 @@ def assemble(model, plan: dict[str, Candidate], *, group_sizes: tuple[int, ...],
         rows, cols = shapes[name]
         layers.append({"name": name, "bits": c.bits, "group_size": c.group_size, "in_features": cols,
                        "out_features": rows, "outliers": c.n_outliers, "bytes": c.nbytes,
-                       "sensitivity": c.sensitivity, **({"mins": True} if c.mins else {})})
+                       "sensitivity": c.sensitivity, **({"mins": True, "param_bits": c.param_bits} if c.mins else {})})
         for suffix, t in c.tensors.items():
             tensors[f"weights.{name}.{suffix}"] = t
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -597,13 +622,19 @@ def _expect(section: dict, tensors: dict[str, torch.Tensor], model) -> list[tupl
         if mins is not False and mins is not True:
             raise ShrinkError(f"weights plan: '{name}' has mins {mins!r} (true or false)")
         if mins and ((bits, g) not in qz.MIN_FORMATS or k):
-            raise ShrinkError(f"weights plan: '{name}' stores fp16 mins at {bits} bits, group {g}"
+            raise ShrinkError(f"weights plan: '{name}' stores mins at {bits} bits, group {g}"
                               f"{', with outliers' if k else ''}; mins are for "
                               f"{', '.join(f'{b}-bit group-{gg}' for b, gg in qz.MIN_FORMATS)} layers without outliers")
+        pb = L.get("param_bits", 16)
+        if pb not in qz.PARAM_BITS or (pb != 16 and not mins):
+            raise ShrinkError(f"weights plan: '{name}' has param_bits {pb!r} (16, or 8 in a layer with mins)")
+        G = qz.n_groups(cols, g)
         specs = {"codes": (torch.int32, (rows, qz.code_words(cols, bits))),
-                 "scales": (torch.float16, (rows, qz.n_groups(cols, g)))}
-        specs.update({"mins": (torch.float16, (rows, qz.n_groups(cols, g)))} if mins else
+                 "scales": (torch.uint8 if pb == 8 else torch.float16, (rows, G))}
+        specs.update({"mins": (torch.int8 if pb == 8 else torch.float16, (rows, G))} if mins else
                      {"zeros": (torch.int32, (rows, qz.zero_words(cols, bits, g)))})
+        if pb == 8:
+            specs["param_steps"] = (torch.float16, (rows, 2))
         if k:
             specs.update({"outlier_rowptr": (torch.int32, (rows + 1,)), "outlier_cols": (col_dtype(cols), (k,)),
                           "outlier_vals": (torch.float16, (k,))})
@@ -625,7 +656,7 @@ def _expect(section: dict, tensors: dict[str, torch.Tensor], model) -> list[tupl
                     or bool((c >= cols).any()) or bool((c < 0).any())):
                 raise ShrinkError(f"checkpoint plan and tensors disagree: the outliers of '{name}' are not a "
                                   f"valid CSR of {k} entries in {rows}x{cols}")
-        todo.append((name, {"bits": bits, "group_size": g, "outliers": k, "mins": mins}, m))
+        todo.append((name, {"bits": bits, "group_size": g, "outliers": k, "mins": mins, "param_bits": pb}, m))
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ShrinkError(f"checkpoint plan and tensors disagree: '{extra[0]}' is not in the plan")
@@ -647,6 +678,7 @@ def apply_weights(model, section: dict, tensors: dict[str, torch.Tensor]) -> Non
         bias = m.bias.detach().clone() if m.bias is not None else None
         q = QuantLinear(m.in_features, m.out_features, spec["bits"], spec["group_size"],
                         t("codes"), t("scales"), None if spec["mins"] else t("zeros"), outliers, bias,
-                        mins=t("mins") if spec["mins"] else None)
+                        mins=t("mins") if spec["mins"] else None,
+                        param_steps=t("param_steps") if spec["param_bits"] == 8 else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, q)

@@ -12,14 +12,18 @@ there and the kernel adds the sparse part on top.
 With `mins` (the formats of packing.MIN_FORMATS) a group keeps its fp16 min m instead of z, and a code
 dequantizes to q * scale + m: the grid starts at the group's own minimum rather than at the nearest
 integer multiple of the step, so a weight already on a Q4_1 grid (the source GGUF's) is kept exactly.
-Such layers take no outliers (the dense part under an outlier would not be 0).
+Such layers take no outliers (the dense part under an outlier would not be 0). With `steps`
+(packing.param_steps: one fp16 step per row for the scales, one for the mins, fixed up front by
+row_param_steps from an RTN fit) the scales and mins are snapped to 8-bit codes of those steps inside
+the range search, so each group's range is chosen for the grid it will really have.
 """
 from __future__ import annotations
 
 import torch
 
-from shrinkrt.runtime.packing import (GROUP_SIZES, MIN_FORMATS, SUPPORTED_BITS, TILE, Packed, check_bits,  # noqa: F401
-                                      code_words,
+from shrinkrt.runtime.packing import (GROUP_SIZES, MIN_CODE_MAX, MIN_FORMATS, PARAM_BITS,  # noqa: F401
+                                      SCALE_CODE_MAX, SUPPORTED_BITS, TILE, Packed, check_bits, code_words,
+                                      param_steps,
                                       dequantize, expand_groups, n_groups, pack, pack_bits, unpack, unpack_bits,
                                       zero_words)
 
@@ -42,9 +46,11 @@ def _maxq(bits, rows: int) -> torch.Tensor:
 
 
 def group_params(w: torch.Tensor, maxq: torch.Tensor, keep: torch.Tensor | None = None,
-                 col_weight: torch.Tensor | None = None, mins: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 col_weight: torch.Tensor | None = None, mins: bool = False,
+                 steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (fp16-representable, float32) and zero point (float; with `mins`, the fp16-representable
-    min) of one group w (rows, g), per row.
+    min) of one group w (rows, g), per row; with `steps` (rows, 2) the scale and min lie on those
+    8-bit grids instead (scale code >= 1, min code rounded down or up, whichever errs less).
 
     Positions in `keep` (outliers) neither set the range nor count in the error. The range is the
     min/max shrunk by the factor in RANGE_SHRINK with the least squared error (weighted per column
@@ -60,14 +66,41 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, keep: torch.Tensor | None 
     best_s, best_z = torch.ones(w.shape[0]), torch.zeros(w.shape[0])
     for f in RANGE_SHRINK:
         s, z = _scale_zero(xmin * f, xmax * f, maxq, mins)
-        d = _deq(_round(w, s[:, None], z[:, None], maxq[:, None], mins), s[:, None], z[:, None], mins) - w
-        if keep is not None:
-            d = torch.where(keep, 0.0, d)
-        err = (d * d * cw).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        for s, z in ([(s, z)] if steps is None else _on_steps(s, z, steps)):
+            d = _deq(_round(w, s[:, None], z[:, None], maxq[:, None], mins), s[:, None], z[:, None], mins) - w
+            if keep is not None:
+                d = torch.where(keep, 0.0, d)
+            err = (d * d * cw).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
     return best_s, best_z
+
+
+def _on_steps(s, m, steps):
+    """(scale, min) pairs on the rows' 8-bit grids near (s, m): the scale code rounded (at least 1, so
+    the step stays positive), the min code floored and ceiled (the grid then starts below or above
+    the group's min; the error decides)."""
+    ss, sm = steps[:, 0], steps[:, 1]
+    fp16 = lambda v: v.half().float()  # noqa: E731  packing.param_values' rounding
+    sq = fp16(torch.round(s / ss).clamp(1, SCALE_CODE_MAX) * ss)
+    t = m / sm
+    return [(sq, fp16(torch.floor(t).clamp(-MIN_CODE_MAX, MIN_CODE_MAX) * sm)),
+            (sq, fp16(torch.ceil(t).clamp(-MIN_CODE_MAX, MIN_CODE_MAX) * sm))]
+
+
+def row_param_steps(w: torch.Tensor, bits, group_size: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-row steps (rows, 2) of 8-bit param codes for weight w (rows, cols) at `bits` (one, or
+    one per row): packing.param_steps of the groups' fp16 RTN min fit (input energy `col_weight`)."""
+    rows, cols = w.shape
+    maxq = _maxq(bits, rows)
+    G = n_groups(cols, group_size)
+    s, m = torch.empty(rows, G), torch.empty(rows, G)
+    for g in range(G):
+        c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
+        s[:, g], m[:, g] = group_params(w[:, c0:c1].float(), maxq, None,
+                                        col_weight[c0:c1] if col_weight is not None else None, mins=True)
+    return param_steps(s, m)
 
 
 def _scale_zero(xmin, xmax, maxq, mins: bool = False):
@@ -91,17 +124,20 @@ def _deq(q, s, z, mins: bool = False):
     return q * s + z if mins else (q - z) * s
 
 
-def _check_mins(keep, mins: bool) -> None:
+def _check_mins(keep, mins: bool, steps=None) -> None:
     if mins and keep is not None and bool(keep.any()):
         raise ValueError("a layer stored with mins takes no outliers")
+    if steps is not None and not mins:
+        raise ValueError("param steps are for a layer stored with mins")
 
 
 def quantize_rtn(w: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
-                 col_weight: torch.Tensor | None = None, mins: bool = False):
+                 col_weight: torch.Tensor | None = None, mins: bool = False, steps: torch.Tensor | None = None):
     """Round to nearest. Returns (codes (rows, cols) int64, scales (rows, G), zeros (rows, G) int64
     (with `mins`: the mins, float32), W' float32): W' is what the model computes with (outliers keep
-    their exact value, their code is the zero point so the dense part is 0 there)."""
-    _check_mins(keep, mins)
+    their exact value, their code is the zero point so the dense part is 0 there). `steps`: the
+    scales and mins on those rows' 8-bit grids (row_param_steps)."""
+    _check_mins(keep, mins, steps)
     rows, cols = w.shape
     maxq = _maxq(bits, rows)
     w = w.float()
@@ -112,7 +148,7 @@ def quantize_rtn(w: torch.Tensor, bits, group_size: int, keep: torch.Tensor | No
         c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
         kg = keep[:, c0:c1] if keep is not None else None
         cw = col_weight[c0:c1] if col_weight is not None else None
-        s, z = group_params(w[:, c0:c1], maxq, kg, cw, mins)
+        s, z = group_params(w[:, c0:c1], maxq, kg, cw, mins, steps)
         q[:, c0:c1] = _round(w[:, c0:c1], s[:, None], z[:, None], maxq[:, None], mins).long()
         scales[:, g], zeros[:, g] = s, (z if mins else z.long())
     deq = _deq(q.float(), expand_groups(scales, group_size, cols), expand_groups(zeros, group_size, cols).float(), mins)
@@ -135,7 +171,7 @@ def inverse_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
 
 def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep: torch.Tensor | None = None,
                   damp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None, act_order: bool = False,
-                  mins: bool = False):
+                  mins: bool = False, steps: torch.Tensor | None = None):
     """GPTQ (Frantar et al. 2022): quantize columns left to right, spreading each column's error
     over the columns not yet quantized through the inverse Hessian H = E[x x^T] of the layer input.
     Blocks equal groups, so each group's range is taken from fully updated weights. Outliers in
@@ -146,8 +182,8 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
     rounded first and the error lands on the quiet ones; groups stay contiguous in the stored layout
     (the kernels read no permutation), so each group's range is fixed up front from the weights
     ("static groups"). `hinv` must then be inverse_hessian of H permuted by activation_order(H).
-    `mins`: groups keep their min instead of a zero point (quantize_rtn)."""
-    _check_mins(keep, mins)
+    `mins`, `steps`: groups keep their min instead of a zero point, on 8-bit grids (quantize_rtn)."""
+    _check_mins(keep, mins, steps)
     rows, cols = w.shape
     maxq = _maxq(bits, rows)
     G = n_groups(cols, group_size)
@@ -170,7 +206,7 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
     if act_order:
         for g, (c0, c1) in enumerate(bounds):  # static groups: ranges from the weights before any update
             s_g, z_g = group_params(w[:, c0:c1], maxq, keep[:, c0:c1] if keep is not None else None, energy[c0:c1],
-                                    mins)
+                                    mins, steps)
             scales[:, g], zeros[:, g] = s_g, z_g.to(zdtype)
         col_s = expand_groups(scales, group_size, cols)[:, perm].t()
         col_z = expand_groups(zeros, group_size, cols)[:, perm].t().float()
@@ -179,7 +215,7 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits, group_size: int, keep:
         def params(c0, c1):  # the group's range from its fully updated weights
             g = c0 // group_size
             s_g, z_g = group_params(Wt[c0:c1].t(), maxq, keep[:, c0:c1] if keep is not None else None,
-                                    energy[c0:c1], mins)
+                                    energy[c0:c1], mins, steps)
             scales[:, g], zeros[:, g] = s_g, z_g.to(zdtype)
             return s_g.expand(c1 - c0, rows), z_g.expand(c1 - c0, rows)
         spans = bounds

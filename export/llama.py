@@ -164,7 +164,7 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
     if isinstance(m, QuantLinear):
         fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, g.dtype, m.has_mins)
         g.functions[f"{fn.name}/{fn.overload}"] = fn
-        feeds = ops.quant_matmul_inputs(path, m)
+        feeds = ops.quant_matmul_inputs(path, m, b)
         for t in feeds["initializers"]:
             g.inits[t.name] = t
         y = f"{path}/y"

@@ -130,9 +130,12 @@ def quant_matmul_overload(bits: int, group_size: int, in_features: int, out_feat
     return f"b{bits}_g{group_size}{'_min' if mins else ''}_k{in_features}_n{out_features}_{dtype}"
 
 
-def quant_matmul_inputs(prefix: str, m) -> dict:
+def quant_matmul_inputs(prefix: str, m, b: Body | None = None) -> dict:
     """Initializers feeding one QuantMatMul from a runtime QuantLinear (outlier columns widened to
-    int32; a layer without outliers gets zero row pointers and one unused padding entry)."""
+    int32; a layer without outliers gets zero row pointers and one unused padding entry). A layer with
+    8-bit param codes stores the codes and the rows' steps; standard nodes appended to `b` (required
+    then) expand them into the op's fp16 scales and mins (code * step, rounded to fp16: the values
+    packing.param_values gives), which a runtime folds once at load."""
     N = m.out_features
     if m.n_outliers:
         rowptr = m.outlier_rowptr.numpy().astype(np.int32)
@@ -141,12 +144,29 @@ def quant_matmul_inputs(prefix: str, m) -> dict:
         vals = m.outlier_vals.numpy().astype(np.float16)
     else:
         rowptr, cols, vals = np.zeros(N + 1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float16)
-    arrays = {"codes": m.codes.numpy().astype(np.int32), "scales": m.scales.numpy().astype(np.float16),
-              "zeros": m.mins.numpy().astype(np.float16) if m.has_mins else m.zeros.numpy().astype(np.int32),
-              "outlier_rowptr": rowptr, "outlier_cols": cols,
+    coded = m.has_mins and m.param_bits == 8
+    if coded:
+        params = {"scale_codes": m.scales.numpy().astype(np.uint8), "min_codes": m.mins.numpy().astype(np.int8),
+                  "param_steps": m.param_steps.numpy().astype(np.float16)}
+    else:
+        params = {"scales": m.scales.numpy().astype(np.float16),
+                  "zeros": m.mins.numpy().astype(np.float16) if m.has_mins else m.zeros.numpy().astype(np.int32)}
+    arrays = {"codes": m.codes.numpy().astype(np.int32), **params, "outlier_rowptr": rowptr, "outlier_cols": cols,
               "outlier_vals": vals}
-    names = [f"{prefix}.{k}" for k in arrays]
-    return {"inputs": names, "initializers": [numpy_helper.from_array(a, n) for n, a in zip(names, arrays.values())]}
+    names = {k: f"{prefix}.{k}" for k in arrays}
+    inits = [numpy_helper.from_array(a, names[k]) for k, a in arrays.items()]
+    if coded:
+        if b is None:
+            raise ValueError("a layer with 8-bit param codes needs a node list to expand them")
+        steps = b("Cast", names["param_steps"], to=TensorProto.FLOAT)
+        expand = [b("Cast", b("Mul", b("Cast", names[k], to=TensorProto.FLOAT),
+                              b("Slice", steps, b.const([j], np.int64), b.const([j + 1], np.int64),
+                                b.const([1], np.int64))), to=TensorProto.FLOAT16)
+                  for j, k in enumerate(("scale_codes", "min_codes"))]
+        inputs = [names["codes"], *expand, names["outlier_rowptr"], names["outlier_cols"], names["outlier_vals"]]
+    else:
+        inputs = list(names.values())
+    return {"inputs": inputs, "initializers": inits}
 
 
 def bi_branch_io(bits: int) -> tuple[list[str], list[str], list[str]]:

@@ -74,9 +74,9 @@ def _nbits_parts(m):
     G = n_groups(K, gs)
     codes = unpack_bits(m.codes, m.bits, K).numpy()
     codes = np.pad(codes, ((0, 0), (0, G * gs - K)))
-    scales = m.scales.float().numpy()
+    scales = m.group_scales().float().numpy()
     if m.has_mins:
-        codes, scales, zp, _ = min_layer_codes(codes, scales, m.mins.float().numpy(), gs)
+        codes, scales, zp, _ = min_layer_codes(codes, scales, m.group_mins().float().numpy(), gs)
     else:
         zp = _pack_rows(unpack_bits(m.zeros, m.bits, G).numpy(), bits)
     B = _pack_rows(codes, bits).reshape(N, G, gs * bits // 8)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrinkrt.runtime.packing import dequantize
+from shrinkrt.runtime.packing import dequantize, param_values
 from shrinkrt.runtime import kernels
 
 
@@ -17,15 +17,19 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                 param_steps: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        self.has_mins = mins is not None  # fp16 min per group instead of integer zero points
+        self.has_mins = mins is not None  # min per group instead of integer zero points
+        # 8-bit param codes: `scales` uint8 and `mins` int8 count the rows' fp16 steps (packing.PARAM_BITS)
+        self.param_bits = 8 if param_steps is not None else 16
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("mins", mins)
+        self.register_buffer("param_steps", param_steps)
         self.register_buffer("bias", bias)
         self.n_outliers = 0
         if outliers is not None:
@@ -39,13 +43,27 @@ class QuantLinear(nn.Module):
                                            (rowptr[1:] - rowptr[:-1]).long())
             self.register_buffer("_outlier_rows", rows, persistent=False)
 
+    def group_scales(self) -> torch.Tensor:
+        """The fp16 scale per (row, group): what QuantMatMul and the kernels read (8-bit codes expanded:
+        they take fp16 scales and mins; the codes are the stored form)."""
+        if self.param_bits == 8:
+            return param_values(self.scales, self.mins, self.param_steps)[0].half()
+        return self.scales
+
+    def group_mins(self) -> torch.Tensor:
+        """The fp16 min per (row, group) of a layer with mins."""
+        if self.param_bits == 8:
+            return param_values(self.scales, self.mins, self.param_steps)[1].half()
+        return self.mins
+
     def zero_points(self) -> torch.Tensor:
         """What a kernel reads in the zero-point slot: the int32 zero-point stream, or the fp16 mins."""
-        return self.mins if self.has_mins else self.zeros
+        return self.group_mins() if self.has_mins else self.zeros
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight (out_features, in_features) in float32, outliers included."""
-        w = dequantize(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.mins)
+        w = dequantize(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.mins,
+                       self.param_steps)
         if self.n_outliers:
             # The dense codes under an outlier dequantize to exactly 0, so adding is setting.
             cols = self.outlier_cols.long() & 0xFFFF if self.outlier_cols.dtype == torch.int16 \
@@ -66,4 +84,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, outliers={self.n_outliers}{', mins' if self.has_mins else ''}")
+                f"group_size={self.group_size}, outliers={self.n_outliers}"
+                f"{(', mins' + (', 8-bit params' if self.param_bits == 8 else '')) if self.has_mins else ''}")

@@ -308,18 +308,42 @@ def test_min_layer_codes_hold_the_min_on_a_17x_finer_grid():
     assert off[4, 4] < 1e-7 and err <= s.max() / 12
 
 
-def test_ort_cpu_min_layers_share_the_8bit_container(tmp_path):
-    """Linears with fp16 mins lower to 8-bit MatMulNBits with uint8 zero points (no float zero points:
-    ONNX Runtime's slow path), packed beside an 8-bit layer of the same input; logits within the
-    min's regridding of the reference's."""
-    import onnx
-
+def model_with_min_layers():
+    """The tiny model with per layer q_proj at 4-bit fp16 mins, gate_proj at 4-bit 8-bit-param mins and
+    up_proj at 8 bits with zero points (all group 32)."""
     model = ours_from(tiny_hf_model("llama"))
     for i, layer in enumerate(model.layers):
         a, mlp = layer.self_attn, layer.mlp
-        for mod, name, bits, mins in ((a, "q_proj", 4, True), (mlp, "gate_proj", 4, True), (mlp, "up_proj", 8, False)):
+        for mod, name, bits, mins, pb in ((a, "q_proj", 4, True, 16), (mlp, "gate_proj", 4, True, 8),
+                                          (mlp, "up_proj", 8, False, 16)):
             lin = getattr(mod, name)
-            setattr(mod, name, quant_layer(lin.out_features, lin.in_features, bits, 32, 0, seed=5 * i + bits, mins=mins))
+            setattr(mod, name, quant_layer(lin.out_features, lin.in_features, bits, 32, 0, seed=5 * i + bits, mins=mins,
+                                           param_bits=pb))
+    return model
+
+
+def test_generic_export_reads_8bit_param_codes(tmp_path):
+    """The generic artifact holds the 8-bit param layers' uint8 / int8 codes and fp16 row steps (not fp16
+    scales and mins) and ONNX Runtime, running the QuantMatMul bodies, follows the reference's logits."""
+    import onnx
+
+    model = model_with_min_layers()
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="generic")
+    inits = {i.name: i.data_type for i in onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph.initializer}
+    gate = "layers.0.mlp.gate_proj"
+    assert inits[f"{gate}.scale_codes"] == onnx.TensorProto.UINT8 and inits[f"{gate}.min_codes"] == onnx.TensorProto.INT8
+    assert f"{gate}.scales" not in inits and inits["layers.0.self_attn.q_proj.scales"] == onnx.TensorProto.FLOAT16
+    prompt = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert compare(model, OrtModel(tmp_path / "exp"), prompt, steps=12, tol=1e-3) < 1e-3
+
+
+def test_ort_cpu_min_layers_share_the_8bit_container(tmp_path):
+    """Linears with mins (fp16 or 8-bit params) lower to 8-bit MatMulNBits with uint8 zero points (no float
+    zero points: ONNX Runtime's slow path), packed beside an 8-bit layer of the same input; logits within
+    the min's regridding of the reference's."""
+    import onnx
+
+    model = model_with_min_layers()
     artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu")
     graph = onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph
     nbits = {n.name.split("/")[0].split(".")[-1]: n for n in graph.node

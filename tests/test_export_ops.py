@@ -13,15 +13,17 @@ from shrinkrt.runtime.quant_linear import QuantLinear
 ort = pytest.importorskip("onnxruntime")
 
 
-def quant_layer(N, K, bits, group, n_out, seed=0, mins=False):
-    """A QuantLinear of random weights (RTN); `mins`: stored with fp16 mins (no outliers then)."""
+def quant_layer(N, K, bits, group, n_out, seed=0, mins=False, param_bits=16):
+    """A QuantLinear of random weights (RTN); `mins`: stored with mins (no outliers then), fp16 or, with
+    param_bits 8, 8-bit codes on per-row steps."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=gen)
     keep = select_outliers(w, torch.ones(K), n_out) if n_out else None
-    q, s, z, _ = qz.quantize_rtn(w, bits, group, keep=keep, mins=mins)
-    p = qz.pack(q, s, z, bits, group, mins=mins)
+    steps = qz.row_param_steps(w, bits, group) if param_bits == 8 else None
+    q, s, z, _ = qz.quantize_rtn(w, bits, group, keep=keep, mins=mins, steps=steps)
+    p = qz.pack(q, s, z, bits, group, mins=mins, steps=steps)
     outl = to_csr(keep, w) if n_out else None
-    return QuantLinear(K, N, bits, group, p.codes, p.scales, p.zeros, outl, mins=p.mins)
+    return QuantLinear(K, N, bits, group, p.codes, p.scales, p.zeros, outl, mins=p.mins, param_steps=p.param_steps)
 
 
 def quant_matmul_model(layers, dtype="float32"):
@@ -29,8 +31,11 @@ def quant_matmul_model(layers, dtype="float32"):
     nodes, inits, fns, outs = [], [], {}, []
     F = ops.ONNX_DTYPE[dtype]
     K = layers[0].in_features
+    b = ops.Body("expand/")
     for i, m in enumerate(layers):
-        names = ops.quant_matmul_inputs(f"l{i}", m)
+        names = ops.quant_matmul_inputs(f"l{i}", m, b)
+        nodes += b.nodes
+        b.nodes = []
         inits += names["initializers"]
         fn = ops.quant_matmul_function(m.bits, m.group_size, m.in_features, m.out_features, dtype, m.has_mins)
         fns[fn.overload] = fn
@@ -73,6 +78,26 @@ def test_quant_matmul_body_with_mins_matches_reference():
     for m, y in zip(layers, got):
         ref = m(x).numpy()
         assert np.abs(y - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_quant_matmul_with_8bit_params_matches_reference():
+    """A min layer stored with 8-bit param codes: the artifact holds the uint8 / int8 codes and the rows'
+    fp16 steps, standard nodes expand them into the op's fp16 scales and mins, and the product is the
+    QuantLinear's (whose weight() reads the codes); beside an fp16-param min layer in one graph."""
+    layers = [quant_layer(37, 200, 4, 32, 0, seed=4, mins=True, param_bits=8),
+              quant_layer(19, 200, 4, 32, 0, seed=5, mins=True)]
+    assert layers[0].param_bits == 8 and layers[0].scales.dtype == torch.uint8 and layers[1].param_bits == 16
+    model = quant_matmul_model(layers)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["l0.scale_codes"].data_type == onnx.TensorProto.UINT8 and "l0.scales" not in inits
+    assert inits["l0.min_codes"].data_type == onnx.TensorProto.INT8 and list(inits["l0.param_steps"].dims) == [37, 2]
+    x = torch.randn(2, 3, 200, generator=torch.Generator().manual_seed(6))
+    got = run(model, {"X": x.numpy()})
+    for m, y in zip(layers, got):
+        ref = m(x).numpy()
+        assert np.abs(y - ref).max() < 1e-4 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="needs a node list"):
+        ops.quant_matmul_inputs("l0", layers[0])
 
 
 def test_quant_matmul_attributes_are_int32_and_plugin_tagged():

@@ -32,12 +32,15 @@ def test_qgemv_matches_reference(bits, group, n_out):
         assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-5
 
 
-def test_qgemv_and_dequant_with_mins_match_reference():
-    """The fp16-min format (w = q * s + m, 4-bit group 32): the GEMV at 1/3/8 rows and the prefill
-    dequantization give QuantLinear's product and weight; K not a multiple of 32 (masked tail codes)."""
+@pytest.mark.parametrize("param_bits", [16, 8])
+def test_qgemv_and_dequant_with_mins_match_reference(param_bits):
+    """The min format (w = q * s + m, 4-bit group 32), its scales and mins fp16 or 8-bit codes (expanded
+    to the fp16 values they stand for): the GEMV at 1/3/8 rows and the prefill dequantization give
+    QuantLinear's product and weight; K not a multiple of 32 (masked tail codes)."""
     from shrinkrt.plugins.kernels.dequant import dequant
 
-    m = quant_layer(45, 200, 4, 32, 0, seed=7, mins=True)
+    m = quant_layer(45, 200, 4, 32, 0, seed=7, mins=True, param_bits=param_bits)
+    assert m.param_bits == param_bits
     for M in (1, 3, 8):
         x = torch.randn(M, 200, generator=torch.Generator().manual_seed(M))
         y, ref = qgemv(x, m), m(x)

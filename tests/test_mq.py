@@ -264,7 +264,10 @@ def test_choose_plan_judges_the_variants_by_calibration_nll(tiny):
         for c in cs:
             if c.mins:
                 c.sensitivity, c.nbytes = 0.0, min(o.nbytes for o in cs)  # free and lossless, says the proxy
-                c.tensors["mins"] = c.tensors["mins"] + 30.0
+                if c.param_bits == 8:  # steps 50x: every scale and min of the row wrecked
+                    c.tensors["param_steps"] = c.tensors["param_steps"] * 50
+                else:
+                    c.tensors["mins"] = c.tensors["mins"] + 30.0
     plan, choice = mq.choose_plan(tiny.model, toks, cands, budget)
     assert all(c.mins for c in mq.allocate(cands, budget).values())  # what the knapsack alone would ship
     assert choice["chosen"] != "all options" and not any(c.mins for c in plan.values())
@@ -280,6 +283,50 @@ def test_choose_plan_judges_the_variants_by_calibration_nll(tiny):
     c2 = section2["plan_choice"]
     assert c2["on"] == "held-out calibration text" and c2["tokens"] == 256
     assert c2["calib_nll"] != section["plan_choice"]["calib_nll"] and c2["calib_nll"].keys() == section["plan_choice"]["calib_nll"].keys()
+
+
+def test_8bit_param_mins_are_offered_counted_and_applied(tiny):
+    """Every 4-bit group-32 linear is also offered with 8-bit param codes: its bytes are the codes plus 1 +
+    1 bytes per group plus 4 per row (each tensor ALIGN-rounded); a plan of them records param_bits 8,
+    applies (QuantLinear reading the codes) and computes close to the fp16-param plan on Q4_1 weights;
+    sequential GPTQ keeps the format; a checkpoint claiming it on a zero-point layer, or missing the
+    steps, is refused."""
+    snap_to_q4_1(tiny.model)
+    toks = calib_tokens()
+    x = torch.tensor([toks[:48]])
+    ref = tiny.model(x)
+    stats = mq.collect_stats(tiny.model, toks, progress=False)
+    cands = mq.build_candidates(tiny.model, stats, (2, 4), (32,), "gptq-act-order", 0.0, False)
+    pick = {}
+    for n, cs in cands.items():
+        kinds = [(c.mins, c.param_bits) for c in cs if c.mins]
+        assert kinds == [(True, 16), (True, 8)], kinds
+        pick[n] = next(c for c in cs if c.mins and c.param_bits == 8)
+        rows, cols = pick[n].tensors["codes"].shape[0], stats[n].H.shape[0]
+        G = cols // 32
+        assert pick[n].nbytes == mq.alloc(rows * cols // 2) + 2 * mq.alloc(rows * G) + mq.alloc(rows * 4)
+        assert pick[n].nbytes == mq.layer_bytes(rows, cols, 4, 32, 0, mins=True, param_bits=8)
+        assert 0 < pick[n].sensitivity
+    section, tensors = mq.assemble(tiny.model, pick, group_sizes=(32,), quantizer="gptq-act-order",
+                                   outlier_fraction=0.0, budget=None, budget_bytes=None, seed=0)
+    assert all(L["mins"] and L["param_bits"] == 8 for L in section["layers"])
+    model = copy.deepcopy(tiny.model)
+    mq.apply_weights(model, section, tensors)
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert qls and all(m.param_bits == 8 and m.scales.dtype == torch.uint8 for m in qls)
+    out = model(x)
+    assert 0 < float((out - ref).detach().abs().max()) < 0.05 * float(ref.detach().abs().max())
+    seq = mq.requantize_sequential(tiny.model, toks, pick, stats, "gptq-act-order", 0.0, False)
+    assert all(c.param_bits == 8 and c.mins and c.nbytes == pick[n].nbytes for n, c in seq.items())
+    name = section["layers"][0]["name"]
+    bad = copy.deepcopy(section)
+    bad["layers"][0].update(mins=False)
+    with pytest.raises(ShrinkError, match="has param_bits 8 \\(16, or 8 in a layer with mins\\)"):
+        mq.apply_weights(copy.deepcopy(tiny.model), bad, tensors)
+    t2 = dict(tensors)
+    t2.pop(f"weights.{name}.param_steps")
+    with pytest.raises(ShrinkError, match="param_steps' is missing"):
+        mq.apply_weights(copy.deepcopy(tiny.model), section, t2)
 
 
 @pytest.mark.parametrize("breakage,msg", [

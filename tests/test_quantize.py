@@ -226,3 +226,35 @@ def test_mins_pack_tail_and_formats():
     keep[0, 0] = True
     with pytest.raises(ValueError, match="no outliers"):
         qz.quantize_rtn(w, 4, 32, keep=keep, mins=True)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq", "gptq-act-order"])
+def test_8bit_params_pack_exactly_and_stay_close_to_fp16_params(quantizer):
+    """Scales and mins as 8-bit codes on per-row fp16 steps: what the quantizer computes with is what the
+    packed layer dequantizes to (bit for bit: the codes stand for fp16 values), the codes fit their
+    ranges, the layer takes 1 + 1 bytes per group and 4 per row, and on Q4_1 weights (which fp16 params
+    hold exactly) the error stays far below what integer zero points cost."""
+    w = q41_weights(24, 96)
+    x = torch.randn(512, 96, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.2, 3, 96)
+    H = x.T @ x / 512
+    steps = qz.row_param_steps(w, 4, 32, torch.diag(H))
+    assert steps.shape == (24, 2) and torch.equal(steps, steps.half().float()) and bool((steps > 0).all())
+
+    def run(**kw):
+        if quantizer == "rtn":
+            return qz.quantize_rtn(w, 4, 32, col_weight=torch.diag(H), mins=True, **kw)
+        return qz.quantize_gptq(w, H, 4, 32, act_order=quantizer == "gptq-act-order", mins=True, **kw)
+
+    q, s, m, deq = run(steps=steps)
+    p = qz.pack(q, s, m, 4, 32, mins=True, steps=steps)
+    assert (p.scales.dtype, p.mins.dtype, p.param_steps.dtype) == (torch.uint8, torch.int8, torch.float16)
+    assert int(p.scales.min()) >= 1 and int(p.mins.min()) >= -qz.MIN_CODE_MAX
+    assert p.nbytes() == 24 * 96 // 2 + 2 * 24 * 3 + 4 * 24
+    assert torch.equal(qz.dequantize(p.codes, p.scales, None, 4, 32, 96, p.mins, p.param_steps), deq)
+    codes, mins = qz.unpack(p)
+    assert torch.equal(codes, q) and torch.equal(mins, m)
+    err = lambda d: float((((d - w) ** 2) * torch.diag(H)).sum())  # noqa: E731
+    *_, deq_z = qz.quantize_rtn(w, 4, 32, col_weight=torch.diag(H))
+    assert 0 < err(deq) < 0.25 * err(deq_z), (err(deq), err(deq_z))
+    with pytest.raises(ValueError, match="param steps are for a layer stored with mins"):
+        qz.quantize_rtn(w, 4, 32, steps=steps)

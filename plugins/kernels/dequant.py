@@ -51,7 +51,7 @@ def dequant(m) -> torch.Tensor:
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=w.device)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
-    dequant_kernel[grid](m.codes, m.scales, m.zero_points(), rowptr, cols, vals, w, N, K, m.scales.shape[1],
+    dequant_kernel[grid](m.codes, m.group_scales(), m.zero_points(), rowptr, cols, vals, w, N, K, m.scales.shape[1],
                          m.codes.shape[1], m.zero_points().shape[1], BITS=m.bits, GROUP=m.group_size, BLOCK_N=BLOCK_N,
                          BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers), HAS_MINS=m.has_mins)
     return w

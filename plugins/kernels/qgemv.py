@@ -102,7 +102,7 @@ def qgemv(x: torch.Tensor, m) -> torch.Tensor:
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N),)
-    qgemv_kernel[grid](x, m.codes, m.scales, m.zero_points(), rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
+    qgemv_kernel[grid](x, m.codes, m.group_scales(), m.zero_points(), rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
                        m.codes.shape[1], m.zero_points().shape[1], x.stride(0), y.stride(0),
                        BITS=m.bits, GROUP=m.group_size, M_PAD=max(2, triton.next_power_of_2(M)),
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers), HAS_MINS=m.has_mins)
