@@ -85,7 +85,14 @@ def test_export_validate_generate(target, qwen_dir, qwen_ckpt, tmp_path, capsys)
     assert main(["generate", *args, "--model", str(qwen_dir), "--checkpoint", str(qwen_ckpt)]) == 0
     torch_text = capsys.readouterr().out
     assert main(["generate", *args, "--backend", "ort", "--model", str(exp)]) == 0
-    assert capsys.readouterr().out == torch_text and len(torch_text.split()) >= 1
+    ort_text = capsys.readouterr().out
+    if target == "generic" or not any(L.get("mins") for L in json.loads((qwen_ckpt / "manifest.json").read_text())
+                                      ["weights"]["layers"]):
+        assert ort_text == torch_text and len(torch_text.split()) >= 1
+    else:
+        # ort-cpu lowers a min layer to 8-bit MatMulNBits with its min regridded to within s/34 (docs/ops.md), so
+        # this untrained model's late near-ties may flip: the first words agree (validation checked its prompt)
+        assert ort_text.split()[:4] == torch_text.split()[:4] and len(ort_text.split()) >= 4
 
 
 def test_ort_cpu_defaults_are_the_fast_settings(qwen_dir, qwen_ckpt, tmp_path, capsys):
