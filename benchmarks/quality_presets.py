@@ -30,7 +30,7 @@ PRESETS = {
                                                 "--quantizer gptq-act-order --sequential"),
     "kv20-w45-auto-act": ("licenses,code", "--kv-ratio 0.2 --weight-budget 4.5bpw --group-size auto "
                                             "--quantizer gptq-act-order"),
-    "kv30-w45-auto-act (main job)": ("licenses,code", "--kv-ratio 0.3 --weight-budget 4.5bpw --group-size auto "
+    "kv30-w45-auto-act-p8 (main job)": ("licenses,code", "--kv-ratio 0.3 --weight-budget 4.5bpw --group-size auto "
                                                        "--quantizer gptq-act-order"),
     "kv30-w50-auto-act": ("licenses,code", "--kv-ratio 0.3 --weight-budget 5.0bpw --group-size auto "
                                             "--quantizer gptq-act-order"),

@@ -19,10 +19,10 @@ OUT=build/main
 mkdir -p "$OUT"
 CKPT="$OUT/ckpt"
 if [ ! -f "$CKPT/manifest.json" ]; then  # calibration is deterministic: reuse it once written
-  # the preset: measured with shrinkrt quality (KV alone x1.011 / x1.026 at 30%, x1.068 / x1.081 at 20%;
-  # weights alone x1.053 / x1.056 at 4.5 bpw with fp16-min layers (x1.071 / x1.076 without), x1.149 / x1.146
-  # at 4.0; licenses / python docs; both together x1.062 / x1.090); llama.cpp's
-  # nearest type in bytes, Q3_K_M at 4.63 bpw, is compared in docs/results/weight_quant.md
+  # the preset: measured with shrinkrt quality (docs/results/quality_presets.md, licenses / python docs):
+  # both together x1.022 / x1.036; KV alone x1.010 / x1.029 at 30% (x1.068 / x1.081 at 20%); weights alone
+  # x1.004 / x1.010 at 4.5 bpw with 8-bit-param min layers (x1.053 / x1.056 with fp16-param ones only);
+  # llama.cpp's nearest type in bytes, Q3_K_M at 4.63 bpw (x1.146), is compared in docs/results/weight_quant.md
   shrinkrt calibrate --kv-ratio 0.3 --window 64 --kv-bits 4 --key-mode pre-rope --kv-fit-steps 20 \
     --weight-budget 4.5bpw --calib-tokens 2048 --out "$CKPT" --quiet
   stage "calibrate (CSKV + LLM-MQ)"
