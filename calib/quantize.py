@@ -23,7 +23,7 @@ import torch
 
 from shrinkrt.runtime.packing import (GROUP_SIZES, MIN_CODE_MAX, MIN_FORMATS, PARAM_BITS,  # noqa: F401
                                       SCALE_CODE_MAX, SUPPORTED_BITS, TILE, Packed, check_bits, code_words,
-                                      param_steps,
+                                      param_steps, param_values,
                                       dequantize, expand_groups, n_groups, pack, pack_bits, unpack, unpack_bits,
                                       zero_words)
 
@@ -81,25 +81,17 @@ def _on_steps(s, m, steps):
     """(scale, min) pairs on the rows' 8-bit grids near (s, m): the scale code rounded (at least 1, so
     the step stays positive), the min code floored and ceiled (the grid then starts below or above
     the group's min; the error decides)."""
-    ss, sm = steps[:, 0], steps[:, 1]
-    fp16 = lambda v: v.half().float()  # noqa: E731  packing.param_values' rounding
-    sq = fp16(torch.round(s / ss).clamp(1, SCALE_CODE_MAX) * ss)
-    t = m / sm
-    return [(sq, fp16(torch.floor(t).clamp(-MIN_CODE_MAX, MIN_CODE_MAX) * sm)),
-            (sq, fp16(torch.ceil(t).clamp(-MIN_CODE_MAX, MIN_CODE_MAX) * sm))]
+    ss, sm = steps[:, :1], steps[:, 1:]
+    sc = torch.round(s[:, None] / ss).clamp(1, SCALE_CODE_MAX)
+    t = m[:, None] / sm
+    return [tuple(v[:, 0] for v in param_values(sc, torch.floor(t).clamp(-MIN_CODE_MAX, MIN_CODE_MAX), steps)),
+            tuple(v[:, 0] for v in param_values(sc, torch.ceil(t).clamp(-MIN_CODE_MAX, MIN_CODE_MAX), steps))]
 
 
 def row_param_steps(w: torch.Tensor, bits, group_size: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The per-row steps (rows, 2) of 8-bit param codes for weight w (rows, cols) at `bits` (one, or
     one per row): packing.param_steps of the groups' fp16 RTN min fit (input energy `col_weight`)."""
-    rows, cols = w.shape
-    maxq = _maxq(bits, rows)
-    G = n_groups(cols, group_size)
-    s, m = torch.empty(rows, G), torch.empty(rows, G)
-    for g in range(G):
-        c0, c1 = g * group_size, min(cols, (g + 1) * group_size)
-        s[:, g], m[:, g] = group_params(w[:, c0:c1].float(), maxq, None,
-                                        col_weight[c0:c1] if col_weight is not None else None, mins=True)
+    _, s, m, _ = quantize_rtn(w, bits, group_size, col_weight=col_weight, mins=True)
     return param_steps(s, m)
 
 

@@ -50,8 +50,9 @@ def dequant(m) -> torch.Tensor:
             else c.to(torch.int32), m.outlier_vals
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=w.device)
+    scales, zero_points = m.group_scales(), m.zero_points()  # 8-bit param codes expanded once
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
-    dequant_kernel[grid](m.codes, m.group_scales(), m.zero_points(), rowptr, cols, vals, w, N, K, m.scales.shape[1],
-                         m.codes.shape[1], m.zero_points().shape[1], BITS=m.bits, GROUP=m.group_size, BLOCK_N=BLOCK_N,
+    dequant_kernel[grid](m.codes, scales, zero_points, rowptr, cols, vals, w, N, K, scales.shape[1],
+                         m.codes.shape[1], zero_points.shape[1], BITS=m.bits, GROUP=m.group_size, BLOCK_N=BLOCK_N,
                          BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers), HAS_MINS=m.has_mins)
     return w

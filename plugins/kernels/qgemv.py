@@ -101,9 +101,10 @@ def qgemv(x: torch.Tensor, m) -> torch.Tensor:
         vals = m.outlier_vals
     else:
         rowptr = cols = vals = torch.zeros(1, dtype=torch.int32, device=x.device)
+    scales, zero_points = m.group_scales(), m.zero_points()  # 8-bit param codes expanded once
     grid = (triton.cdiv(N, BLOCK_N),)
-    qgemv_kernel[grid](x, m.codes, m.group_scales(), m.zero_points(), rowptr, cols, vals, y, M, N, K, m.scales.shape[1],
-                       m.codes.shape[1], m.zero_points().shape[1], x.stride(0), y.stride(0),
+    qgemv_kernel[grid](x, m.codes, scales, zero_points, rowptr, cols, vals, y, M, N, K, scales.shape[1],
+                       m.codes.shape[1], zero_points.shape[1], x.stride(0), y.stride(0),
                        BITS=m.bits, GROUP=m.group_size, M_PAD=max(2, triton.next_power_of_2(M)),
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HAS_OUTLIERS=bool(m.n_outliers), HAS_MINS=m.has_mins)
     return y
