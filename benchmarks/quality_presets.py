@@ -30,8 +30,10 @@ PRESETS = {
                                                 "--quantizer gptq-act-order --sequential"),
     "kv20-w45-auto-act": ("licenses,code", "--kv-ratio 0.2 --weight-budget 4.5bpw --group-size auto "
                                             "--quantizer gptq-act-order"),
-    "kv30-w45-auto-act-p8 (main job)": ("licenses,code", "--kv-ratio 0.3 --weight-budget 4.5bpw --group-size auto "
-                                                       "--quantizer gptq-act-order"),
+    "kv30-w45-auto-act-p8": ("licenses,code", "--kv-ratio 0.3 --weight-budget 4.5bpw --group-size auto "
+                                               "--quantizer gptq-act-order"),
+    "kv30-w45-auto-act-post (main job)": ("licenses,code", "--kv-ratio 0.3 --weight-budget 4.5bpw --group-size auto "
+                                                         "--quantizer gptq-act-order --key-mode post-rope"),
     "kv30-w50-auto-act": ("licenses,code", "--kv-ratio 0.3 --weight-budget 5.0bpw --group-size auto "
                                             "--quantizer gptq-act-order"),
     # KV alone at 20%, the rank allocation's key weight swept (issue 19); weight 1 is kv20-w45-auto-act's KV part
@@ -55,10 +57,17 @@ def run(name: str, text: str, flags: str) -> None:
 
 
 def collect() -> dict:
+    """Rows from build/presets/*.json; a preset measured before (another machine) and not rerun here keeps
+    its row from the results file, so a partial rerun drops no other row (retired presets' rows last)."""
     out = {"format": "shrinkrt-preset-quality-1", "common_flags": " ".join(COMMON), "presets": []}
+    earlier = {}
+    if OUT.with_suffix(".json").exists():
+        earlier = {slug(p["name"]): p for p in json.loads(OUT.with_suffix(".json").read_text())["presets"]}
     for name, (text, flags) in PRESETS.items():
         path = WORK / f"{slug(name)}.json"
         if not path.exists():
+            if slug(name) in earlier and earlier[slug(name)]["flags"] == flags:
+                out["presets"].append({**earlier[slug(name)], "name": name})
             continue
         r = json.loads(path.read_text())
         ratios = {v["name"]: {t: x["ratio_to_fp"] for t, x in v["texts"].items()} for v in r["variants"]}
@@ -66,6 +75,8 @@ def collect() -> dict:
         out["presets"].append({"name": name, "calibration_text": text, "flags": flags, "ratios": ratios,
                                "kv_bytes_fraction": next(iter(first.values()))["kv_bytes_fraction"],
                                "fp": {t: x["fp"]["long_perplexity"] for t, x in r["texts"].items()}})
+    known = {slug(n) for n in PRESETS}
+    out["presets"] += [p for s, p in earlier.items() if s not in known]  # rows of retired presets, as measured
     return out
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded SmolLM2-135M-Instruct, the whole flow in a few minutes on 2 cores:
-# calibrate (CSKV pre-RoPE, 30% KV bytes, int4 + LLM-MQ 4.5 bpw GPTQ act-order, groups per layer; 2048 tokens
+# calibrate (CSKV post-RoPE, 30% KV bytes, int4 + LLM-MQ 4.5 bpw GPTQ act-order, groups per layer; 2048 tokens
 # of licenses + Python source; cached) -> export for ONNX Runtime
 # (validated against the reference) -> SM75 TensorRT engine (TensorRT-RTX, no GPU needed) ->
 # a streamed answer from ONNX Runtime -> long-context quality vs FP -> latency summary with the peers' ratios.
@@ -20,10 +20,12 @@ mkdir -p "$OUT"
 CKPT="$OUT/ckpt"
 if [ ! -f "$CKPT/manifest.json" ]; then  # calibration is deterministic: reuse it once written
   # the preset: measured with shrinkrt quality (docs/results/quality_presets.md, licenses / python docs):
-  # both together x1.022 / x1.036; KV alone x1.010 / x1.029 at 30% (x1.068 / x1.081 at 20%); weights alone
-  # x1.004 / x1.010 at 4.5 bpw with 8-bit-param min layers (x1.053 / x1.056 with fp16-param ones only);
-  # llama.cpp's nearest type in bytes, Q3_K_M at 4.63 bpw (x1.146), is compared in docs/results/weight_quant.md
-  shrinkrt calibrate --kv-ratio 0.3 --window 64 --kv-bits 4 --key-mode pre-rope --kv-fit-steps 20 \
+  # both together x1.015 / x1.029; KV alone x1.009 / x1.013 at 30% post-RoPE (pre-RoPE: x1.010 / x1.029, but
+  # its decode rebuilds every stored key per step: ~10x the work per row); weights alone x1.004 / x1.010 at
+  # 4.5 bpw with 8-bit-param min layers; llama.cpp's nearest type in bytes, Q3_K_M at 4.63 bpw (x1.146), is
+  # compared in docs/results/weight_quant.md. Post-RoPE is not the CLI default: at 20% its ranks fall low
+  # and it collapses (x16), where pre-RoPE holds x1.07.
+  shrinkrt calibrate --kv-ratio 0.3 --window 64 --kv-bits 4 --key-mode post-rope --kv-fit-steps 20 \
     --weight-budget 4.5bpw --calib-tokens 2048 --out "$CKPT" --quiet
   stage "calibrate (CSKV + LLM-MQ)"
 fi

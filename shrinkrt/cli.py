@@ -118,7 +118,8 @@ def parser() -> argparse.ArgumentParser:
                     help="bits of the compressed (low-rank feature) branch (default 16)")
     kv.add_argument("--key-mode", default="pre-rope", choices=["pre-rope", "post-rope"],
                     help="pre-rope: keys rebuilt then rotated at attention time; post-rope: features of the "
-                         "rotated keys, the up-projection folded into the query")
+                         "rotated keys, the up-projection folded into the query (a decode step reads a row "
+                         "~10x cheaper; docs/results/quality_presets.md has both at the main job's settings)")
     kv.add_argument("--kv-init", default="activation", choices=["activation", "weight"],
                     help="factor initialisation: SVD of the calibration K/V outputs, or plain SVD of W")
     kv.add_argument("--kv-objective", default="attention", choices=["attention", "kv"],
