@@ -260,6 +260,9 @@ def available(backend: str) -> str | None:
     need = {"llama.cpp": "llama_cpp", "ort-genai": "onnxruntime_genai", "transformers": "transformers"}.get(backend)
     if need and importlib.util.find_spec(need) is None:
         return f"{backend}: package {need} not installed"
+    if backend == "ort-genai" and not (GENAI_DIR / "genai_config.json").is_file() \
+            and importlib.util.find_spec("onnx_ir") is None:  # its model builder imports it
+        return "ort-genai: package onnx_ir (pip install onnx-ir) not installed, which its model builder needs"
     return None
 
 
