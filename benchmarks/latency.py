@@ -295,6 +295,28 @@ def worker_main(backend, context, steps, threads, reps, export) -> int:
     return 0
 
 
+def machine() -> dict:
+    """The CPU the figures come from: kernels pick their ISA at run time (ours: AVX-512 / AVX2 / x86-64; ONNX
+    Runtime's and llama.cpp's likewise), so runs on different CPUs compare only through their ratios."""
+    import platform
+
+    info = {"cpu": platform.processor() or platform.machine(), "isa": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = {}
+    for line in text.splitlines():  # the first processor's block
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    info["cpu"] = fields.get("model name", info["cpu"])
+    flags = set(fields.get("flags", "").split())
+    info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return info
+
+
 def report(result: dict, out: Path) -> None:
     from shrinkrt.atomic import MD_MARKER, save_figure, write_atomic
 
@@ -405,14 +427,16 @@ def main(argv=None):
                 r["vs"][p["backend"]] = {f: r[f] / p[f] for f in ("decode_tokens_per_s", "prefill_tokens_per_s",
                                                                    "peak_rss_mb", "kv_bytes") if p.get(f)}
     meta = json.loads((Path(a.export) / "export.json").read_text()) if Path(a.export, "export.json").is_file() else {}
-    note = (f"Threads: {a.threads}, {a.reps} repetitions, figures mean ± std. shrinkrt-ort runs {a.export} "
+    cpu = machine()
+    note = (f"CPU: {cpu['cpu']} ({', '.join(cpu['isa']) or 'no AVX2'}). "
+            f"Threads: {a.threads}, {a.reps} repetitions, figures mean ± std. shrinkrt-ort runs {a.export} "
             f"(target {meta.get('target')}, {meta.get('dtype')}, MatMulNBits accuracy level "
             f"{(meta.get('ort_cpu') or {}).get('accuracy_level')}, checkpoint sections "
             f"{(meta.get('checkpoint') or {}).get('sections')}), prefill in 512-token calls; transformers takes the "
             f"whole prompt in one call; llama.cpp n_batch 512. Decode: {a.decode_steps_first} greedy steps at depth "
             f"{contexts[0]} (tg{a.decode_steps_first}), {a.decode_steps} at the others.")
     result = {"format": "shrinkrt-latency", "threads": a.threads, "reps": a.reps, "runs": runs, "skipped": skipped,
-              "note": note, "export": meta}
+              "note": note, "machine": cpu, "export": meta}
     report(result, out)
     return 1 if not runs else 0
 
