@@ -246,15 +246,14 @@ def output_metrics(attn, x, pos, key_mode: str, cos, sin, objective: str):
     if objective == "kv":
         eye = torch.eye(kv, dtype=torch.float64)
         return eye, eye, eye, eye
-    q = x @ attn.q_proj.weight.float().T
-    if attn.q_proj.bias is not None:
-        q = q + attn.q_proj.bias.float()
-    q = q.view(-1, H, hd)
     rep = H // G
-    if key_mode == "post-rope":  # the plain metric: see the docstring
+    if key_mode == "post-rope":  # the plain metric: see the docstring (no query statistics needed)
         mk = torch.eye(kv, dtype=torch.float64)
     else:
-        e = q.double().pow(2).mean(0)  # (H, hd)
+        q = x @ attn.q_proj.weight.float().T
+        if attn.q_proj.bias is not None:
+            q = q + attn.q_proj.bias.float()
+        e = q.view(-1, H, hd).double().pow(2).mean(0)  # (H, hd)
         half = hd // 2
         pair = (e[:, :half] + e[:, half:]) / 2
         e = torch.cat([pair, pair], dim=1).view(G, rep, hd).sum(1).flatten()
