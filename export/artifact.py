@@ -80,12 +80,16 @@ def write(lm, directory: Path, dtype: str = "float32", target: str = "generic", 
     if target == "ort-cpu":
         layers = stats.get("matmul_nbits", [])
         packed = sum(lm.model.get_submodule(r["name"]).nbytes() for r in layers)
-        meta["ort_cpu"] = {"matmul_nbits_layers": len(layers), "accuracy_level": ort_accuracy,
+        meta["ort_cpu"] = {"matmul_nbits_layers": sum(r["op"] == "MatMulNBits" for r in layers),
+                           "w4a8_layers": sum(r["op"] == "QuantMatMulW4A8" for r in layers),
+                           "accuracy_level": ort_accuracy,
                            "lm_head": stats.get("lm_head", {"bits": 0}),
                            "layers_in_wider_container": sum(r["bits"] != r["container_bits"] for r in layers),
                            "bytes": sum(r["bytes"] for r in layers), "packed_checkpoint_bytes": packed,
-                           "note": "3-bit layers use MatMulNBits' 4-bit container; q/k/v and gate/up packed "
-                                   "into one node where their bits and group agree; outliers as one dense "
+                           "note": "at accuracy level 4, 4-bit group-32 min layers are shrinkrt::QuantMatMulW4A8 "
+                                   "nodes (the CPU ops library; their body without it), the rest MatMulNBits; "
+                                   "3-bit layers use MatMulNBits' 4-bit container; q/k/v and gate/up packed "
+                                   "into one node where their lowering and group agree; outliers as one dense "
                                    "correction over the columns they occupy (bytes shared pro rata)"}
     (directory / "model.onnx").write_bytes(data)
     (directory / "export.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

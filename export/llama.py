@@ -154,9 +154,9 @@ def _rms_norm(g: Graph, b: ops.Body, x: str, norm, path: str) -> str:
 
 def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
     if isinstance(m, QuantLinear) and g.target == "ort-cpu":
-        from .ort_cpu import matmul_nbits
+        from .ort_cpu import library_layer, matmul_nbits, quant_matmul_w4a8
 
-        y = matmul_nbits(g, b, x, [m], path)
+        y = (quant_matmul_w4a8 if library_layer(g, m) else matmul_nbits)(g, b, x, [m], path)
         return y if m.bias is None else b("Add", y, g.fweight(f"{path}.bias", m.bias))
     if isinstance(m, QuantLinear) and g.target == "tensorrt":  # no-plugin build: dequantized at export
         y = b("MatMul", x, g.fweight(f"{path}.weight_t", m.weight().T))
@@ -179,8 +179,8 @@ def _linear(g: Graph, b: ops.Body, x: str, m, path: str) -> str:
 
 
 def _linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, names: list[str]) -> list[str]:
-    """Several linears of one input. ort-cpu packs quantized ones of equal container bits and group
-    size into one MatMulNBits and splits its output (one GEMM instead of several: a decode step pays
+    """Several linears of one input. ort-cpu packs quantized ones of equal lowering (node type and
+    container bits) and group size into one node and splits its output (one GEMM instead of several: a decode step pays
     ~10 us per node); where only some match (the allocation picks each layer's format per linear, e.g.
     k and v alike, q not), those are packed and the rest stay alone. Outputs in the order of `mods`."""
     from .ort_cpu import packable
@@ -190,7 +190,7 @@ def _linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, names: list[s
         return [_linear(g, b, x, m, f"{base}.{n}") for m, n in zip(mods, names)]
     groups: list[list[int]] = []  # indices of mutually packable linears, in first-seen order
     for i, m in enumerate(mods):
-        home = next((grp for grp in groups if packable([mods[grp[0]], m])), None)
+        home = next((grp for grp in groups if packable(g, [mods[grp[0]], m])), None)
         home.append(i) if home is not None else groups.append([i])
     out: list[str] = [""] * len(mods)
     for grp in groups:
@@ -206,10 +206,11 @@ def _linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, names: list[s
 
 
 def _packed_linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, module_names: list[str]) -> list[str]:
-    """One MatMulNBits over packable `mods` side by side along N, its output split back per linear."""
-    from .ort_cpu import matmul_nbits
+    """One node (MatMulNBits, or QuantMatMulW4A8 for library layers) over packable `mods` side by side along N,
+    its output split back per linear."""
+    from .ort_cpu import library_layer, matmul_nbits, quant_matmul_w4a8
 
-    y = matmul_nbits(g, b, x, mods, path, module_names)
+    y = (quant_matmul_w4a8 if library_layer(g, mods[0]) else matmul_nbits)(g, b, x, mods, path, module_names)
     if any(m.bias is not None for m in mods):
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
         y = b("Add", y, g.fweight(f"{path}.bias", bias))

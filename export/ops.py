@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shrinkrt.runtime import kv_quant
 from shrinkrt.runtime.op_contract import DOMAIN, KEY_MODE, PLUGIN_VERSION, SCHEMAS  # noqa: F401 (re-exported)
+from shrinkrt.runtime.op_contract import ACT_BLOCK, ACT_CODE_MAX
 
 OPSET = 21
 ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -122,6 +123,35 @@ def quant_matmul_function(bits: int, group_size: int, in_features: int, out_feat
     fn = helper.make_function(DOMAIN, "QuantMatMul", SCHEMAS["QuantMatMul"][0], ["Y"], b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=SCHEMAS["QuantMatMul"][2])
     fn.overload = quant_matmul_overload(bits, group_size, in_features, out_features, dtype, mins)
+    return fn
+
+
+def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str = "float32") -> onnx.FunctionProto:
+    """Reference body of QuantMatMulW4A8 for one (K, N, activation dtype): the CPU library's arithmetic in
+    standard ops, so body and library agree to fp32 rounding. X is quantized per block of ACT_BLOCK
+    columns (zero padded to whole blocks): dx = max|x| / 127, xq = Round(x * (127 / max|x|)) (half to
+    even; 0 where the block is all zero); Y = (xq * dx) @ (q * s)^T + blocksum(x) @ m^T, the min times
+    the block's plain sum of x (the padding codes meet zero activations)."""
+    K, N, F = in_features, out_features, ONNX_DTYPE[dtype]
+    G = math.ceil(K / ACT_BLOCK)
+    b = Body("")
+    codes = _unpack_stream(b, "codes", N, G * ACT_BLOCK, 4)  # (N, G*32)
+    group_of = b.const(np.arange(G * ACT_BLOCK) // ACT_BLOCK, np.int64, "group_of_col")
+    w = b("Mul", codes, b("Gather", b("Cast", "scales", to=TensorProto.FLOAT), group_of, axis=1))
+    x = b("Pad", b.cast("X", TensorProto.FLOAT, F), b.const([0, 0, 0, 0, 0, G * ACT_BLOCK - K], np.int64))
+    xb = b("Reshape", x, b.const([0, 0, G, ACT_BLOCK], np.int64))  # (B, T, G, 32)
+    amax = b("ReduceMax", b("Abs", xb), b.const([-1], np.int64), keepdims=1)
+    code_max = b.const(np.float32(ACT_CODE_MAX))
+    inv = b("Where", b("Greater", amax, b.const(np.float32(0))), b("Div", code_max, amax), b.const(np.float32(0)))
+    xd = b("Mul", b("Round", b("Mul", xb, inv)), b("Div", amax, code_max))
+    xd = b("Reshape", xd, b.const([0, 0, G * ACT_BLOCK], np.int64))
+    sums = b("ReduceSum", xb, b.const([-1], np.int64), keepdims=0)  # (B, T, G)
+    y = b("Add", b("MatMul", xd, b("Transpose", w, perm=[1, 0])),
+          b("MatMul", sums, b("Transpose", b("Cast", "mins", to=TensorProto.FLOAT), perm=[1, 0])))
+    b.nodes.append(helper.make_node("Identity", [b.cast(y, F, TensorProto.FLOAT)], ["Y"], name="output"))
+    fn = helper.make_function(DOMAIN, "QuantMatMulW4A8", SCHEMAS["QuantMatMulW4A8"][0], ["Y"], b.nodes,
+                              [helper.make_opsetid("", OPSET)], attributes=SCHEMAS["QuantMatMulW4A8"][2])
+    fn.overload = f"k{in_features}_n{out_features}_{dtype}"
     return fn
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from shrinkrt.runtime.op_contract import WEIGHT_MIN_FORMATS
 from shrinkrt.runtime.packing import n_groups, unpack_bits
 
 CONTAINER = {2: 2, 3: 4, 4: 4, 8: 8}
@@ -94,18 +95,59 @@ def container_bits(m) -> int:
     return 8 if m.has_mins else CONTAINER[m.bits]
 
 
-def packable(mods) -> bool:
-    """Linears one MatMulNBits can carry side by side: same input, container bits and group size
-    (a min layer and an 8-bit one share the 8-bit container: both have uint8 zero points)."""
-    return all(m.in_features == mods[0].in_features and container_bits(m) == container_bits(mods[0])
+def library_layer(g, m) -> bool:
+    """A linear lowered to shrinkrt::QuantMatMulW4A8 instead of MatMulNBits: a min layer (4-bit codes with
+    a min per group of 32, the source GGUF's Q4_1) at accuracy level 4, which the CPU ops library runs on
+    its own codes with int8 activations per 32 columns (as MatMulNBits does at level 4): 5.0 bits per
+    weight read per step instead of the 8-bit container's 9.25 (docs/results/quant_matmul_cpu.md). At
+    level 0 (fp32 activations) min layers stay in the container. Without the library the node's
+    reference body runs: the same int8 arithmetic in standard ops (fp32 weights after folding)."""
+    return g.ort_accuracy == 4 and m.has_mins and (m.bits, m.group_size) in WEIGHT_MIN_FORMATS
+
+
+def lowering(g, m) -> tuple[str, int]:
+    """(node type, bits per code it reads) of one quantized linear in the ort-cpu graph."""
+    return ("QuantMatMulW4A8", m.bits) if library_layer(g, m) else ("MatMulNBits", container_bits(m))
+
+
+def packable(g, mods) -> bool:
+    """Linears one node can carry side by side: same input, lowering and group size (a min layer and
+    an 8-bit one share MatMulNBits' 8-bit container at level 0: both have uint8 zero points)."""
+    return all(m.in_features == mods[0].in_features and lowering(g, m) == lowering(g, mods[0])
                and m.group_size == mods[0].group_size for m in mods)
+
+
+def quant_matmul_w4a8(g, b, x: str, mods, path: str, module_names: list[str] | None = None) -> str:
+    """One shrinkrt::QuantMatMulW4A8 node for library_layer `mods` (packed along N where several), with
+    its reference body as a model-local function. Its scales and mins are stored as the fp16 values the
+    op reads (a layer's 8-bit param codes expanded at export: packing.param_values, exact). Records bytes."""
+    from . import ops
+
+    assert packable(g, mods) and library_layer(g, mods[0])
+    K, N = mods[0].in_features, sum(m.out_features for m in mods)
+    codes = np.concatenate([m.codes.numpy().astype(np.int32) for m in mods])
+    scales = np.concatenate([m.group_scales().float().numpy() for m in mods]).astype(np.float16)
+    mins = np.concatenate([m.group_mins().float().numpy() for m in mods]).astype(np.float16)
+    fn = ops.quant_matmul_w4a8_function(K, N, g.dtype)
+    g.functions[f"{fn.name}/{fn.overload}"] = fn
+    inputs = [g.weight(f"{path}.codes", codes), g.weight(f"{path}.scales", scales), g.weight(f"{path}.mins", mins)]
+    y = f"{path}/y"
+    g.nodes.append(ops.node("QuantMatMulW4A8", [x, *inputs], [y], f"{path}/QuantMatMulW4A8", fn.overload,
+                            in_features=K, out_features=N))
+    nbytes = codes.nbytes + scales.nbytes + mins.nbytes
+    for m, name in zip(mods, module_names or [path]):
+        g.stats.setdefault("matmul_nbits", []).append({"name": name, "op": "QuantMatMulW4A8", "bits": m.bits,
+                                                        "container_bits": m.bits, "mins": True,
+                                                        "bytes": int(nbytes * m.out_features / N),
+                                                        "packed_with": len(mods)})
+    return y
 
 
 def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None = None) -> str:
     """One MatMulNBits node for `mods` (one QuantLinear, or several packed along N: q/k/v, gate/up),
     plus the outliers as one dense correction over the columns they occupy:
     y += Gather(x, cols) @ dense(cols, N) (3 nodes, whatever their number). Records bytes in g.stats."""
-    assert packable(mods)
+    assert packable(g, mods) and not library_layer(g, mods[0])
     K, gs = mods[0].in_features, mods[0].group_size
     bits = container_bits(mods[0])
     parts = [_nbits_parts(m) for m in mods]
@@ -132,7 +174,8 @@ def matmul_nbits(g, b, x: str, mods, path: str, module_names: list[str] | None =
         y = b("Add", y, b("MatMul", xs, g.weight(f"{path}.outlier_dense", dense.astype(g.np_float))))
         nbytes += 8 * len(used) + dense.astype(g.np_float).nbytes
     for m, name in zip(mods, module_names or [path]):
-        g.stats.setdefault("matmul_nbits", []).append({"name": name, "bits": m.bits, "container_bits": bits,
+        g.stats.setdefault("matmul_nbits", []).append({"name": name, "op": "MatMulNBits", "bits": m.bits,
+                                                        "container_bits": bits,
                                                         "mins": m.has_mins,
                                                         "bytes": int(nbytes * m.out_features / N),
                                                         "packed_with": len(mods)})

@@ -20,6 +20,12 @@ SCHEMAS = {
         ["Y"],
         # has_mins: 1 = `zeros` holds the fp16 min per (row, group) and w = q * s + m (WEIGHT_MIN_FORMATS)
         ["bits", "group_size", "in_features", "out_features", "has_mins"]),
+    # The ort-cpu graph's form of QuantMatMul for a 4-bit group-32 min layer (WEIGHT_MIN_FORMATS; the CPU
+    # library): X quantized to int8 per block of 32 columns (W4A8), `mins` the fp16 group mins, no outliers
+    "QuantMatMulW4A8": (
+        ["X", "codes", "scales", "mins"],
+        ["Y"],
+        ["in_features", "out_features"]),
     "BiBranchAttention": (
         # the scales come last: a 16-bit feature branch has none, and the node simply ends earlier
         ["q", "k", "v", "c_k", "c_v", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias", "v_bias",
@@ -55,6 +61,9 @@ WEIGHT_GROUP_SIZES = (32, 64, 128)
 # (w = q * s + m: Q4_1's own form, 5.0 bits per weight at group 32). The source GGUF is Q4_1, so this
 # format holds its linears exactly, where an integer zero point shifts the grid by up to half a step.
 WEIGHT_MIN_FORMATS = ((4, 32),)
+# QuantMatMulW4A8: the activations' int8 block (the min format's group) and their code limit
+ACT_BLOCK = 32
+ACT_CODE_MAX = 127
 
 # Limits of the ahead-of-time attention kernels, which the plugins size their workspace by.
 RANK_PAD = 256  # feature ranks the kernels take at most (>= n_kv * head_dim of the default model)
@@ -96,6 +105,8 @@ def cpp_header() -> str:
            "constexpr int32_t kWeightGroupSizes[] = {" + ", ".join(map(str, WEIGHT_GROUP_SIZES)) + "};",
            "constexpr int32_t kWeightMinFormats[][2] = {" + ", ".join(f"{{{b}, {g}}}" for b, g in WEIGHT_MIN_FORMATS)
            + "};",
+           f"constexpr int32_t kActBlock = {ACT_BLOCK};",
+           f"constexpr int32_t kActCodeMax = {ACT_CODE_MAX};",
            f"constexpr int64_t kRankPad = {RANK_PAD};",
            f"constexpr int64_t kSplitsPad = {SPLITS_PAD};",
            f"constexpr int64_t kMinSplit = {MIN_SPLIT};",

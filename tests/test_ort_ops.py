@@ -49,7 +49,7 @@ def test_every_isa_copy(isa):
     if isa == "avx2" and not _cpu_has("avx2"):
         pytest.skip("this CPU has no AVX2")
     sel = ("test_library_is_built or (test_library_matches_body_and_runtime and (smollm2-w80-wide or "
-           "(qwen and not BiBranchSelfAttention))) or test_long_store")
+           "(qwen and not BiBranchSelfAttention))) or test_long_store or test_w4a8")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
                        env={**os.environ, "SHRINKRT_ORT_ISA": isa}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -292,3 +292,130 @@ def test_foreign_library_is_refused(tmp_path):
     opts = ort.SessionOptions()
     with pytest.raises(ShrinkError, match="cannot register it"):
         ort_ops.register(opts, bad)
+
+
+# ---------------------------------------------------------------- QuantMatMulW4A8
+def w4a8_model(m, dtype: str = "float32", x_shape=None):
+    """One QuantMatMulW4A8 node (with its body) for a 4-bit group-32 min layer m; X of x_shape (default
+    (B, T, in_features))."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from shrinkrt.export import ops
+
+    F = ops.ONNX_DTYPE[dtype]
+    fn = ops.quant_matmul_w4a8_function(m.in_features, m.out_features, dtype)
+    inits = [numpy_helper.from_array(m.codes.numpy().astype(np.int32), "codes"),
+             numpy_helper.from_array(m.group_scales().float().numpy().astype(np.float16), "scales"),
+             numpy_helper.from_array(m.group_mins().float().numpy().astype(np.float16), "mins")]
+    node = ops.node("QuantMatMulW4A8", ["X", "codes", "scales", "mins"], ["Y"], "w4a8", fn.overload,
+                    in_features=m.in_features, out_features=m.out_features)
+    graph = helper.make_graph([node], "w4a8", [helper.make_tensor_value_info("X", F, x_shape or ["B", "T", m.in_features])],
+                              [helper.make_tensor_value_info("Y", F, ["B", "T", m.out_features])], inits)
+    model = helper.make_model(graph, ir_version=10, functions=[fn], opset_imports=[
+        helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, 1)])
+    onnx.checker.check_model(model, full_check=True)
+    sess = {k: ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"])
+            for k, o in sessions().items()}
+    return model, sess
+
+
+def int8_product(m, x: np.ndarray) -> np.ndarray:
+    """The op's arithmetic in float64, written independently of the body: x quantized per block of 32
+    columns (dx = max|x| / 127, codes rounded half to even), integer code sums times scale * dx, plus
+    the min times the block's plain sum of x."""
+    from shrinkrt.runtime.packing import unpack_bits
+
+    K, G = m.in_features, -(-m.in_features // 32)
+    q = unpack_bits(m.codes, 4, G * 32).numpy().astype(np.float64).reshape(-1, G, 32)
+    s, mn = (t.float().numpy().astype(np.float64) for t in (m.group_scales(), m.group_mins()))
+    xb = np.zeros((x.reshape(-1, K).shape[0], G * 32), np.float32)
+    xb[:, :K] = x.reshape(-1, K)
+    xb = xb.reshape(-1, G, 32)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.rint(xb * inv[..., None]).astype(np.float64)
+    isum = np.einsum("rgi,ngi->rng", xq, q)
+    y = (isum * s[None] * (amax / np.float32(127)).astype(np.float64)[:, None]).sum(-1)
+    y += (xb.sum(-1, dtype=np.float64)[:, None] * mn[None]).sum(-1)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("K", [200, 576, 1536])
+@pytest.mark.parametrize("param_bits", [16, 8])
+def test_w4a8_library_and_body_compute_the_int8_product(K, param_bits):
+    """4-bit group-32 layers with mins (fp16 or 8-bit params; K not a multiple of 32, of 64 or of 256; an
+    odd N): library and body both give the int8-activation product to fp32 rounding, at 1 row (the
+    decode path), 3 and 10 rows (weight rows unpacked once, tiles of 4 rows plus the rest), a row of
+    zeros among them; and they stay within int8 activation rounding of the fp32 reference."""
+    from tests.test_export_ops import quant_layer
+
+    m = quant_layer(37, K, 4, 32, 0, seed=K + param_bits, mins=True, param_bits=param_bits)
+    _, sess = w4a8_model(m)
+    for T in (1, 3, 10):
+        x = torch.randn(1, T, K, generator=torch.Generator().manual_seed(T)).numpy()
+        x[0, T // 2, : min(K, 64)] = 0.0  # all-zero blocks: dx = 0, no NaN
+        lib, body = (sess[k].run(None, {"X": x})[0] for k in ("library", "body"))
+        exact, ref = int8_product(m, x), m(torch.from_numpy(x)).detach().numpy()
+        for got in (lib, body):
+            assert np.abs(got - exact).max() < 1e-5 * np.abs(exact).max(), (T, np.abs(got - exact).max())
+        assert 1e-4 < np.abs(lib - ref).max() / np.abs(ref).max() < 5e-2  # int8 activations: close, not equal
+
+
+def test_w4a8_fp16_activations():
+    from tests.test_export_ops import quant_layer
+
+    m = quant_layer(24, 576, 4, 32, 0, seed=3, mins=True)
+    _, sess = w4a8_model(m, "float16")
+    x = torch.randn(1, 5, 576, generator=torch.Generator().manual_seed(4)).half().numpy()
+    lib = sess["library"].run(None, {"X": x})[0]
+    assert lib.dtype == np.float16
+    exact = int8_product(m, x.astype(np.float32))
+    assert np.abs(lib.astype(np.float64) - exact).max() < 2e-3 * np.abs(exact).max()
+
+
+def test_w4a8_bad_shapes_are_one_line():
+    from tests.test_export_ops import quant_layer
+
+    m = quant_layer(8, 64, 4, 32, 0, seed=1, mins=True)
+    _, sess = w4a8_model(m, x_shape=["B", "T", "K"])
+    with pytest.raises(Exception, match=r"shrinkrt::QuantMatMulW4A8: X must be \(\.\.\., in_features\) with in_features 64"):
+        sess["library"].run(None, {"X": np.zeros((1, 2, 96), np.float32)})
+
+
+def test_ort_cpu_min_layers_run_as_w4a8(tmp_path):
+    """At accuracy level 4 the ort-cpu graph carries 4-bit group-32 min layers (fp16 and 8-bit params) as
+    shrinkrt::QuantMatMulW4A8 nodes with fp16 scales and mins (not MatMulNBits' 8-bit container), an 8-bit
+    zero-point layer stays MatMulNBits; library and bodies give the same logits, within int8 activation
+    rounding of the reference's."""
+    import json
+
+    import onnx
+
+    from shrinkrt.export import artifact
+    from shrinkrt.export.validate import compare
+    from shrinkrt.runtime.ort_model import OrtModel
+    from tests.test_export import Loaded, model_with_min_layers
+
+    model = model_with_min_layers()
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu", ort_accuracy=4)
+    graph = onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph
+    kinds = {n.name.split("/")[0]: n.op_type for n in graph.node if n.op_type in ("QuantMatMulW4A8", "MatMulNBits")}
+    for i in range(len(model.layers)):
+        assert kinds[f"layers.{i}.self_attn.q_proj"] == "QuantMatMulW4A8"
+        assert kinds[f"layers.{i}.mlp.gate_proj"] == "QuantMatMulW4A8"
+        assert kinds[f"layers.{i}.mlp.up_proj"] == "MatMulNBits"
+    inits = {t.name: t.data_type for t in graph.initializer}
+    assert inits["layers.0.mlp.gate_proj.scales"] == onnx.TensorProto.FLOAT16
+    assert inits["layers.0.mlp.gate_proj.mins"] == onnx.TensorProto.FLOAT16
+    meta = json.loads((tmp_path / "exp" / "export.json").read_text())["ort_cpu"]
+    assert meta["w4a8_layers"] == 2 * len(model.layers)
+    prompt = torch.randint(3, 97, (1, 23), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for setting in ("off", str(LIB)):
+        m = OrtModel(tmp_path / "exp", threads=2, ops_library=setting)
+        m.setup_caches(1, 40)
+        logits[setting] = m.forward(prompt, 0)
+    assert (logits["off"] - logits[str(LIB)]).abs().max() < 1e-4 * max(1.0, float(logits["off"].abs().max()))
+    assert compare(model, OrtModel(tmp_path / "exp", ops_library=str(LIB)), prompt[0].tolist(), steps=12,
+                   tol=5e-2) < 5e-2

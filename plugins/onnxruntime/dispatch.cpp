@@ -1,6 +1,7 @@
 // BiBranchAttention's entry points: shape checks, fp16 conversion, and the pick of the kernel copy
 // compiled for this CPU (bibranch_attention.cpp is built once per instruction set, CMakeLists.txt).
 #include "bibranch_attention.h"
+#include "quant_matmul.h"
 
 #include "half.h"
 #include "shrinkrt_ops.gen.h"
@@ -18,6 +19,7 @@ namespace cpu
     void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel);            \
     void biBranchSelfAttention(                                                                                    \
         BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self, ParallelFor const& parallel);   \
+    void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel);                      \
     }
 SHRINKRT_DECLARE_ISA(avx512)
 SHRINKRT_DECLARE_ISA(avx2)
@@ -52,6 +54,10 @@ Kernel const gKernel = pick();
 SelfKernel const gSelfKernel = gKernel == avx512::biBranchAttention ? avx512::biBranchSelfAttention
     : gKernel == avx2::biBranchAttention                           ? avx2::biBranchSelfAttention
                                                                    : base::biBranchSelfAttention;
+using MatMulKernel = void (*)(W4A8Shape const&, W4A8IO const&, ParallelFor const&);
+MatMulKernel const gMatMulKernel = gKernel == avx512::biBranchAttention ? avx512::quantMatMulW4A8
+    : gKernel == avx2::biBranchAttention                                ? avx2::quantMatMulW4A8
+                                                                        : base::quantMatMulW4A8;
 } // namespace
 
 char const* isaName()
@@ -95,6 +101,16 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
     ParallelFor const& parallel)
 {
     gSelfKernel(s, io, self, parallel);
+}
+
+char const* checkW4A8(W4A8Shape const& s)
+{
+    return s.inFeatures < 1 || s.outFeatures < 1 ? "in_features and out_features must be >= 1" : "";
+}
+
+void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
+{
+    gMatMulKernel(s, io, parallel);
 }
 
 } // namespace cpu

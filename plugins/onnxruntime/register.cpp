@@ -2,9 +2,11 @@
 // Registered with SessionOptions.register_custom_ops_library(path); ONNX Runtime then runs these
 // kernels for the model's shrinkrt nodes instead of inlining their reference bodies.
 //
-// Two ops, BiBranchAttention and BiBranchSelfAttention (the same attention, from the layer's own
+// Three ops: BiBranchAttention and BiBranchSelfAttention (the same attention, from the layer's own
 // projections: q/k before RoPE, x and the down projections instead of c_k/c_v), one kernel template
-// over their input positions. One CustomOp per op and type combination a model can carry
+// over their input positions; and QuantMatMulW4A8 (the ort-cpu graph's 4-bit min layers; the generic
+// target's QuantMatMul nodes keep running their bodies, whose fp32 weights ONNX Runtime folds and
+// multiplies with its own GEMM). One CustomOp per op and type combination a model can carry
 // (activations float32/float16 x feature store fp16 (bits 16) / int8 (bits 8, 4)): ONNX Runtime picks
 // the kernel by the node's input types.
 #define ORT_API_MANUAL_INIT
@@ -12,6 +14,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "bibranch_attention.h"
+#include "quant_matmul.h"
 #include "shrinkrt_ops.gen.h"
 
 #include <memory>
@@ -48,9 +51,9 @@ constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr auto kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 constexpr auto kI64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 
-[[noreturn]] void fail(Ports const& op, std::string const& what)
+[[noreturn]] void fail(char const* op, std::string const& what)
 {
-    ORT_CXX_API_THROW(std::string("shrinkrt::") + op.name + ": " + what, ORT_INVALID_ARGUMENT);
+    ORT_CXX_API_THROW(std::string("shrinkrt::") + op + ": " + what, ORT_INVALID_ARGUMENT);
 }
 
 // A float input as fp32: the tensor itself, or a converted copy when the model's activations are fp16.
@@ -98,7 +101,7 @@ struct BiBranchKernel
             *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(kAttributes[i]));
         char const* bad = cpu::checkBiBranch(mShape);
         if (*bad)
-            fail(P, bad);
+            fail(P.name, bad);
     }
 
     void Compute(OrtKernelContext* context)
@@ -109,7 +112,7 @@ struct BiBranchKernel
         bool const quant = s.bits < 16;
         size_t const want = P.nbInputs - (quant ? 0 : contract::kUnscaledDrop);
         if (ctx.GetInputCount() != want)
-            fail(P, "expects " + std::to_string(want) + " inputs at bits " + std::to_string(s.bits) + ", got "
+            fail(P.name, "expects " + std::to_string(want) + " inputs at bits " + std::to_string(s.bits) + ", got "
                 + std::to_string(ctx.GetInputCount()));
         constexpr bool selfForm = P.x >= 0;
         Floats q = floats(ctx, P.q), k = floats(ctx, P.k), v = floats(ctx, P.v), kUp = floats(ctx, P.kUp),
@@ -121,36 +124,36 @@ struct BiBranchKernel
         else
             cK = floats(ctx, P.cK), cV = floats(ctx, P.cV);
         if (q.shape.size() != 3 || q.shape[2] != H * D)
-            fail(P, "q must be (B, T, num_heads*head_dim)");
+            fail(P.name, "q must be (B, T, num_heads*head_dim)");
         s.batch = q.shape[0];
         s.tokens = q.shape[1];
         auto const win = shapeOf(ctx, P.winK), feat = shapeOf(ctx, P.featK);
         if (win != std::vector<int64_t>{s.batch, G, W, D})
-            fail(P, "win_k must be (B, num_kv_heads, window, head_dim)");
+            fail(P.name, "win_k must be (B, num_kv_heads, window, head_dim)");
         if (feat.size() != 3 || feat[0] != s.batch)
-            fail(P, "feat_k must be (B, S, C)");
+            fail(P.name, "feat_k must be (B, S, C)");
         s.capacity = feat[1];
         int64_t const ck = s.bits == 4 ? (s.rankK + 1) / 2 : s.rankK, cv = s.bits == 4 ? (s.rankV + 1) / 2 : s.rankV;
         if (feat[2] != ck || shapeOf(ctx, P.featV) != std::vector<int64_t>{s.batch, s.capacity, cv})
-            fail(P, "feature stores must be (B, S, C) with C = " + std::to_string(ck) + " / " + std::to_string(cv));
+            fail(P.name, "feature stores must be (B, S, C) with C = " + std::to_string(ck) + " / " + std::to_string(cv));
         if constexpr (selfForm)
         {
             int64_t const hidden = x.shape.size() == 3 ? x.shape[2] : -1;
             int64_t const kIn = s.keyMode == contract::kKeyModePostRope ? G * D : hidden;
             if (x.shape != std::vector<int64_t>{s.batch, s.tokens, hidden} || hidden < 1)
-                fail(P, "x must be (B, T, hidden)");
+                fail(P.name, "x must be (B, T, hidden)");
             if (kDown.shape != std::vector<int64_t>{kIn, s.rankK} || vDown.shape != std::vector<int64_t>{hidden, s.rankV})
-                fail(P, "k_down must be (" + std::string(kIn == hidden ? "hidden" : "num_kv_heads*head_dim")
+                fail(P.name, "k_down must be (" + std::string(kIn == hidden ? "hidden" : "num_kv_heads*head_dim")
                     + ", rank_k) and v_down (hidden, rank_v)");
         }
         else if (cK.shape != std::vector<int64_t>{s.batch, s.tokens, s.rankK}
             || cV.shape != std::vector<int64_t>{s.batch, s.tokens, s.rankV})
-            fail(P, "c_k / c_v must be (B, T, rank)");
+            fail(P.name, "c_k / c_v must be (B, T, rank)");
         if (cosT.shape.size() != 2 || cosT.shape[1] != D || cosT.shape[0] < s.capacity)
-            fail(P, "rope tables must be (>= S, head_dim)");
+            fail(P.name, "rope tables must be (>= S, head_dim)");
         int64_t const past = ctx.GetInput(P.pastLength).GetTensorData<int64_t>()[0];
         if (past < 0 || past + s.tokens > s.capacity)
-            fail(P, "past_length " + std::to_string(past) + " + " + std::to_string(s.tokens) + " tokens exceeds the store's "
+            fail(P.name, "past_length " + std::to_string(past) + " + " + std::to_string(s.tokens) + " tokens exceeds the store's "
                 + std::to_string(s.capacity) + " rows");
 
         cpu::BiBranchIO io{};
@@ -251,6 +254,90 @@ struct BiBranchOp : Ort::CustomOpBase<BiBranchOp<P>, BiBranchKernel<P>>
 
 BiBranchOp<kV1> gBiBranch[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
 BiBranchOp<kSelf> gBiBranchSelf[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
+
+namespace w4a8 = shrinkrt::contract::QuantMatMulW4A8;
+constexpr char const* kW4A8Name = "QuantMatMulW4A8";
+constexpr auto kI32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+
+struct W4A8Kernel
+{
+    explicit W4A8Kernel(OrtKernelInfo const* info)
+    {
+        Ort::ConstKernelInfo ki(info);
+        int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures};
+        for (int i = 0; i < w4a8::kNbAttributes; ++i)
+            *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(w4a8::kAttributes[i]));
+        char const* bad = cpu::checkW4A8(mShape);
+        if (*bad)
+            fail(kW4A8Name, bad);
+    }
+
+    void Compute(OrtKernelContext* context)
+    {
+        Ort::KernelContext ctx(context);
+        cpu::W4A8Shape s = mShape;
+        int64_t const K = s.inFeatures, N = s.outFeatures, G = (K + contract::kActBlock - 1) / contract::kActBlock;
+        Floats x = floats(ctx, w4a8::kX);
+        if (x.shape.empty() || x.shape.back() != K)
+            fail(kW4A8Name, "X must be (..., in_features) with in_features " + std::to_string(K));
+        s.rows = 1;
+        for (size_t i = 0; i + 1 < x.shape.size(); ++i)
+            s.rows *= x.shape[i];
+        if (shapeOf(ctx, w4a8::kCodes) != std::vector<int64_t>{N, G * 4})
+            fail(kW4A8Name, "codes must be (out_features, " + std::to_string(G * 4) + ")");
+        if (shapeOf(ctx, w4a8::kScales) != std::vector<int64_t>{N, G} || shapeOf(ctx, w4a8::kMins) != std::vector<int64_t>{N, G})
+            fail(kW4A8Name, "scales and mins must be (out_features, " + std::to_string(G) + ")");
+        cpu::W4A8IO io{};
+        io.x = x.data;
+        io.codes = reinterpret_cast<uint32_t const*>(ctx.GetInput(w4a8::kCodes).GetTensorData<int32_t>());
+        io.scales = ctx.GetInput(w4a8::kScales).GetTensorData<uint16_t>();
+        io.mins = ctx.GetInput(w4a8::kMins).GetTensorData<uint16_t>();
+        std::vector<int64_t> yShape = x.shape;
+        yShape.back() = N;
+        bool const halfOut = ctx.GetInput(w4a8::kX).GetTensorTypeAndShapeInfo().GetElementType() == kF16;
+        std::vector<float> y32(halfOut ? static_cast<size_t>(s.rows * N) : 0);
+        Ort::UnownedValue y = ctx.GetOutput(w4a8::kY, yShape);
+        io.y = halfOut ? y32.data() : y.GetTensorMutableData<float>();
+        cpu::ParallelFor parallel = [&ctx](size_t n, std::function<void(size_t)> const& fn) {
+            if (n == 1)
+                return fn(0);
+            auto tramp = [](void* user, size_t i) { (*static_cast<std::function<void(size_t)> const*>(user))(i); };
+            ctx.ParallelFor(tramp, n, 0, const_cast<std::function<void(size_t)>*>(&fn));
+        };
+        cpu::quantMatMulW4A8(s, io, parallel);
+        if (halfOut)
+        {
+            auto* out = y.GetTensorMutableData<uint16_t>();
+            for (size_t i = 0; i < y32.size(); ++i)
+                out[i] = cpu::floatToHalf(y32[i]);
+        }
+    }
+
+    cpu::W4A8Shape mShape{};
+};
+
+// One registration per activation dtype.
+struct W4A8Op : Ort::CustomOpBase<W4A8Op, W4A8Kernel>
+{
+    explicit W4A8Op(ONNXTensorElementDataType act)
+        : mAct(act)
+    {
+    }
+    void* CreateKernel(OrtApi const&, OrtKernelInfo const* info) const { return new W4A8Kernel(info); }
+    char const* GetName() const { return kW4A8Name; }
+    char const* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    size_t GetInputTypeCount() const { return w4a8::kNbInputs; }
+    ONNXTensorElementDataType GetInputType(size_t i) const
+    {
+        return i == w4a8::kX ? mAct : i == w4a8::kCodes ? kI32 : kF16;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return mAct; }
+
+    ONNXTensorElementDataType mAct;
+};
+
+W4A8Op gW4A8[] = {W4A8Op{kF32}, W4A8Op{kF16}};
 } // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(
@@ -269,6 +356,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
             domain->Add(&op);
         for (auto& op : gBiBranchSelf)
             domain->Add(&op);
+        for (auto& op : gW4A8)
+            domain->Add(&op);
         Ort::UnownedSessionOptions(options).Add(*domain);
         domains.push_back(std::move(domain));
     }
@@ -282,6 +371,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
 // What this library implements, for `shrinkrt` to report (no ONNX Runtime needed to ask).
 extern "C" __attribute__((visibility("default"))) char const* shrinkrt_ort_ops()
 {
-    static std::string const what = std::string("BiBranchAttention, BiBranchSelfAttention (") + cpu::isaName() + ")";
+    static std::string const what = std::string("BiBranchAttention, BiBranchSelfAttention, QuantMatMulW4A8 (") + cpu::isaName() + ")";
     return what.c_str();
 }
