@@ -158,13 +158,13 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--target", default="generic", choices=["generic", "ort-cpu"],
                    help="generic: custom ops with reference bodies (any ONNX Runtime, TensorRT with plugins); "
                         "ort-cpu: quantized linears lowered to com.microsoft::MatMulNBits (4-bit min layers to "
-                        "shrinkrt::QuantMatMul for the CPU ops library at accuracy level 4)")
+                        "shrinkrt::QuantMatMulW4A8 for the CPU ops library at accuracy level 4)")
     x.add_argument("--precision", default="float32", choices=["float32", "float16"],
                    help="activation/weight dtype of the artifact: float32 for ONNX Runtime on CPU, float16 for GPUs")
     x.add_argument("--ort-accuracy", type=int, default=None, choices=[0, 4],
                    help="ort-cpu: MatMulNBits accuracy level; 4 = int8 activations inside the kernel, and 4-bit "
-                        "min layers as shrinkrt::QuantMatMul (the CPU ops library, int8 activations too; the default: "
-                        "perplexity -0.6%% over 2048 tokens of SmolLM2, docs/results/ort_accuracy.md; validation then "
+                        "min layers as shrinkrt::QuantMatMulW4A8 (the CPU ops library, int8 activations too; the default: "
+                        "perplexity -0.16%% over 2048 tokens of the main job's model, docs/results/ort_accuracy.md; validation then "
                         "gates on the next-token distribution's KL), 0 = fp32 (the reference to summation order)")
     x.add_argument("--lm-head-bits", type=int, default=None, choices=[0, 4, 8],
                    help="ort-cpu: the LM head as MatMulNBits (ONNX Runtime's block quantizer, 32 columns per block): "
