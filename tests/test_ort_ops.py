@@ -341,7 +341,7 @@ def int8_product(m, x: np.ndarray) -> np.ndarray:
     return y.reshape(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("K", [200, 576, 1536])
+@pytest.mark.parametrize("K", [40, 200, 576, 1536])
 @pytest.mark.parametrize("param_bits", [16, 8])
 def test_w4a8_library_and_body_compute_the_int8_product(K, param_bits):
     """4-bit group-32 layers with mins (fp16 or 8-bit params; K not a multiple of 32, of 64 or of 256; an
@@ -354,7 +354,7 @@ def test_w4a8_library_and_body_compute_the_int8_product(K, param_bits):
     _, sess = w4a8_model(m)
     for T in (1, 3, 10):
         x = torch.randn(1, T, K, generator=torch.Generator().manual_seed(T)).numpy()
-        x[0, T // 2, : min(K, 64)] = 0.0  # all-zero blocks: dx = 0, no NaN
+        x[0, T // 2, :32] = 0.0  # an all-zero block: dx = 0, no NaN
         lib, body = (sess[k].run(None, {"X": x})[0] for k in ("library", "body"))
         exact, ref = int8_product(m, x), m(torch.from_numpy(x)).detach().numpy()
         for got in (lib, body):

@@ -42,7 +42,7 @@ constexpr float kCodeMax = static_cast<float>(contract::kActCodeMax);
 constexpr int64_t kPairBytes = 2 * kBlock; // activation bytes of a block pair (below)
 constexpr int64_t kRowsPerItem = 16; // output rows of one work item
 constexpr int64_t kUnpackMinRows = 4; // from this many activation rows, weight rows are unpacked once per item
-constexpr int64_t kActRowsPerItem = 128; // activation rows of one work item (calls of many rows)
+constexpr int64_t kActRowsPerItem = 120; // activation rows of one work item (calls of many rows)
 
 // The activations of one call, quantized per block of 32 columns. Per row and block pair (2p, 2p+1):
 // 64 int8, even columns of block 2p, of 2p+1, then odd columns of 2p, of 2p+1: a code byte holds
@@ -164,7 +164,17 @@ inline float hsum(__m256 v)
 // unpacking the codes again.
 void unpackRow(uint8_t const* codes, int64_t G, uint8_t* out)
 {
-    for (int64_t p = 0; p < (G + 1) / 2; ++p)
+    int64_t p = 0;
+#if defined(__AVX2__)
+    __m256i const low4 = _mm256_set1_epi8(0x0F);
+    for (; 2 * p + 1 < G; ++p) // whole pairs
+    {
+        __m256i const c = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(codes + p * 32));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * 64), _mm256_and_si256(c, low4));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(c, 4), low4));
+    }
+#endif
+    for (; p < (G + 1) / 2; ++p)
         for (int i = 0; i < 32; ++i)
         {
             uint8_t const c = 2 * p + i / 16 < G ? codes[p * 32 + i] : 0;
@@ -174,10 +184,11 @@ void unpackRow(uint8_t const* codes, int64_t G, uint8_t* out)
 }
 
 // One output row (its codes, or with Unpacked its unpackRow bytes; its scales and mins) against
-// activation row r, 4-bit with mins, group 32. `lastRow`: the tensor's last row, whose scales and mins
-// end at block G (others may be read up to the next multiple of 8 blocks: times dx = 0 there).
+// activation row r, 4-bit with mins, group 32. `avail`: the scales (and mins) readable from the row's
+// first, (N - n) * G: a group of 8 blocks past G is read whole where that stays inside the tensor (the
+// values past G meet dx = 0 and sum = 0), else through a zero-padded copy.
 template <bool Unpacked>
-float int8Row(uint8_t const* codes, uint16_t const* scales, uint16_t const* mins, bool lastRow,
+float int8Row(uint8_t const* codes, uint16_t const* scales, uint16_t const* mins, int64_t avail,
     QuantizedRows const& a, int64_t r)
 {
     int8_t const* xq = a.q.data() + r * a.pairs * kPairBytes;
@@ -209,7 +220,7 @@ float int8Row(uint8_t const* codes, uint16_t const* scales, uint16_t const* mins
         }
         __m256i const h = _mm256_permutevar8x32_epi32(
             _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3])), order);
-        bool const whole = b8 + 8 <= G || !lastRow;
+        bool const whole = b8 + 8 <= avail;
         int64_t const n = std::min<int64_t>(8, G - b8);
         __m256 const s = halves8(scales + b8, whole, n), m = halves8(mins + b8, whole, n);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(s, _mm256_loadu_ps(dx + b8)), acc);
@@ -217,7 +228,7 @@ float int8Row(uint8_t const* codes, uint16_t const* scales, uint16_t const* mins
     }
     return hsum(_mm256_add_ps(acc, macc));
 #else
-    (void) lastRow;
+    (void) avail;
     float y = 0.f;
     for (int64_t b = 0; b < G; ++b)
     {
@@ -239,15 +250,15 @@ float int8Row(uint8_t const* codes, uint16_t const* scales, uint16_t const* mins
 #if defined(__AVX2__)
 // int8Row<true> for kTile activation rows r .. r+kTile-1 at once: each weight row's nibbles are loaded
 // once per block pair for all of them (a prompt's calls; the result is the same, sum for sum).
-constexpr int kTile = 4;
-void int8RowsTile(uint8_t const* unpacked, uint16_t const* scales, uint16_t const* mins, bool lastRow,
+constexpr int kTile = 6;
+void int8RowsTile(uint8_t const* unpacked, uint16_t const* scales, uint16_t const* mins, int64_t avail,
     QuantizedRows const& a, int64_t r, float* y, int64_t yStride)
 {
     int64_t const G = a.blocks, xStride = a.pairs * kPairBytes;
     int8_t const* xq = a.q.data() + r * xStride;
-    __m256 acc[kTile], macc[kTile];
+    __m256 acc[kTile]; // code sums and min terms alike: one accumulator per row keeps the tile in registers
     for (int t = 0; t < kTile; ++t)
-        acc[t] = _mm256_setzero_ps(), macc[t] = _mm256_setzero_ps();
+        acc[t] = _mm256_setzero_ps();
     __m256i const order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b8 = 0; b8 < G; b8 += 8)
     {
@@ -272,7 +283,7 @@ void int8RowsTile(uint8_t const* unpacked, uint16_t const* scales, uint16_t cons
             for (int t = 0; t < kTile; ++t)
                 half[j2][t] = _mm256_hadd_epi32(v[0][t], v[1][t]);
         }
-        bool const whole = b8 + 8 <= G || !lastRow;
+        bool const whole = b8 + 8 <= avail;
         int64_t const n = std::min<int64_t>(8, G - b8);
         __m256 const s = halves8(scales + b8, whole, n), m = halves8(mins + b8, whole, n);
         for (int t = 0; t < kTile; ++t)
@@ -281,11 +292,11 @@ void int8RowsTile(uint8_t const* unpacked, uint16_t const* scales, uint16_t cons
             float const* dx = a.dx.data() + (r + t) * a.padded + b8;
             float const* sum = a.sum.data() + (r + t) * a.padded + b8;
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(s, _mm256_loadu_ps(dx)), acc[t]);
-            macc[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sum), macc[t]);
+            acc[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sum), acc[t]);
         }
     }
     for (int t = 0; t < kTile; ++t)
-        y[t * yStride] = hsum(_mm256_add_ps(acc[t], macc[t]));
+        y[t * yStride] = hsum(acc[t]);
 }
 #endif
 
@@ -318,7 +329,7 @@ void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& pa
             int64_t const n0 = item * kRowsPerItem, n1 = std::min<int64_t>(N, n0 + kRowsPerItem);
             for (int64_t r = 0; r < M; ++r)
                 for (int64_t n = n0; n < n1; ++n)
-                    io.y[r * N + n] = int8Row<false>(codes + n * rowBytes, io.scales + n * G, mins + n * G, n == N - 1, rows, r);
+                    io.y[r * N + n] = int8Row<false>(codes + n * rowBytes, io.scales + n * G, mins + n * G, (N - n) * G, rows, r);
         });
         return;
     }
@@ -337,13 +348,13 @@ void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& pa
 #if defined(__AVX2__)
         for (; r + kTile <= r1; r += kTile)
             for (int64_t n = n0; n < n1; ++n)
-                int8RowsTile(unpacked.data() + (n - n0) * unpackedBytes, io.scales + n * G, mins + n * G, n == N - 1,
+                int8RowsTile(unpacked.data() + (n - n0) * unpackedBytes, io.scales + n * G, mins + n * G, (N - n) * G,
                     rows, r, io.y + r * N + n, N);
 #endif
         for (; r < r1; ++r)
             for (int64_t n = n0; n < n1; ++n)
                 io.y[r * N + n] = int8Row<true>(unpacked.data() + (n - n0) * unpackedBytes, io.scales + n * G,
-                    mins + n * G, n == N - 1, rows, r);
+                    mins + n * G, (N - n) * G, rows, r);
     });
 }
 
