@@ -89,6 +89,17 @@ std::vector<int64_t> shapeOf(Ort::KernelContext& ctx, size_t index)
     return ctx.GetInput(index).GetTensorTypeAndShapeInfo().GetShape();
 }
 
+// The kernels' ParallelFor over ONNX Runtime's intra-op pool (the session's intra_op_num_threads).
+cpu::ParallelFor pool(Ort::KernelContext& ctx)
+{
+    return [&ctx](size_t n, std::function<void(size_t)> const& fn) {
+        if (n == 1)
+            return fn(0);
+        auto tramp = [](void* user, size_t i) { (*static_cast<std::function<void(size_t)> const*>(user))(i); };
+        ctx.ParallelFor(tramp, n, 0, const_cast<std::function<void(size_t)>*>(&fn));
+    };
+}
+
 template <Ports const& P>
 struct BiBranchKernel
 {
@@ -184,13 +195,7 @@ struct BiBranchKernel
             io.featKScalesNew = ctx.GetOutput(kFeatKScalesNew, {s.batch, s.tokens, gk}).GetTensorMutableData<uint16_t>();
             io.featVScalesNew = ctx.GetOutput(kFeatVScalesNew, {s.batch, s.tokens, gv}).GetTensorMutableData<uint16_t>();
         }
-        // ONNX Runtime's intra-op pool (the session's intra_op_num_threads)
-        cpu::ParallelFor parallel = [&ctx](size_t n, std::function<void(size_t)> const& fn) {
-            if (n == 1)
-                return fn(0);
-            auto tramp = [](void* user, size_t i) { (*static_cast<std::function<void(size_t)> const*>(user))(i); };
-            ctx.ParallelFor(tramp, n, 0, const_cast<std::function<void(size_t)>*>(&fn));
-        };
+        cpu::ParallelFor const parallel = pool(ctx);
         if constexpr (selfForm)
             cpu::biBranchSelfAttention(s, io, cpu::BiBranchSelfIO{x.data, kDown.data, vDown.data, x.shape[2]}, parallel);
         else
@@ -298,12 +303,7 @@ struct W4A8Kernel
         std::vector<float> y32(halfOut ? static_cast<size_t>(s.rows * N) : 0);
         Ort::UnownedValue y = ctx.GetOutput(w4a8::kY, yShape);
         io.y = halfOut ? y32.data() : y.GetTensorMutableData<float>();
-        cpu::ParallelFor parallel = [&ctx](size_t n, std::function<void(size_t)> const& fn) {
-            if (n == 1)
-                return fn(0);
-            auto tramp = [](void* user, size_t i) { (*static_cast<std::function<void(size_t)> const*>(user))(i); };
-            ctx.ParallelFor(tramp, n, 0, const_cast<std::function<void(size_t)>*>(&fn));
-        };
+        cpu::ParallelFor const parallel = pool(ctx);
         cpu::quantMatMulW4A8(s, io, parallel);
         if (halfOut)
         {
