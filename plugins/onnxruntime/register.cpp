@@ -89,6 +89,29 @@ std::vector<int64_t> shapeOf(Ort::KernelContext& ctx, size_t index)
     return ctx.GetInput(index).GetTensorTypeAndShapeInfo().GetShape();
 }
 
+// A float output as fp32 for the kernel: the tensor itself, or a scratch copy that store() converts
+// into the fp16 tensor when the model's activations are fp16 (the counterpart of floats()).
+struct FloatOut
+{
+    FloatOut(Ort::KernelContext& ctx, size_t index, std::vector<int64_t> const& shape, bool half)
+        : value(ctx.GetOutput(index, shape))
+        , copy(half ? value.GetTensorTypeAndShapeInfo().GetElementCount() : 0)
+        , data(half ? copy.data() : value.GetTensorMutableData<float>())
+    {
+    }
+    void store()
+    {
+        if (copy.empty())
+            return;
+        auto* out = value.GetTensorMutableData<uint16_t>();
+        for (size_t i = 0; i < copy.size(); ++i)
+            out[i] = cpu::floatToHalf(copy[i]);
+    }
+    Ort::UnownedValue value;
+    std::vector<float> copy;
+    float* data;
+};
+
 // The kernels' ParallelFor over ONNX Runtime's intra-op pool (the session's intra_op_num_threads).
 cpu::ParallelFor pool(Ort::KernelContext& ctx)
 {
@@ -182,10 +205,9 @@ struct BiBranchKernel
             io.featKScales = ctx.GetInput(P.featKScales).GetTensorData<uint16_t>();
             io.featVScales = ctx.GetInput(P.featVScales).GetTensorData<uint16_t>();
         }
-        bool const halfOut = ctx.GetInput(P.q).GetTensorTypeAndShapeInfo().GetElementType() == kF16;
-        std::vector<float> y32(halfOut ? static_cast<size_t>(s.batch * s.tokens * H * D) : 0);
-        Ort::UnownedValue y = ctx.GetOutput(kY, {s.batch, s.tokens, H * D});
-        io.y = halfOut ? y32.data() : y.GetTensorMutableData<float>();
+        FloatOut y(ctx, kY, {s.batch, s.tokens, H * D},
+            ctx.GetInput(P.q).GetTensorTypeAndShapeInfo().GetElementType() == kF16);
+        io.y = y.data;
         io.winKOut = ctx.GetOutput(kWinKOut, win).GetTensorMutableData<uint16_t>();
         io.winVOut = ctx.GetOutput(kWinVOut, win).GetTensorMutableData<uint16_t>();
         io.featKNew = ctx.GetOutput(kFeatKNew, {s.batch, s.tokens, ck}).GetTensorMutableRawData();
@@ -200,12 +222,7 @@ struct BiBranchKernel
             cpu::biBranchSelfAttention(s, io, cpu::BiBranchSelfIO{x.data, kDown.data, vDown.data, x.shape[2]}, parallel);
         else
             cpu::biBranchAttention(s, io, parallel);
-        if (halfOut)
-        {
-            auto* out = y.GetTensorMutableData<uint16_t>();
-            for (size_t i = 0; i < y32.size(); ++i)
-                out[i] = cpu::floatToHalf(y32[i]);
-        }
+        y.store();
     }
 
     cpu::BiBranchShape mShape{};
@@ -299,18 +316,10 @@ struct W4A8Kernel
         io.mins = ctx.GetInput(w4a8::kMins).GetTensorData<uint16_t>();
         std::vector<int64_t> yShape = x.shape;
         yShape.back() = N;
-        bool const halfOut = ctx.GetInput(w4a8::kX).GetTensorTypeAndShapeInfo().GetElementType() == kF16;
-        std::vector<float> y32(halfOut ? static_cast<size_t>(s.rows * N) : 0);
-        Ort::UnownedValue y = ctx.GetOutput(w4a8::kY, yShape);
-        io.y = halfOut ? y32.data() : y.GetTensorMutableData<float>();
-        cpu::ParallelFor const parallel = pool(ctx);
-        cpu::quantMatMulW4A8(s, io, parallel);
-        if (halfOut)
-        {
-            auto* out = y.GetTensorMutableData<uint16_t>();
-            for (size_t i = 0; i < y32.size(); ++i)
-                out[i] = cpu::floatToHalf(y32[i]);
-        }
+        FloatOut y(ctx, w4a8::kY, yShape, ctx.GetInput(w4a8::kX).GetTensorTypeAndShapeInfo().GetElementType() == kF16);
+        io.y = y.data;
+        cpu::quantMatMulW4A8(s, io, pool(ctx));
+        y.store();
     }
 
     cpu::W4A8Shape mShape{};
