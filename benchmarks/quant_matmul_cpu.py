@@ -95,6 +95,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="repetitions (each a timed loop of calls)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
+    from shrinkrt.atomic import check_target, results_file_is_ours
+    from shrinkrt.errors import ShrinkError
+
+    try:
+        for suffix in (".json", ".md", ".png"):  # never over a file this tool did not write
+            check_target(a.out.with_suffix(suffix), "--out", results_file_is_ours, kind="file")
+    except ShrinkError as e:
+        ap.error(str(e))
+    if a.threads < 1 or a.reps < 2:
+        ap.error("--threads must be >= 1 and --reps >= 2 (the figures are mean +- std)")
     lib = ort_ops.resolve("auto")
     if lib is None:
         print(f"error: the CPU ops library is not built ({ort_ops.why_missing()})", file=sys.stderr)
