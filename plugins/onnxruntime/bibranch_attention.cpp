@@ -232,6 +232,17 @@ inline void halvesToFloats(uint16_t const* h, float* out, int64_t n)
         out[i] = Half::toFloat(h[i]);
 }
 
+// One fp16 value: F16C's conversion where the ISA has it (a decode step converts every stored row's
+// group scales), else ONNX Runtime's scalar one.
+inline float halfToFloat1(uint16_t h)
+{
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return Half::toFloat(h);
+#endif
+}
+
 // Rotate-half RoPE of `heads` consecutive head vectors at one position (cs, sn: that position's table
 // rows); in and out may be the same.
 inline void rotateHalf(float const* in, float* out, int heads, int D, float const* cs, float const* sn)
@@ -320,7 +331,7 @@ inline void dequantRow(void const* codes, uint16_t const* scales, int r, int bit
     auto const* c = static_cast<int8_t const*>(codes);
     for (int g0 = 0; g0 < r; g0 += kGroup)
     {
-        float const s = Half::toFloat(scales[g0 / kGroup]);
+        float const s = halfToFloat1(scales[g0 / kGroup]);
         int const end = std::min(r, g0 + kGroup);
         if (bits == 8)
         {
@@ -519,15 +530,30 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     int const QK = post ? RK : D; // width of what a query dots a feature row with
     float* qd = grow(cb.qd, static_cast<size_t>(B * T * H * D));
     float* qf = post && !dense ? grow(cb.qf, static_cast<size_t>(B * T * H * RK)) : nullptr;
+    // ranks r0 .. r1 of every query's fold through k_up (the rows of k_up it reads, once for all queries)
+    auto fold = [&](int64_t bth0, int64_t bth1, int64_t r0, int64_t r1) {
+        for (int64_t bth = bth0; bth < bth1; ++bth)
+        {
+            int const g = static_cast<int>(bth % H) / rep;
+            for (int64_t r = r0; r < r1; ++r)
+                qf[bth * RK + r] = dot(qd + bth * D, io.kUp + static_cast<size_t>(r) * G * D + g * D, D);
+        }
+    };
     light(static_cast<size_t>(B * T * H), [&](size_t bth) {
-        int const g = static_cast<int>(bth % H) / rep;
         float* q = qd + bth * D;
         for (int d = 0; d < D; ++d)
             q[d] = io.q[bth * D + d] * qScale;
-        if (qf)
-            for (int r = 0; r < RK; ++r)
-                qf[bth * RK + r] = dot(q, io.kUp + static_cast<size_t>(r) * G * D + g * D, D);
+        if (qf && !fewTokens)
+            fold(static_cast<int64_t>(bth), static_cast<int64_t>(bth) + 1, 0, RK);
     });
+    if (qf && fewTokens) // a decode step: k_up (fp32, r_k x G*D) streamed by both cores, split by rank
+    {
+        constexpr int64_t kRanks = 64;
+        parallel(static_cast<size_t>((RK + kRanks - 1) / kRanks), [&](size_t i) {
+            int64_t const r0 = static_cast<int64_t>(i) * kRanks;
+            fold(0, B * T * H, r0, std::min<int64_t>(RK, r0 + kRanks));
+        });
+    }
     float const* qFeat = qf ? qf : qd;
 
     // 4. attention: items (b, query block, split), each over every head: a feature row is shared by
@@ -788,10 +814,8 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 ++qLo;
             if (qLo == nq)
                 continue;
-            int64_t const rows = (nq - qLo) * rep; // per KV head: the queries that see this tile
-            for (int g = 0; g < G; ++g)
-            {
-                size_t const x0 = rowOf(qLo, g);
+            // rows x0 .. x0+rows-1 of the item (KV head g's, or every head's where they read the same rows)
+            auto pass = [&](size_t x0, int64_t rows, int g) {
                 float* scg = sc + x0 * kRowTile;
                 std::fill(scg, scg + rows * kRowTile, 0.f);
                 if (post && !dense) // every head dots the same c_k rows
@@ -802,8 +826,8 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 for (int64_t x = 0; x < rows; ++x) // online softmax per (query, head): weights in place of scores
                 {
                     float* acc = accs + (x0 + x) * accLen;
-                    acc[kFeatMass] += softmaxInto(scg + x * kRowTile, kRowTile, 0, validOf(qLo + x / rep) - 1, acc,
-                        accLen);
+                    int64_t const qi = static_cast<int64_t>(x0 + x) % nqr / rep;
+                    acc[kFeatMass] += softmaxInto(scg + x * kRowTile, kRowTile, 0, validOf(qi) - 1, acc, accLen);
                 }
                 if (dense) // value sums += weights @ the tile's rebuilt values of this KV head
                     gemmAdd(scg, kRowTile, values + static_cast<int64_t>(g) * kRowTile * D, D, accs + x0 * accLen + kSums,
@@ -811,7 +835,15 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                 else // value-feature sums += weights @ the tile's c_v rows (shared by every head)
                     gemmAdd(scg, kRowTile, values, RVp, accs + x0 * accLen + kSums + D, static_cast<int64_t>(accLen),
                         rows, RVp, n);
-            }
+            };
+            // post-RoPE in feature space every head reads the same rows: when every query of the item
+            // sees the tile, its rows are contiguous across KV heads and both products are one GEMM of
+            // nq*H rows (a decode step: 9), each loaded row of the tile feeding all of them
+            if (post && !dense && qLo == 0)
+                pass(0, static_cast<int64_t>(nh), -1);
+            else
+                for (int g = 0; g < G; ++g)
+                    pass(rowOf(qLo, g), (nq - qLo) * rep, g);
         }
         if (split == nSplit - 1 && D % kPad == 0) // the window as two small GEMMs per KV head (below)
             windowByGemm(b, t0, nq, qg, accs);
@@ -866,8 +898,9 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     });
     if (nSplit == 1)
         return;
-    // 5. merge the splits of each (b, block), in parallel over (b, block, KV head)
-    light(static_cast<size_t>(B * nBlocks * G), [&](size_t x) {
+    // 5. merge the splits of each (b, block), in parallel over (b, block, KV head): even a decode step's
+    //    3 items are worth the pool, each streaming its KV head's columns of v_up (fp32)
+    parallel(static_cast<size_t>(B * nBlocks * G), [&](size_t x) {
         int const g = static_cast<int>(x % G);
         int64_t const blockItem = static_cast<int64_t>(x) / G;
         int64_t const blk = blockItem % nBlocks, b = blockItem / nBlocks;
@@ -918,12 +951,7 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
     // kSliceK inputs so that the down projection's slice stays in L1 across the block's row groups
     constexpr int64_t kRows = 8 * kMR, kSliceK = 64;
     int64_t const nBlocks = (BT + kRows - 1) / kRows;
-    auto gemmSliced = [&](float const* a, int64_t lda, float const* w, int64_t N, float* c, int64_t n, int64_t K) {
-        for (int64_t k0 = 0; k0 < K; k0 += kSliceK)
-            gemmAdd(a + k0, lda, w + k0 * N, N, c, N, n, N, std::min(kSliceK, K - k0));
-    };
-    auto rows = [&](size_t blk) {
-        int64_t const r0 = static_cast<int64_t>(blk) * kRows, r1 = std::min(BT, r0 + kRows), n = r1 - r0;
+    auto rope = [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
         {
             int64_t const p = P + r % s.tokens;
@@ -933,19 +961,41 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
                 for (int e = 0; e < G * D; ++e)
                     kHalf[r * G * D + e] = Half::toFloat(Half::fromFloat(k[r * G * D + e]));
         }
-        std::fill(cK + r0 * RK, cK + r1 * RK, 0.f);
-        std::fill(cV + r0 * RV, cV + r1 * RV, 0.f);
-        if (post)
-            gemmSliced(kHalf + r0 * G * D, G * D, self.kDown, RK, cK + r0 * RK, n, G * D);
-        else
-            gemmSliced(self.x + r0 * self.hidden, self.hidden, self.kDown, RK, cK + r0 * RK, n, self.hidden);
-        gemmSliced(self.x + r0 * self.hidden, self.hidden, self.vDown, RV, cV + r0 * RV, n, self.hidden);
+    };
+    // c_k or c_v columns c0 .. c1 of rows r0 .. r1
+    auto project = [&](bool key, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        int64_t const R = key ? RK : RV, n = r1 - r0;
+        float* c = (key ? cK : cV) + r0 * R;
+        for (int64_t r = 0; r < n; ++r)
+            std::fill(c + r * R + c0, c + r * R + c1, 0.f);
+        bool const fromK = key && post;
+        float const* a = fromK ? kHalf + r0 * G * D : self.x + r0 * self.hidden;
+        int64_t const K = fromK ? G * D : self.hidden;
+        float const* w = key ? self.kDown : self.vDown;
+        for (int64_t k0 = 0; k0 < K; k0 += kSliceK)
+            gemmAdd(a + k0, K, w + k0 * R + c0, R, c + c0, R, n, c1 - c0, std::min(kSliceK, K - k0));
     };
     if (BT <= 4)
-        for (int64_t blk = 0; blk < nBlocks; ++blk)
-            rows(static_cast<size_t>(blk));
+    {
+        // a decode step: one row, so the down projections are matrix-vector products reading every factor
+        // (fp32, ~0.6 MB a layer, from memory at depth): split by output columns over the pool, so both
+        // cores stream them
+        rope(0, BT);
+        constexpr int64_t kCols = 64;
+        int64_t const nk = (RK + kCols - 1) / kCols, nv = (RV + kCols - 1) / kCols;
+        parallel(static_cast<size_t>(nk + nv), [&](size_t i) {
+            bool const key = static_cast<int64_t>(i) < nk;
+            int64_t const c0 = (key ? static_cast<int64_t>(i) : static_cast<int64_t>(i) - nk) * kCols;
+            project(key, 0, BT, c0, std::min<int64_t>(key ? RK : RV, c0 + kCols));
+        });
+    }
     else
-        parallel(static_cast<size_t>(nBlocks), rows);
+        parallel(static_cast<size_t>(nBlocks), [&](size_t blk) {
+            int64_t const r0 = static_cast<int64_t>(blk) * kRows, r1 = std::min(BT, r0 + kRows);
+            rope(r0, r1);
+            project(true, r0, r1, 0, RK);
+            project(false, r0, r1, 0, RV);
+        });
     BiBranchIO inner = io;
     inner.q = q, inner.k = k, inner.cK = cK, inner.cV = cV;
     SHRINKRT_ISA::biBranchAttention(s, inner, parallel); // this copy's, not the dispatcher
