@@ -417,15 +417,18 @@ def bi_branch_self_function(num_heads: int, num_kv_heads: int, head_dim: int, wi
         return b("Reshape", rotated, i64(0, 0, n * D))
 
     q, k = rope("q", H), rope("k", G)
+    # the factors come in the activations' type or as fp16 (the ort-cpu export's: half the bytes a decode
+    # step reads); the arithmetic is the activations' type either way (Cast to the same type is identity)
+    factor = {n: b("Cast", n, to=F) for n in ("k_down", "v_down", "k_up", "v_up")}
     if key_mode == KEY_MODE["pre-rope"]:
-        c_k = b("MatMul", "x", "k_down")
+        c_k = b("MatMul", "x", factor["k_down"])
     else:
-        c_k = b("MatMul", b.cast(b("Cast", k, to=TensorProto.FLOAT16), F, TensorProto.FLOAT16), "k_down")
-    c_v = b("MatMul", "x", "v_down")
+        c_k = b("MatMul", b.cast(b("Cast", k, to=TensorProto.FLOAT16), F, TensorProto.FLOAT16), factor["k_down"])
+    c_v = b("MatMul", "x", factor["v_down"])
     # then BiBranchAttention's own body on them, its internal names under "attention/" (ONNX Runtime does
     # not resolve a model-local function called from inside another one)
     inner = bi_branch_function(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype)
-    feeds = {"q": q, "k": k, "c_k": c_k, "c_v": c_v}
+    feeds = {"q": q, "k": k, "c_k": c_k, "c_v": c_v, "k_up": factor["k_up"], "v_up": factor["v_up"]}
     keep = (set(inner.input) | set(inner.output) | {""}) - set(feeds)
     rename = lambda v: v if v in keep else feeds.get(v, f"attention/{v}")  # noqa: E731
     for n in inner.node:
@@ -443,9 +446,11 @@ def bi_branch_self_function(num_heads: int, num_kv_heads: int, head_dim: int, wi
 
 
 def bi_branch_model(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
-                    bits: int, key_mode: int, dtype: str = "float32", hidden: int | None = None) -> onnx.ModelProto:
+                    bits: int, key_mode: int, dtype: str = "float32", hidden: int | None = None,
+                    factor_dtype: str | None = None, down_dtype: str | None = None) -> onnx.ModelProto:
     """One BiBranchAttention node and its body as a whole model (tests, benchmarks/ort_ops.py):
-    batch B, call length T and store rows S symbolic."""
+    batch B, call length T and store rows S symbolic. factor_dtype / down_dtype (the self form only):
+    the type of k_up, v_up / of k_down, v_down if not the activations' (down_dtype: factor_dtype's)."""
     H, G, D, W, F = num_heads, num_kv_heads, head_dim, window, ONNX_DTYPE[dtype]
     fn = bi_branch_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
     functions = [fn]
@@ -472,8 +477,12 @@ def bi_branch_model(num_heads: int, num_kv_heads: int, head_dim: int, window: in
               "feat_k_scales_new": (TensorProto.FLOAT16, ["B", "T", groups(rank_k)]),
               "feat_v_scales_new": (TensorProto.FLOAT16, ["B", "T", groups(rank_v)])}
     if hidden is not None:
-        shapes |= {"x": (F, ["B", "T", hidden]), "v_down": (F, [hidden, rank_v]),
-                   "k_down": (F, [hidden if key_mode == KEY_MODE["pre-rope"] else G * D, rank_k])}
+        FU, FD = ONNX_DTYPE[factor_dtype or dtype], ONNX_DTYPE[down_dtype or factor_dtype or dtype]
+        shapes |= {"x": (F, ["B", "T", hidden]), "v_down": (FD, [hidden, rank_v]),
+                   "k_down": (FD, [hidden if key_mode == KEY_MODE["pre-rope"] else G * D, rank_k]),
+                   "k_up": (FU, [rank_k, G * D]), "v_up": (FU, [rank_v, G * D])}
+    elif factor_dtype not in (None, dtype) or down_dtype not in (None, dtype):
+        raise ValueError("factor_dtype is for the self-attention form (hidden=...)")
     graph = helper.make_graph([n], "bibranch", [helper.make_tensor_value_info(i, *shapes[i]) for i in ins],
                               [helper.make_tensor_value_info(o, *shapes[o]) for o in outs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],

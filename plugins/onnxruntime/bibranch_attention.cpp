@@ -121,8 +121,27 @@ inline void storeVec(float* p, Vec v)
     std::memcpy(p, &v, sizeof v);
 }
 
-template <int MR, int NV>
-void microKernel(float const* __restrict a, int64_t lda, float const* __restrict b, int64_t ldb, int64_t K,
+// kLanes fp16 values -> a Vec (F16C where the ISA has it; exact)
+inline Vec loadVec(uint16_t const* p)
+{
+#if defined(__AVX512F__)
+    // (the zero-masked form: GCC 12's plain _mm512_cvtph_ps warns of its own uninitialised operand, bug 105593)
+    __m512 const v = _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<__m256i const*>(p)));
+#elif defined(__F16C__)
+    __m256 const v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(p)));
+#else
+    float v[kLanes];
+    for (int i = 0; i < kLanes; ++i)
+        v[i] = Half::toFloat(p[i]);
+#endif
+    Vec r;
+    std::memcpy(&r, &v, sizeof r);
+    return r;
+}
+
+// b is fp32 or fp16 (TB = uint16_t: the self-attention form's factors, converted as they are loaded)
+template <int MR, int NV, typename TB>
+void microKernel(float const* __restrict a, int64_t lda, TB const* __restrict b, int64_t ldb, int64_t K,
     float* __restrict c, int64_t ldc)
 {
     Vec acc[MR][NV] = {};
@@ -167,24 +186,27 @@ inline void transposeBlock(Vec* r)
     }
 }
 
-using MicroKernel = void (*)(float const*, int64_t, float const*, int64_t, int64_t, float*, int64_t);
-template <int MR>
-constexpr MicroKernel kKernelsOfRows[kNV] = {microKernel<MR, 1>, microKernel<MR, 2>, microKernel<MR, 3>, microKernel<MR, 4>};
-constexpr MicroKernel const* kKernelsUpTo6[6]
-    = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>, kKernelsOfRows<4>, kKernelsOfRows<5>, kKernelsOfRows<6>};
-constexpr MicroKernel const* const* kKernels = kKernelsUpTo6; // [rows - 1][vectors - 1], rows <= kMR
+template <typename TB>
+using MicroKernel = void (*)(float const*, int64_t, TB const*, int64_t, int64_t, float*, int64_t);
+template <int MR, typename TB>
+constexpr MicroKernel<TB> kKernelsOfRows[kNV]
+    = {microKernel<MR, 1, TB>, microKernel<MR, 2, TB>, microKernel<MR, 3, TB>, microKernel<MR, 4, TB>};
+template <typename TB>
+constexpr MicroKernel<TB> const* kKernels[6] = {kKernelsOfRows<1, TB>, kKernelsOfRows<2, TB>, kKernelsOfRows<3, TB>,
+    kKernelsOfRows<4, TB>, kKernelsOfRows<5, TB>, kKernelsOfRows<6, TB>}; // [rows - 1][vectors - 1], rows <= kMR
 
 // The last N % kLanes columns of a GEMM: one partial vector, loaded and stored through a zeroed Vec.
-template <int MR>
-void microKernelTail(float const* __restrict a, int64_t lda, float const* __restrict b, int64_t ldb, int64_t K,
+template <int MR, typename TB>
+void microKernelTail(float const* __restrict a, int64_t lda, TB const* __restrict b, int64_t ldb, int64_t K,
     float* __restrict c, int64_t ldc, int width)
 {
     Vec acc[MR] = {};
     size_t const bytes = sizeof(float) * static_cast<size_t>(width);
     for (int64_t k = 0; k < K; ++k)
     {
-        Vec bv = {};
-        std::memcpy(&bv, b + k * ldb, bytes);
+        TB part[kLanes] = {};
+        std::memcpy(part, b + k * ldb, sizeof(TB) * static_cast<size_t>(width));
+        Vec const bv = loadVec(part);
         for (int m = 0; m < MR; ++m)
             acc[m] += (Vec{} + a[m * lda + k]) * bv;
     }
@@ -196,12 +218,15 @@ void microKernelTail(float const* __restrict a, int64_t lda, float const* __rest
         std::memcpy(c + m * ldc, &cv, bytes);
     }
 }
-using TailKernel = void (*)(float const*, int64_t, float const*, int64_t, int64_t, float*, int64_t, int);
-constexpr TailKernel kTailKernels[6] = {microKernelTail<1>, microKernelTail<2>, microKernelTail<3>, microKernelTail<4>,
-    microKernelTail<5>, microKernelTail<6>};
+template <typename TB>
+using TailKernel = void (*)(float const*, int64_t, TB const*, int64_t, int64_t, float*, int64_t, int);
+template <typename TB>
+constexpr TailKernel<TB> kTailKernels[6] = {microKernelTail<1, TB>, microKernelTail<2, TB>, microKernelTail<3, TB>,
+    microKernelTail<4, TB>, microKernelTail<5, TB>, microKernelTail<6, TB>};
 
-// c (M x N) += a (M x K) b (K x N), row-major with leading dimensions.
-void gemmAdd(float const* a, int64_t lda, float const* b, int64_t ldb, float* c, int64_t ldc, int64_t M, int64_t N,
+// c (M x N) += a (M x K) b (K x N), row-major with leading dimensions; b fp32 or fp16.
+template <typename TB>
+void gemmAdd(float const* a, int64_t lda, TB const* b, int64_t ldb, float* c, int64_t ldc, int64_t M, int64_t N,
     int64_t K)
 {
     int64_t const whole = N / kLanes * kLanes;
@@ -211,13 +236,55 @@ void gemmAdd(float const* a, int64_t lda, float const* b, int64_t ldb, float* c,
         for (int64_t n0 = 0; n0 < whole; n0 += kNV * kLanes)
         {
             int const nv = static_cast<int>(std::min<int64_t>(kNV, (whole - n0) / kLanes));
-            kKernels[mr - 1][nv - 1](a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
+            kKernels<TB>[mr - 1][nv - 1](a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
         }
         if (whole < N)
-            kTailKernels[mr - 1](a + m0 * lda, lda, b + whole, ldb, K, c + m0 * ldc + whole, ldc,
+            kTailKernels<TB>[mr - 1](a + m0 * lda, lda, b + whole, ldb, K, c + m0 * ldc + whole, ldc,
                 static_cast<int>(N - whole));
     }
 }
+
+// A factor matrix (k_up, v_up, k_down, v_down): fp32, or fp16 (the self-attention form's factors as the
+// ort-cpu export stores them: half the bytes a decode step streams), read at an element offset.
+struct Factor
+{
+    float const* f = nullptr;
+    uint16_t const* h = nullptr;
+
+    // c (M x N) += a (M x K) this[at ...] (K x N, leading dimension ldb)
+    void gemm(float const* a, int64_t lda, size_t at, int64_t ldb, float* c, int64_t ldc, int64_t M, int64_t N,
+        int64_t K) const
+    {
+        if (h)
+            gemmAdd(a, lda, h + at, ldb, c, ldc, M, N, K);
+        else
+            gemmAdd(a, lda, f + at, ldb, c, ldc, M, N, K);
+    }
+    // x . this[at .. at+n)
+    float dot(float const* x, size_t at, int64_t n) const
+    {
+        if (!h)
+            return cpu::SHRINKRT_ISA::dot(x, f + at, n);
+        Vec acc{};
+        int64_t i = 0;
+        for (; i + kLanes <= n; i += kLanes)
+            acc += loadVec(x + i) * loadVec(h + at + i);
+        float s = 0.f;
+        for (int l = 0; l < kLanes; ++l)
+            s += acc[l];
+        for (; i < n; ++i)
+            s += x[i] * Half::toFloat(h[at + i]);
+        return s;
+    }
+    // y[0 .. n) += a * this[at .. at+n)
+    void axpy(float a, size_t at, float* y, int64_t n) const
+    {
+        if (!h)
+            return cpu::SHRINKRT_ISA::axpy(a, f + at, y, n);
+        for (int64_t i = 0; i < n; ++i)
+            y[i] += a * Half::toFloat(h[at + i]);
+    }
+};
 
 // n fp16 values -> floats: F16C's vector conversion where the ISA has it (the ring is G*W*D values per
 // call), else ONNX Runtime's scalar one (the same values: fp16 -> fp32 is exact).
@@ -480,6 +547,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     int64_t const ck = rowWidth(RK, bits), cv = rowWidth(RV, bits), gk = nGroups(RK), gv = nGroups(RV);
     size_t const featBytes = bits == 16 ? 2 : 1;
     float const qScale = 1.f / std::sqrt(static_cast<float>(D));
+    Factor const kUp{io.kUp, io.kUpH}, vUp{io.vUp, io.vUpH};
 
     // a decode step's side work is too small to pay a pool dispatch (~10 us each): run it inline
     bool const fewTokens = B * T <= 4;
@@ -536,7 +604,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         {
             int const g = static_cast<int>(bth % H) / rep;
             for (int64_t r = r0; r < r1; ++r)
-                qf[bth * RK + r] = dot(qd + bth * D, io.kUp + static_cast<size_t>(r) * G * D + g * D, D);
+                qf[bth * RK + r] = kUp.dot(qd + bth * D, static_cast<size_t>(r) * G * D + g * D, D);
         }
     };
     light(static_cast<size_t>(B * T * H), [&](size_t bth) {
@@ -585,11 +653,11 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         if (dense) // the dense path summed rebuilt values (without bias) into the window sums
             ;
         else if (D % kLanes == 0)
-            gemmAdd(a + kSums + D, static_cast<int64_t>(stride), io.vUp + g * D, G * D, y, D, rep, D, RV);
+            vUp.gemm(a + kSums + D, static_cast<int64_t>(stride), g * D, G * D, y, D, rep, D, RV);
         else
             for (int i = 0; i < rep; ++i)
                 for (int r = 0; r < RV; ++r)
-                    axpy(a[i * stride + kSums + D + r], io.vUp + static_cast<size_t>(r) * G * D + g * D, y + i * D, D);
+                    vUp.axpy(a[i * stride + kSums + D + r], static_cast<size_t>(r) * G * D + g * D, y + i * D, D);
         for (int i = 0; i < rep; ++i)
             scale(1.f / a[i * stride + kMass], y + i * D, D);
     };
@@ -687,7 +755,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     std::fill(rows + jj * GD, rows + (jj + 1) * GD, 0.f);
                 else
                     std::memcpy(rows + jj * GD, io.kBias, sizeof(float) * GD);
-            gemmAdd(cK, RK, io.kUp, GD, rows, GD, kRowTile, GD, RK);
+            kUp.gemm(cK, RK, 0, GD, rows, GD, kRowTile, GD, RK);
             if (!post)
                 for (int64_t jj = 0; jj < n; ++jj)
                     rotateHalf(rows + jj * GD, rows + jj * GD, G, D, io.ropeCos + (j0 + jj) * D, io.ropeSin + (j0 + jj) * D);
@@ -695,7 +763,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             float* vt = denseV + it * tileFloats;
             std::fill(vt, vt + tileFloats, 0.f);
             for (int g = 0; g < G; ++g)
-                gemmAdd(cV, RV, io.vUp + g * D, GD, vt + static_cast<size_t>(g) * kRowTile * D, D, kRowTile, D, RV);
+                vUp.gemm(cV, RV, g * D, GD, vt + static_cast<size_t>(g) * kRowTile * D, D, kRowTile, D, RV);
         });
 
     size_t const nItems = static_cast<size_t>(B * nBlocks * nSplit);
@@ -759,7 +827,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     featRow(true, b, j0 + jj, tileC + jj * RK);
                     std::memcpy(tileRows + jj * KW, io.kBias, sizeof(float) * KW);
                 }
-                gemmAdd(tileC, RK, io.kUp, KW, tileRows, KW, n, KW, RK);
+                kUp.gemm(tileC, RK, 0, KW, tileRows, KW, n, KW, RK);
                 for (int64_t jj = 0; jj < n; ++jj)
                     rotateHalf(tileRows + jj * KW, tileRows + jj * KW, G, D, io.ropeCos + (j0 + jj) * D,
                         io.ropeSin + (j0 + jj) * D);
@@ -783,7 +851,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     featRow(true, b, j, rowC);
                     std::memcpy(key, io.kBias, sizeof(float) * G * D);
                     for (int r = 0; r < RK; ++r)
-                        axpy(rowC[r], io.kUp + static_cast<size_t>(r) * G * D, key, G * D);
+                        kUp.axpy(rowC[r], static_cast<size_t>(r) * G * D, key, G * D);
                     rotateHalf(key, key, G, D, io.ropeCos + j * D, io.ropeSin + j * D);
                 }
                 float* v = tileV + jj * RVp;
@@ -971,9 +1039,9 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
         bool const fromK = key && post;
         float const* a = fromK ? kHalf + r0 * G * D : self.x + r0 * self.hidden;
         int64_t const K = fromK ? G * D : self.hidden;
-        float const* w = key ? self.kDown : self.vDown;
+        Factor const w = key ? Factor{self.kDown, self.kDownH} : Factor{self.vDown, self.vDownH};
         for (int64_t k0 = 0; k0 < K; k0 += kSliceK)
-            gemmAdd(a + k0, K, w + k0 * R + c0, R, c + c0, R, n, c1 - c0, std::min(kSliceK, K - k0));
+            w.gemm(a + k0, K, static_cast<size_t>(k0 * R + c0), R, c + c0, R, n, c1 - c0, std::min(kSliceK, K - k0));
     };
     if (BT <= 4)
     {

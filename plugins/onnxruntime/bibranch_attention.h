@@ -31,6 +31,8 @@ struct BiBranchIO
     uint16_t *winKOut, *winVOut; // (B, G, W, D)
     void *featKNew, *featVNew; // (B, T, C)
     uint16_t *featKScalesNew, *featVScalesNew; // (B, T, ceil(r/group)), bits < 16
+    // k_up / v_up as fp16 bit patterns instead (the self-attention form's export): set, kUp / vUp are not read
+    uint16_t const *kUpH = nullptr, *vUpH = nullptr;
 };
 
 // Runs `fn(i)` for i in [0, n), possibly in parallel (ONNX Runtime's intra-op pool).
@@ -42,12 +44,13 @@ char const* checkBiBranch(BiBranchShape const& s);
 void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel);
 
 // BiBranchSelfAttention's extra inputs: x (B, T, hidden), the normed hidden state; k_down (hidden or
-// G*D, r_k) by key mode; v_down (hidden, r_v). With them, io.q and io.k are before RoPE and io.cK/io.cV
+// G*D, r_k) by key mode; v_down (hidden, r_v); fp32, or fp16 through kDownH / vDownH. With them, io.q and io.k are before RoPE and io.cK/io.cV
 // are not read: the op rotates q and k and computes the features, then attends as biBranchAttention.
 struct BiBranchSelfIO
 {
     float const *x, *kDown, *vDown;
     int64_t hidden;
+    uint16_t const *kDownH = nullptr, *vDownH = nullptr; // fp16 down projections instead (as kUpH)
 };
 
 void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self,

@@ -84,6 +84,21 @@ Floats floats(Ort::KernelContext& ctx, size_t index)
     return f;
 }
 
+// A factor input (k_up, v_up, k_down, v_down): fp16 tensors are passed as they are (`half`; the kernel
+// converts as it loads, so a decode step streams half the bytes), fp32 ones as floats.
+Floats factor(Ort::KernelContext& ctx, size_t index, uint16_t const*& half)
+{
+    Ort::ConstValue v = ctx.GetInput(index);
+    auto info = v.GetTensorTypeAndShapeInfo();
+    half = nullptr;
+    if (info.GetElementType() != kF16)
+        return floats(ctx, index);
+    Floats f;
+    f.shape = info.GetShape();
+    half = v.GetTensorData<uint16_t>();
+    return f;
+}
+
 std::vector<int64_t> shapeOf(Ort::KernelContext& ctx, size_t index)
 {
     return ctx.GetInput(index).GetTensorTypeAndShapeInfo().GetShape();
@@ -149,12 +164,13 @@ struct BiBranchKernel
             fail(P.name, "expects " + std::to_string(want) + " inputs at bits " + std::to_string(s.bits) + ", got "
                 + std::to_string(ctx.GetInputCount()));
         constexpr bool selfForm = P.x >= 0;
-        Floats q = floats(ctx, P.q), k = floats(ctx, P.k), v = floats(ctx, P.v), kUp = floats(ctx, P.kUp),
-               vUp = floats(ctx, P.vUp), kB = floats(ctx, P.kBias), vB = floats(ctx, P.vBias),
+        uint16_t const *kUpH, *vUpH, *kDownH = nullptr, *vDownH = nullptr;
+        Floats q = floats(ctx, P.q), k = floats(ctx, P.k), v = floats(ctx, P.v), kUp = factor(ctx, P.kUp, kUpH),
+               vUp = factor(ctx, P.vUp, vUpH), kB = floats(ctx, P.kBias), vB = floats(ctx, P.vBias),
                cosT = floats(ctx, P.ropeCos), sinT = floats(ctx, P.ropeSin);
         Floats cK, cV, x, kDown, vDown; // v1: the features; self: x and the down projections
         if constexpr (selfForm)
-            x = floats(ctx, P.x), kDown = floats(ctx, P.kDown), vDown = floats(ctx, P.vDown);
+            x = floats(ctx, P.x), kDown = factor(ctx, P.kDown, kDownH), vDown = factor(ctx, P.vDown, vDownH);
         else
             cK = floats(ctx, P.cK), cV = floats(ctx, P.cV);
         if (q.shape.size() != 3 || q.shape[2] != H * D)
@@ -193,6 +209,7 @@ struct BiBranchKernel
         cpu::BiBranchIO io{};
         io.q = q.data, io.k = k.data, io.v = v.data, io.cK = cK.data, io.cV = cV.data, io.kUp = kUp.data,
         io.vUp = vUp.data, io.kBias = kB.data, io.vBias = vB.data, io.ropeCos = cosT.data, io.ropeSin = sinT.data;
+        io.kUpH = kUpH, io.vUpH = vUpH;
         io.winK = ctx.GetInput(P.winK).GetTensorData<uint16_t>();
         io.winV = ctx.GetInput(P.winV).GetTensorData<uint16_t>();
         io.featK = ctx.GetInput(P.featK).GetTensorRawData();
@@ -219,7 +236,8 @@ struct BiBranchKernel
         }
         cpu::ParallelFor const parallel = pool(ctx);
         if constexpr (selfForm)
-            cpu::biBranchSelfAttention(s, io, cpu::BiBranchSelfIO{x.data, kDown.data, vDown.data, x.shape[2]}, parallel);
+            cpu::biBranchSelfAttention(
+                s, io, cpu::BiBranchSelfIO{x.data, kDown.data, vDown.data, x.shape[2], kDownH, vDownH}, parallel);
         else
             cpu::biBranchAttention(s, io, parallel);
         y.store();
@@ -232,9 +250,14 @@ struct BiBranchKernel
 template <Ports const& P>
 struct BiBranchOp : Ort::CustomOpBase<BiBranchOp<P>, BiBranchKernel<P>>
 {
-    BiBranchOp(ONNXTensorElementDataType act, ONNXTensorElementDataType feat)
+    // up, down: the types of k_up, v_up and of k_down, v_down; the activations' unless given
+    BiBranchOp(ONNXTensorElementDataType act, ONNXTensorElementDataType feat,
+        ONNXTensorElementDataType up = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+        ONNXTensorElementDataType down = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED)
         : mAct(act)
         , mFeat(feat)
+        , mUp(up == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? act : up)
+        , mDown(down == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? act : down)
     {
     }
     void* CreateKernel(OrtApi const&, OrtKernelInfo const* info) const { return new BiBranchKernel<P>(info); }
@@ -248,6 +271,10 @@ struct BiBranchOp : Ort::CustomOpBase<BiBranchOp<P>, BiBranchKernel<P>>
             return kF16;
         if (at == P.featK || at == P.featV)
             return mFeat;
+        if (at == P.kUp || at == P.vUp)
+            return mUp;
+        if (at == P.kDown || at == P.vDown)
+            return mDown;
         return at == P.pastLength ? kI64 : mAct;
     }
     OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const
@@ -271,11 +298,14 @@ struct BiBranchOp : Ort::CustomOpBase<BiBranchOp<P>, BiBranchKernel<P>>
         return i >= kNbOutputs - contract::kUnscaledDrop ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     }
 
-    ONNXTensorElementDataType mAct, mFeat;
+    ONNXTensorElementDataType mAct, mFeat, mUp, mDown;
 };
 
 BiBranchOp<kV1> gBiBranch[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
-BiBranchOp<kSelf> gBiBranchSelf[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}};
+// the self form also with fp16 factors in an fp32 graph: the up projections (what the ort-cpu export
+// writes post-RoPE), or all four
+BiBranchOp<kSelf> gBiBranchSelf[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF16, kF16}, {kF32, kI8, kF16, kF32},
+    {kF32, kF16, kF16, kF32}, {kF32, kI8, kF16, kF16}, {kF32, kF16, kF16, kF16}};
 
 namespace w4a8 = shrinkrt::contract::QuantMatMulW4A8;
 constexpr char const* kW4A8Name = "QuantMatMulW4A8";
