@@ -34,12 +34,12 @@ def test_library_is_built():
     f = ctypes.CDLL(str(LIB)).shrinkrt_ort_ops
     f.restype = ctypes.c_char_p
     isa = f().decode().split("(")[1].rstrip(")")
-    assert isa in ("avx512", "avx2", "x86-64")
+    assert isa in ("avx512vnni", "avx512", "avx2", "x86-64")
     if os.environ.get("SHRINKRT_ORT_ISA"):  # the copy asked for (test_every_isa_copy runs each)
         assert isa == os.environ["SHRINKRT_ORT_ISA"]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "x86-64"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "x86-64"])
 def test_every_isa_copy(isa):
     """The narrower kernel copies (this CPU runs the widest one by default) pass the same call-by-call
     checks: each ISA's tile GEMMs, int4 unpack, fp16 conversion and transposes are separate code."""
@@ -48,6 +48,8 @@ def test_every_isa_copy(isa):
 
     if isa == "avx2" and not _cpu_has("avx2"):
         pytest.skip("this CPU has no AVX2")
+    if isa == "avx512" and not all(_cpu_has(f) for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq")):
+        pytest.skip("this CPU has no AVX-512 (F, VL, BW, DQ)")
     sel = ("test_library_is_built or (test_library_matches_body_and_runtime and (smollm2-w80-wide or "
            "(qwen and not BiBranchSelfAttention))) or test_long_store or test_w4a8")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],

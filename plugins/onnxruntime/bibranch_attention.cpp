@@ -466,6 +466,140 @@ void quantizeRow(float const* x, int r, int bits, void* codes, uint16_t* scales,
     }
 }
 
+// Post-RoPE key scores straight from int4 codes, in integers (a decode step at depth dots every stored
+// key row with each query head: dequantising and transposing the rows cost more than the products).
+// The folded query is rounded per group of kGroup ranks to 22 bits, q = 2^14 h + 2^7 m + l (h in
+// [-128, 127], m and l in [0, 127]: three int8 "digits"; an error <= 2^-22 of its group's largest. Two
+// digits, 15 bits, moved a tiny model's logits over 40 decode steps by 1.4e-3 from the reference
+// runtime's, through the softmax; three: 2e-6, the fp32 path: 1.4e-4); a code c (-8..7) enters as the unsigned c + 8,
+// the excess 8 * sum(q) taken off per group (every int32 sum stays below 2^30). Each 4-byte chunk of a row holds 8 ranks (the low nibbles:
+// ranks 0, 2, 4, 6; the high: 1, 3, 5, 7), so with kLanes rows in the lanes one byte dot product
+// instruction (VNNI's vpdpbusd, else vpmaddubsw + vpmaddwd) does 4 ranks of kLanes rows.
+#if defined(__AVX512BW__) || defined(__AVX2__)
+constexpr bool kIntKeyScores = true;
+#else
+constexpr bool kIntKeyScores = false;
+#endif
+constexpr int kMaxIntGroups = 32; // ranks <= 1024 (more: the fp32 path)
+
+struct IntQueries
+{
+    int groups = 0; // ceil(r_k / kGroup); a group is 4 chunks (the last one's padding: q = 0)
+    std::vector<int32_t> digits; // (rows, 4 * groups, 6): per chunk the bytes h, m, l of the even ranks, then the odd
+    std::vector<float> scales; // (rows, groups)
+    std::vector<int32_t> excess; // (rows, groups): 8 * sum(q)
+};
+
+void quantizeQueries(float const* qf, int64_t rows, int RK, IntQueries& out)
+{
+    int const groups = out.groups = static_cast<int>(nGroups(RK));
+    out.digits.assign(static_cast<size_t>(rows) * groups * 24, 0);
+    out.scales.resize(static_cast<size_t>(rows) * groups);
+    out.excess.resize(static_cast<size_t>(rows) * groups);
+    for (int64_t x = 0; x < rows; ++x)
+        for (int g = 0; g < groups; ++g)
+        {
+            float const* v = qf + x * RK + g * kGroup;
+            int const n = std::min(kGroup, RK - g * kGroup);
+            float amax = 0.f;
+            for (int i = 0; i < n; ++i)
+                amax = std::max(amax, std::fabs(v[i]));
+            constexpr float kQMax = 2097151.f; // 2^21 - 1
+            float const inv = amax > 0.f ? kQMax / amax : 0.f;
+            int32_t q[kGroup] = {}, sum = 0;
+            for (int i = 0; i < n; ++i)
+                sum += q[i] = static_cast<int32_t>(std::nearbyint(v[i] * inv));
+            out.scales[x * groups + g] = amax / kQMax;
+            out.excess[x * groups + g] = 8 * sum;
+            int32_t* d = out.digits.data() + (x * groups + g) * 24;
+            for (int c = 0; c < 4; ++c)
+                for (int k = 0; k < 4; ++k)
+                    for (int odd = 0; odd < 2; ++odd)
+                    {
+                        int32_t const e = q[8 * c + 2 * k + odd];
+                        uint32_t const digit[3] = {static_cast<uint8_t>(e >> 14), static_cast<uint32_t>((e >> 7) & 127),
+                            static_cast<uint32_t>(e & 127)};
+                        for (int i = 0; i < 3; ++i)
+                            d[6 * c + 3 * odd + i] |= static_cast<int32_t>(digit[i] << (8 * k));
+                    }
+        }
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// acc + the 4-byte dot products of u (unsigned bytes) and the broadcast s (signed bytes), per lane
+inline IVec dotBytes(IVec acc, IVec u, int32_t s)
+{
+#if defined(__AVX512VNNI__)
+    return reinterpret_cast<IVec>(_mm512_dpbusd_epi32(reinterpret_cast<__m512i>(acc), reinterpret_cast<__m512i>(u),
+        _mm512_set1_epi32(s)));
+#elif defined(__AVX512BW__)
+    __m512i const p = _mm512_maddubs_epi16(reinterpret_cast<__m512i>(u), _mm512_set1_epi32(s)); // |sum| <= 3840
+    return acc + reinterpret_cast<IVec>(_mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+#elif defined(__AVX2__)
+    __m256i const p = _mm256_maddubs_epi16(reinterpret_cast<__m256i>(u), _mm256_set1_epi32(s));
+    return acc + reinterpret_cast<IVec>(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#else
+    (void) u, (void) s;
+    return acc;
+#endif
+}
+
+// Scores of query rows x0 .. x0+nx (of q) against n <= kLanes consecutive stored key rows (codes: the
+// first row's, ck bytes a row; scales: its group scales, gk a row): sc[x * ldsc + i] for row i.
+void intKeyScores(int8_t const* codes, int64_t ck, uint16_t const* scales, int64_t gk, int64_t n,
+    IntQueries const& q, int64_t x0, int64_t nx, float* sc, int64_t ldsc)
+{
+    int const groups = q.groups, chunks = 4 * groups;
+    float rowScales[kMaxIntGroups * kLanes]; // group-major: a group's kLanes rows contiguous
+    for (int g = 0; g < groups; ++g)
+        for (int i = 0; i < kLanes; ++i)
+            rowScales[g * kLanes + i] = i < n ? halfToFloat1(scales[i * gk + g]) : 0.f;
+    for (int cb = 0; cb < chunks; cb += kLanes) // kLanes chunks of every row, transposed: lane i = row i
+    {
+        Vec blk[kLanes];
+        int64_t const bytes = std::max<int64_t>(0, std::min<int64_t>(4 * kLanes, ck - 4 * cb));
+        for (int i = 0; i < kLanes; ++i)
+        {
+            blk[i] = Vec{};
+            if (i < n)
+                std::memcpy(&blk[i], codes + i * ck + 4 * cb, static_cast<size_t>(bytes));
+        }
+        transposeBlock(blk);
+        for (int c0 = 0; c0 < std::min(kLanes, chunks - cb); c0 += 4) // one group: 4 chunks, 32 ranks
+        {
+            int const g = (cb + c0) / 4;
+            IVec even[4], odd[4];
+            for (int c = 0; c < 4; ++c)
+            {
+                IVec const u = reinterpret_cast<IVec>(blk[c0 + c]) ^ static_cast<int32_t>(0x88888888u); // c + 8
+                even[c] = u & 0x0F0F0F0F;
+                odd[c] = (u >> 4) & 0x0F0F0F0F; // (arithmetic shift: the top byte's sign bits masked off)
+            }
+            Vec const rs = loadVec(rowScales + g * kLanes);
+            for (int64_t x = x0; x < x0 + nx; ++x)
+            {
+                int32_t const* d = q.digits.data() + (x * groups + g) * 24;
+                IVec hi{}, mid{}, lo{};
+                for (int c = 0; c < 4; ++c)
+                {
+                    hi = dotBytes(hi, even[c], d[6 * c]);
+                    mid = dotBytes(mid, even[c], d[6 * c + 1]);
+                    lo = dotBytes(lo, even[c], d[6 * c + 2]);
+                    hi = dotBytes(hi, odd[c], d[6 * c + 3]);
+                    mid = dotBytes(mid, odd[c], d[6 * c + 4]);
+                    lo = dotBytes(lo, odd[c], d[6 * c + 5]);
+                }
+                IVec const tot = (hi << 14) + (mid << 7) + lo - q.excess[x * groups + g];
+                Vec const part = __builtin_convertvector(tot, Vec) * (rs * q.scales[x * groups + g]);
+                float* out = sc + (x - x0) * ldsc;
+                storeVec(out, g == 0 ? part : loadVec(out) + part);
+            }
+        }
+    }
+}
+#pragma GCC diagnostic pop
+
 // Online-softmax state of one (query, head), accLen floats: max, total mass, feature-branch mass,
 // weighted window values (D), weighted value features (r_v; the up-projection is applied once at the end)
 enum AccField
@@ -641,6 +775,8 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
     size_t const perItem = static_cast<size_t>(kQueryBlock * H) * accLen;
     int const KW = post ? RK : G * D; // a tile row: c_k (post-RoPE) or the rebuilt keys of every KV head
     float* partials = nSplit > 1 ? grow(cb.partials, static_cast<size_t>(B * nBlocks * nSplit) * perItem) : nullptr;
+    // post-RoPE int4 keys of the input store: scored in integers (intKeyScores), not dequantised
+    bool const intKeys = kIntKeyScores && post && !dense && bits == 4 && nGroups(RK) <= kMaxIntGroups;
 
     // y = (window sums + feature sums @ v_up + feature mass * v_bias) / mass, for the rep query heads of
     // KV head g at once (their accumulators `stride` floats apart): the up-projection is one small GEMM
@@ -810,6 +946,9 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             std::fill(acc, acc + accLen, 0.f);
             acc[kMax] = -std::numeric_limits<float>::infinity();
         }
+        thread_local IntQueries intQ;
+        if (intKeys)
+            quantizeQueries(qgf, static_cast<int64_t>(nh), RK, intQ);
         // feature rows of this split that the block's last query attends
         int64_t const blockRows = std::max<int64_t>(0, P + t1 - W);
         int64_t const lo = split * splitLen, hi = std::min(blockRows, lo + splitLen);
@@ -820,6 +959,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             // (dense) or dequantised here
             float const* keys = dense ? denseK + (b * nTiles + j0 / kRowTile) * tileFloats : tileKey;
             float const* values = dense ? denseV + (b * nTiles + j0 / kRowTile) * tileFloats : tileV;
+            bool const intTile = intKeys && j0 + n <= P; // every row in the input store
             if (!dense && rebuildByGemm) // K = RoPE(c_k @ k_up + k_bias) for the whole tile: one GEMM, one transpose
             {
                 for (int64_t jj = 0; jj < n; ++jj)
@@ -844,6 +984,11 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             {
                 int64_t const j = j0 + jj;
                 float* key = keyRows + (jj % kLanes) * KWp;
+                float* v = tileV + jj * RVp;
+                featRow(false, b, j, v);
+                std::fill(v + RV, v + RVp, 0.f);
+                if (intTile)
+                    continue;
                 if (post)
                     featRow(true, b, j, key);
                 else // K_j = RoPE(c_j @ k_up + k_bias, j), every KV head at once
@@ -854,9 +999,6 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                         kUp.axpy(rowC[r], static_cast<size_t>(r) * G * D, key, G * D);
                     rotateHalf(key, key, G, D, io.ropeCos + j * D, io.ropeSin + j * D);
                 }
-                float* v = tileV + jj * RVp;
-                featRow(false, b, j, v);
-                std::fill(v + RV, v + RVp, 0.f);
                 if (jj % kLanes == kLanes - 1 || jj == n - 1) // a block of kLanes key rows: into the
                 {                                              // feature-major tile, kLanes x kLanes at a time
                     int64_t const jb = jj - jj % kLanes;
@@ -872,7 +1014,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
                     }
                 }
             }
-            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < (dense || rebuildByGemm ? 0 : kRowTile); jb += kLanes) // blocks past n
+            for (int64_t jb = (n + kLanes - 1) / kLanes * kLanes; jb < (dense || rebuildByGemm || intTile ? 0 : kRowTile); jb += kLanes) // blocks past n
                 for (int e = 0; e < KW; ++e)
                     std::fill(tileKey + e * kRowTile + jb, tileKey + e * kRowTile + jb + kLanes, 0.f);
             // queries before qLo see no row of this tile (prefill's causal edge); rows j <= p - W are seen
@@ -886,7 +1028,15 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             auto pass = [&](size_t x0, int64_t rows, int g) {
                 float* scg = sc + x0 * kRowTile;
                 std::fill(scg, scg + rows * kRowTile, 0.f);
-                if (post && !dense) // every head dots the same c_k rows
+                if (intTile)
+                    for (int64_t jb = 0; jb < n; jb += kLanes)
+                    {
+                        int64_t const at = b * S + j0 + jb;
+                        intKeyScores(static_cast<int8_t const*>(io.featK) + at * ck, ck, io.featKScales + at * gk,
+                            gk, std::min<int64_t>(kLanes, n - jb), intQ, static_cast<int64_t>(x0), rows, scg + jb,
+                            kRowTile);
+                    }
+                else if (post && !dense) // every head dots the same c_k rows
                     gemmAdd(qgf + x0 * QK, QK, keys, kRowTile, scg, kRowTile, rows, kRowTile, QK);
                 else // a KV head's keys serve its rep query heads of every query
                     gemmAdd(qg + x0 * D, D, keys + static_cast<int64_t>(g) * D * kRowTile, kRowTile, scg, kRowTile,

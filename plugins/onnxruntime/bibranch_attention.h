@@ -56,7 +56,7 @@ struct BiBranchSelfIO
 void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self,
     ParallelFor const& parallel);
 
-// The instruction set the kernel copy in use was compiled for: avx512, avx2 or x86-64.
+// The instruction set the kernel copy in use was compiled for: avx512vnni, avx512, avx2 or x86-64.
 char const* isaName();
 
 // fp16 <-> fp32 as ONNX Runtime rounds (round to nearest even)

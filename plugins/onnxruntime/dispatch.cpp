@@ -21,6 +21,7 @@ namespace cpu
         BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self, ParallelFor const& parallel);   \
     void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel);                      \
     }
+SHRINKRT_DECLARE_ISA(avx512vnni)
 SHRINKRT_DECLARE_ISA(avx512)
 SHRINKRT_DECLARE_ISA(avx2)
 SHRINKRT_DECLARE_ISA(base)
@@ -28,41 +29,44 @@ SHRINKRT_DECLARE_ISA(base)
 namespace
 {
 
-using Kernel = void (*)(BiBranchShape const&, BiBranchIO const&, ParallelFor const&);
-using SelfKernel = void (*)(BiBranchShape const&, BiBranchIO const&, BiBranchSelfIO const&, ParallelFor const&);
+// One compiled copy of the kernels
+struct Copy
+{
+    char const* name;
+    void (*attention)(BiBranchShape const&, BiBranchIO const&, ParallelFor const&);
+    void (*self)(BiBranchShape const&, BiBranchIO const&, BiBranchSelfIO const&, ParallelFor const&);
+    void (*matmul)(W4A8Shape const&, W4A8IO const&, ParallelFor const&);
+};
+#define SHRINKRT_COPY(isa, name) Copy{name, isa::biBranchAttention, isa::biBranchSelfAttention, isa::quantMatMulW4A8}
 
-// SHRINKRT_ORT_ISA=avx2|x86-64 caps the choice at a narrower copy (tests run every copy on one
+// SHRINKRT_ORT_ISA=avx512|avx2|x86-64 caps the choice at a narrower copy (tests run every copy on one
 // machine; a user can rule out a suspect one); it never picks a copy the CPU cannot run.
-Kernel pick()
+Copy pick()
 {
     char const* cap = std::getenv("SHRINKRT_ORT_ISA");
     std::string const want = cap ? cap : "";
     if (want == "x86-64")
-        return base::biBranchAttention;
+        return SHRINKRT_COPY(base, "x86-64");
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (want != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512dq"))
-        return avx512::biBranchAttention;
+    bool const avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    if (want != "avx2" && want != "avx512" && avx512 && __builtin_cpu_supports("avx512vnni"))
+        return SHRINKRT_COPY(avx512vnni, "avx512vnni");
+    if (want != "avx2" && avx512)
+        return SHRINKRT_COPY(avx512, "avx512");
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return avx2::biBranchAttention;
+        return SHRINKRT_COPY(avx2, "avx2");
 #endif
-    return base::biBranchAttention;
+    return SHRINKRT_COPY(base, "x86-64");
 }
 
-Kernel const gKernel = pick();
-SelfKernel const gSelfKernel = gKernel == avx512::biBranchAttention ? avx512::biBranchSelfAttention
-    : gKernel == avx2::biBranchAttention                           ? avx2::biBranchSelfAttention
-                                                                   : base::biBranchSelfAttention;
-using MatMulKernel = void (*)(W4A8Shape const&, W4A8IO const&, ParallelFor const&);
-MatMulKernel const gMatMulKernel = gKernel == avx512::biBranchAttention ? avx512::quantMatMulW4A8
-    : gKernel == avx2::biBranchAttention                                ? avx2::quantMatMulW4A8
-                                                                        : base::quantMatMulW4A8;
+Copy const gCopy = pick();
 } // namespace
 
 char const* isaName()
 {
-    return gKernel == avx512::biBranchAttention ? "avx512" : gKernel == avx2::biBranchAttention ? "avx2" : "x86-64";
+    return gCopy.name;
 }
 
 float halfToFloat(uint16_t h)
@@ -94,13 +98,13 @@ char const* checkBiBranch(BiBranchShape const& s)
 
 void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor const& parallel)
 {
-    gKernel(s, io, parallel);
+    gCopy.attention(s, io, parallel);
 }
 
 void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranchSelfIO const& self,
     ParallelFor const& parallel)
 {
-    gSelfKernel(s, io, self, parallel);
+    gCopy.self(s, io, self, parallel);
 }
 
 char const* checkW4A8(W4A8Shape const& s)
@@ -110,7 +114,7 @@ char const* checkW4A8(W4A8Shape const& s)
 
 void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
 {
-    gMatMulKernel(s, io, parallel);
+    gCopy.matmul(s, io, parallel);
 }
 
 } // namespace cpu
