@@ -100,17 +100,18 @@ class Graph:
         self.b.nodes, self.b.consts = self.nodes, self.consts
         return self.b
 
-    def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:
-        """An initializer; returns the name to use (an identical earlier tensor's, when there is one)."""
+    def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None, share: bool = True) -> str:
+        """An initializer; returns the name to use (an identical earlier tensor's, when there is one and
+        `share`)."""
         a = t.detach().cpu().numpy() if torch.is_tensor(t) else t
         a = np.ascontiguousarray(a.astype(dtype or a.dtype, copy=False))
         if a.nbytes < EXTERNAL_MIN_BYTES:
             self.inits[name] = numpy_helper.from_array(a, name)
             return name
         key = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + memoryview(a).cast("B")).digest()
-        if key in self.seen:
+        if share and key in self.seen:
             return self.seen[key]
-        self.seen[key] = name
+        self.seen.setdefault(key, name)
         if self.data is None:
             self.inits[name] = numpy_helper.from_array(a, name)
             return name

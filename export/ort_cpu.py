@@ -201,7 +201,7 @@ def _lm_head_codes(g, weight: np.ndarray, bits: int) -> dict:
     scales = np.zeros((N, blocks), np.float32)
     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zp, LM_HEAD_BLOCK, N,
                                                                      blocks * LM_HEAD_BLOCK, False)
-    g.lm_head_codes = {"N": N, "K": K, "bits": bits, "blocks": blocks, "scales": scales, "zero_points": zp,
+    g.lm_head_codes = {"N": N, "K": K, "bits": bits, "blocks": blocks, "scales": scales, "zero_points": zp, "packed": packed,
                        "B": g.weight("lm_head.nbits_B", packed),
                        "names": [g.weight("lm_head.nbits_scales", scales.reshape(-1).astype(g.np_float)),
                                  g.weight("lm_head.nbits_zero_points", zp.reshape(-1))]}
@@ -221,16 +221,21 @@ def lm_head_nbits(g, b, x: str, weight: np.ndarray, bits: int) -> str:
 
 
 def embedding_from_head(g, b, ids: str, weight: np.ndarray, bits: int) -> str:
-    """Tied embeddings over the quantized head's own codes: one com.microsoft::GatherBlockQuantized reads
-    the rows of the head's MatMulNBits B (vocab, blocks, bytes) with its scales and zero points viewed
-    as (vocab, blocks, 1), so the model holds the table once, in `bits` bits, instead of also in fp32
-    (SmolLM2: 113 MB of 236). Rows come out (B, T, blocks, LM_HEAD_BLOCK), reshaped to (B, T, dim)."""
+    """Tied embeddings as the quantized head's own codes: one com.microsoft::GatherBlockQuantized reads
+    rows of a copy of the head's MatMulNBits B (vocab, blocks, bytes) with its scales and zero points
+    viewed as (vocab, blocks, 1), so the table is in `bits` bits, not also in fp32 (SmolLM2: 113 MB of
+    236). A copy, not the head's initializer itself: ONNX Runtime drops an initializer's pages once
+    MatMulNBits has prepacked it, unless another node reads it, so a shared one stays resident whole
+    (the main job's model after a 512-token prefill: 252 -> 229 MB peak RSS; the copy's pages are
+    touched only at the rows looked up; 27 MB more on disk). Rows come out (B, T, blocks,
+    LM_HEAD_BLOCK), reshaped to (B, T, dim)."""
     q = _lm_head_codes(g, weight, bits)
     N, blocks = q["N"], q["blocks"]
     zp = q["zero_points"]
     if bits == 4:  # (vocab, ceil(blocks/2)) nibble pairs -> one zero point per block
         zp = np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, :blocks]
-    rows = b("GatherBlockQuantized", q["B"], ids,
+    table = g.weight("embed_tokens.from_head_B", q["packed"], share=False)
+    rows = b("GatherBlockQuantized", table, ids,
              g.weight("embed_tokens.from_head_scales", q["scales"].reshape(N, blocks, 1).astype(g.np_float)),
              g.weight("embed_tokens.from_head_zero_points", zp.astype(np.uint8).reshape(N, blocks, 1)),  # 4-bit: low nibble
              domain="com.microsoft", bits=bits, block_size=LM_HEAD_BLOCK, gather_axis=0, quantize_axis=2)

@@ -105,7 +105,9 @@ def test_tied_embedding_reads_the_quantized_heads_codes(bits, tmp_path):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
     assert "embed_tokens.weight" not in inits
     gather = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
-    assert len(gather) == 1 and gather[0].input[0] == "lm_head.nbits_B"
+    # its own copy of the head's codes (a shared initializer stays resident after the head's prepack)
+    assert len(gather) == 1 and gather[0].input[0] == "embed_tokens.from_head_B"
+    np.testing.assert_array_equal(inits["embed_tokens.from_head_B"], inits["lm_head.nbits_B"])
     # the embedding's output against the head's codes dequantized by hand
     emb = next(n.output[0] for n in m.graph.node if n.name.startswith("embed/") and n.op_type in ("Reshape", "Slice"))
     m.graph.output.append(onnx.helper.make_tensor_value_info(emb, onnx.TensorProto.FLOAT, None))
