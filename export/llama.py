@@ -219,6 +219,21 @@ def _packed_linears(g: Graph, b: ops.Body, x: str, mods: list, path: str, module
     return b("Split", y, sizes, axis=-1, n_out=len(mods))
 
 
+def _gated_mlp(g: Graph, b: ops.Body, x: str, mlp, path: str) -> str:
+    """silu(gate(x)) * up(x): one QuantMatMulW4A8 node with gated = 1 where both are library layers that
+    pack together (the activation fused into the op: 4 nodes fewer per layer), else the projections
+    (packed where they can be) and the activation in standard ops."""
+    from .ort_cpu import library_layer, packable, quant_matmul_w4a8
+
+    mods = [mlp.gate_proj, mlp.up_proj]
+    if (g.target == "ort-cpu" and all(isinstance(m, QuantLinear) and m.bias is None for m in mods)
+            and packable(g, mods) and library_layer(g, mods[0]) and mods[0].out_features == mods[1].out_features):
+        return quant_matmul_w4a8(g, b, x, mods, f"{path}.gate_up_proj", [f"{path}.gate_proj", f"{path}.up_proj"],
+                                 gated=True)
+    gate, up = _linears(g, b, x, mods, f"{path}.gate_up_proj", ["gate_proj", "up_proj"])
+    return b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
+
+
 def _lean_rope(g: Graph, b: ops.Body, x: str, n: int) -> str:
     """RoPE of (B, T, n*D) in one com.microsoft RotaryEmbedding node: half-split rotation, positions
     past_length + t (position_ids of shape (1,) is that offset), the tables' first halves."""
@@ -404,8 +419,7 @@ def build(model, dtype: str = "float32", target: str = "generic", name: str = "s
             h = b("Add", h, o)
             x = _rms_norm(g, b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
         mlp, mp = layer.mlp, f"layers.{i}.mlp"
-        gate, up = _linears(g, b, x, [mlp.gate_proj, mlp.up_proj], f"{mp}.gate_up_proj", ["gate_proj", "up_proj"])
-        act = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
+        act = _gated_mlp(g, b, x, mlp, mp)
         d = _linear(g, b, act, mlp.down_proj, f"{mp}.down_proj")
         if lean:  # the next RMSNorm (the next layer's input norm, or the final one) with this residual
             last_layer = i + 1 == len(model.layers)

@@ -126,12 +126,14 @@ def quant_matmul_function(bits: int, group_size: int, in_features: int, out_feat
     return fn
 
 
-def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str = "float32") -> onnx.FunctionProto:
+def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str = "float32",
+                               gated: bool = False) -> onnx.FunctionProto:
     """Reference body of QuantMatMulW4A8 for one (K, N, activation dtype): the CPU library's arithmetic in
     standard ops, so body and library agree to fp32 rounding. X is quantized per block of ACT_BLOCK
     columns (zero padded to whole blocks): dx = max|x| / 127, xq = Round(x * (127 / max|x|)) (half to
     even; 0 where the block is all zero); Y = (xq * dx) @ (q * s)^T + blocksum(x) @ m^T, the min times
-    the block's plain sum of x (the padding codes meet zero activations)."""
+    the block's plain sum of x (the padding codes meet zero activations). gated: Y = silu(Y[..., :N/2]) *
+    Y[..., N/2:], in fp32 before the cast to the activations' type, as the library."""
     K, N, F = in_features, out_features, ONNX_DTYPE[dtype]
     G = math.ceil(K / ACT_BLOCK)
     b = Body("")
@@ -148,10 +150,13 @@ def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str =
     sums = b("ReduceSum", xb, b.const([-1], np.int64), keepdims=0)  # (B, T, G)
     y = b("Add", b("MatMul", xd, b("Transpose", w, perm=[1, 0])),
           b("MatMul", sums, b("Transpose", b("Cast", "mins", to=TensorProto.FLOAT), perm=[1, 0])))
+    if gated:
+        gate, up = b("Split", y, b.const([N // 2, N // 2], np.int64, "gate_up_sizes"), axis=-1, n_out=2)
+        y = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
     b.nodes.append(helper.make_node("Identity", [b.cast(y, F, TensorProto.FLOAT)], ["Y"], name="output"))
     fn = helper.make_function(DOMAIN, "QuantMatMulW4A8", SCHEMAS["QuantMatMulW4A8"][0], ["Y"], b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=SCHEMAS["QuantMatMulW4A8"][2])
-    fn.overload = f"k{in_features}_n{out_features}_{dtype}"
+    fn.overload = f"k{in_features}_n{out_features}_{dtype}{'_gated' if gated else ''}"
     return fn
 
 

@@ -340,23 +340,25 @@ def test_foreign_library_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- QuantMatMulW4A8
-def w4a8_model(m, dtype: str = "float32", x_shape=None):
+def w4a8_model(m, dtype: str = "float32", x_shape=None, gated: bool = False, body_gated: bool | None = None):
     """One QuantMatMulW4A8 node (with its body) for a 4-bit group-32 min layer m; X of x_shape (default
-    (B, T, in_features))."""
+    (B, T, in_features)); gated: m's rows are gate and up side by side, Y silu(gate) * up."""
     import onnx
     from onnx import helper, numpy_helper
 
     from shrinkrt.export import ops
 
     F = ops.ONNX_DTYPE[dtype]
-    fn = ops.quant_matmul_w4a8_function(m.in_features, m.out_features, dtype)
+    body_gated = gated if body_gated is None else body_gated  # (a node the library must refuse: its body differs)
+    fn = ops.quant_matmul_w4a8_function(m.in_features, m.out_features, dtype, body_gated)
     inits = [numpy_helper.from_array(m.codes.numpy().astype(np.int32), "codes"),
              numpy_helper.from_array(m.group_scales().float().numpy().astype(np.float16), "scales"),
              numpy_helper.from_array(m.group_mins().float().numpy().astype(np.float16), "mins")]
     node = ops.node("QuantMatMulW4A8", ["X", "codes", "scales", "mins"], ["Y"], "w4a8", fn.overload,
-                    in_features=m.in_features, out_features=m.out_features)
+                    in_features=m.in_features, out_features=m.out_features, gated=int(gated))
     graph = helper.make_graph([node], "w4a8", [helper.make_tensor_value_info("X", F, x_shape or ["B", "T", m.in_features])],
-                              [helper.make_tensor_value_info("Y", F, ["B", "T", m.out_features])], inits)
+                              [helper.make_tensor_value_info("Y", F, ["B", "T", m.out_features // (2 if body_gated else 1)])],
+                              inits)
     model = helper.make_model(graph, ir_version=10, functions=[fn], opset_imports=[
         helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, 1)])
     onnx.checker.check_model(model, full_check=True)
@@ -407,6 +409,35 @@ def test_w4a8_library_and_body_compute_the_int8_product(K, param_bits):
         assert 1e-4 < np.abs(lib - ref).max() / np.abs(ref).max() < 5e-2  # int8 activations: close, not equal
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_w4a8_gated_is_silu_gate_times_up(dtype):
+    """gated = 1: the packed gate/up product's halves as silu(gate) * up, (rows, N/2), library and body,
+    at 1 row (decode), 3 and 40 rows (the gate pass split over the pool); large |gate| on both sides."""
+    from tests.test_export_ops import quant_layer
+
+    m = quant_layer(2 * 40, 200, 4, 32, 0, seed=11, mins=True)
+    _, sess = w4a8_model(m, dtype, gated=True)
+    for T in (1, 3, 40):
+        x = (torch.randn(1, T, 200, generator=torch.Generator().manual_seed(T)) * 3).numpy().astype(dtype)
+        p = int8_product(m, x.astype(np.float32))
+        gate, up = p[..., :40], p[..., 40:]
+        exact = gate / (1 + np.exp(-gate)) * up
+        assert np.abs(gate).max() > 10  # both saturated sides of the sigmoid are exercised
+        tol = (1e-5 if dtype == "float32" else 2e-3) * np.abs(exact).max()
+        for k in ("library", "body"):
+            got = sess[k].run(None, {"X": x})[0]
+            assert got.shape == (1, T, 40) and got.dtype == np.dtype(dtype)
+            assert np.abs(got.astype(np.float64) - exact).max() < tol, (k, T, np.abs(got - exact).max())
+
+
+def test_w4a8_gated_odd_width_is_one_line():
+    from tests.test_export_ops import quant_layer
+
+    m = quant_layer(9, 64, 4, 32, 0, seed=1, mins=True)
+    with pytest.raises(Exception, match=r"shrinkrt::QuantMatMulW4A8: gated needs an even out_features"):
+        w4a8_model(m, gated=True, body_gated=False)
+
+
 def test_w4a8_fp16_activations():
     from tests.test_export_ops import quant_layer
 
@@ -426,6 +457,40 @@ def test_w4a8_bad_shapes_are_one_line():
     _, sess = w4a8_model(m, x_shape=["B", "T", "K"])
     with pytest.raises(Exception, match=r"shrinkrt::QuantMatMulW4A8: X must be \(\.\.\., in_features\) with in_features 64"):
         sess["library"].run(None, {"X": np.zeros((1, 2, 96), np.float32)})
+
+
+def test_ort_cpu_gated_mlp_is_one_node(tmp_path):
+    """Where gate and up are both 4-bit min layers (8-bit and fp16 params here) the ort-cpu graph's MLP
+    is one QuantMatMulW4A8 with gated = 1 (no Split, Sigmoid or Mul of the activation); library and
+    bodies give the same logits, within int8 activation rounding of the reference's."""
+    import onnx
+
+    from shrinkrt.export import artifact
+    from shrinkrt.export.validate import compare
+    from shrinkrt.runtime.ort_model import OrtModel
+    from tests.test_export import Loaded, model_with_min_layers
+    from tests.test_export_ops import quant_layer
+
+    model = model_with_min_layers()
+    for i, layer in enumerate(model.layers):
+        up = layer.mlp.up_proj
+        layer.mlp.up_proj = quant_layer(up.out_features, up.in_features, 4, 32, 0, seed=7 * i + 1, mins=True)
+    artifact.export(Loaded(model, tmp_path), tmp_path / "exp", target="ort-cpu", ort_accuracy=4)
+    graph = onnx.load(tmp_path / "exp" / "model.onnx", load_external_data=False).graph
+    gated = {n.name.split("/")[0]: next(a.i for a in n.attribute if a.name == "gated")
+             for n in graph.node if n.op_type == "QuantMatMulW4A8"}
+    for i in range(len(model.layers)):
+        assert gated[f"layers.{i}.mlp.gate_up_proj"] == 1 and gated[f"layers.{i}.self_attn.q_proj"] == 0
+    assert not [n for n in graph.node if n.op_type == "Sigmoid"]
+    prompt = torch.randint(3, 97, (1, 23), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for setting in ("off", str(LIB)):
+        m = OrtModel(tmp_path / "exp", threads=2, ops_library=setting)
+        m.setup_caches(1, 40)
+        logits[setting] = m.forward(prompt, 0)
+    assert (logits["off"] - logits[str(LIB)]).abs().max() < 1e-4 * max(1.0, float(logits["off"].abs().max()))
+    assert compare(model, OrtModel(tmp_path / "exp", ops_library=str(LIB)), prompt[0].tolist(), steps=12,
+                   tol=5e-2) < 5e-2
 
 
 def test_ort_cpu_min_layers_run_as_w4a8(tmp_path):

@@ -10,6 +10,7 @@
 #include "bibranch_attention.h"
 
 #include "half.h"
+#include "simd_exp.h"
 #include "shrinkrt_ops.gen.h"
 
 #include <algorithm>
@@ -69,28 +70,6 @@ inline void scale(float a, float* y, int64_t n)
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
         y[i] *= a;
-}
-
-// e^x for x <= 0 in a form the `omp simd` loops vectorise (std::exp is a scalar libm call, and a decode
-// step at depth takes one per feature row and head): Cody-Waite reduction by ln 2, the Cephes expf
-// polynomial (about 1 ulp), 2^n put into the exponent bits. Below -87 the result is ~1e-38, not 0:
-// callers zero masked entries themselves.
-inline float expNonPositive(float x)
-{
-    x = std::max(x, -87.f);
-    float const n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; // round to nearest: 1.5 * 2^23
-    float const r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    int32_t const e = (static_cast<int32_t>(n) + 127) << 23;
-    float twoN;
-    std::memcpy(&twoN, &e, sizeof twoN);
-    return p * twoN;
 }
 
 // The tile products as small GEMMs on the ISA's native vectors (GCC vector extensions: the same source

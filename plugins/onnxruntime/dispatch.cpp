@@ -109,7 +109,11 @@ void biBranchSelfAttention(BiBranchShape const& s, BiBranchIO const& io, BiBranc
 
 char const* checkW4A8(W4A8Shape const& s)
 {
-    return s.inFeatures < 1 || s.outFeatures < 1 ? "in_features and out_features must be >= 1" : "";
+    if (s.inFeatures < 1 || s.outFeatures < 1)
+        return "in_features and out_features must be >= 1";
+    if (s.gated != 0 && s.gated != 1)
+        return "gated must be 0 or 1";
+    return s.gated && s.outFeatures % 2 ? "gated needs an even out_features (gate and up side by side)" : "";
 }
 
 void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)

@@ -12,10 +12,11 @@ namespace shrinkrt
 namespace cpu
 {
 
-// The op's attributes and the call's activation rows (B*T).
+// The op's attributes and the call's activation rows (B*T). gated: y = silu(p[:, :N/2]) * p[:, N/2:] of
+// the product p, (rows, N/2).
 struct W4A8Shape
 {
-    int32_t inFeatures, outFeatures;
+    int32_t inFeatures, outFeatures, gated;
     int64_t rows;
 };
 
@@ -26,7 +27,7 @@ struct W4A8IO
     float const* x; // (rows, K)
     uint32_t const* codes; // (N, ceil(K/32) * 4) words: each row a little-endian stream of 4-bit codes
     uint16_t const *scales, *mins; // (N, ceil(K/32))
-    float* y; // (rows, N)
+    float* y; // (rows, N), or (rows, N/2) gated
 };
 
 // Empty when the attributes are valid, else what is wrong (one line).

@@ -308,6 +308,19 @@ BiBranchOp<kSelf> gBiBranchSelf[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF
     {kF32, kF16, kF16, kF32}, {kF32, kI8, kF16, kF16}, {kF32, kF16, kF16, kF16}};
 
 namespace w4a8 = shrinkrt::contract::QuantMatMulW4A8;
+
+bool hasAttribute(Ort::ConstKernelInfo const& ki, char const* name)
+{
+    try
+    {
+        ki.GetAttribute<int64_t>(name);
+        return true;
+    }
+    catch (Ort::Exception const&)
+    {
+        return false;
+    }
+}
 constexpr char const* kW4A8Name = "QuantMatMulW4A8";
 constexpr auto kI32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
 
@@ -316,9 +329,14 @@ struct W4A8Kernel
     explicit W4A8Kernel(OrtKernelInfo const* info)
     {
         Ort::ConstKernelInfo ki(info);
-        int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures};
+        int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures, &mShape.gated};
+        static_assert(sizeof fields / sizeof *fields == w4a8::kNbAttributes);
         for (int i = 0; i < w4a8::kNbAttributes; ++i)
+        {
+            if (std::string(w4a8::kAttributes[i]) == "gated" && !hasAttribute(ki, "gated"))
+                continue; // exports from before the attribute: 0
             *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(w4a8::kAttributes[i]));
+        }
         char const* bad = cpu::checkW4A8(mShape);
         if (*bad)
             fail(kW4A8Name, bad);
@@ -345,7 +363,7 @@ struct W4A8Kernel
         io.scales = ctx.GetInput(w4a8::kScales).GetTensorData<uint16_t>();
         io.mins = ctx.GetInput(w4a8::kMins).GetTensorData<uint16_t>();
         std::vector<int64_t> yShape = x.shape;
-        yShape.back() = N;
+        yShape.back() = s.gated ? N / 2 : N;
         FloatOut y(ctx, w4a8::kY, yShape, ctx.GetInput(w4a8::kX).GetTensorTypeAndShapeInfo().GetElementType() == kF16);
         io.y = y.data;
         cpu::quantMatMulW4A8(s, io, pool(ctx));
