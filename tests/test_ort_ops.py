@@ -459,6 +459,23 @@ def test_w4a8_bad_shapes_are_one_line():
         sess["library"].run(None, {"X": np.zeros((1, 2, 96), np.float32)})
 
 
+def assert_library_matches_bodies_and_reference(model, export_dir):
+    """An ort-cpu export's logits: library vs bodies to 1e-4 on a prompt, and within int8 activation
+    rounding of the reference model's over 12 greedy steps."""
+    from shrinkrt.export.validate import compare
+    from shrinkrt.runtime.ort_model import OrtModel
+
+    prompt = torch.randint(3, 97, (1, 23), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for setting in ("off", str(LIB)):
+        m = OrtModel(export_dir, threads=2, ops_library=setting)
+        m.setup_caches(1, 40)
+        logits[setting] = m.forward(prompt, 0)
+    assert (logits["off"] - logits[str(LIB)]).abs().max() < 1e-4 * max(1.0, float(logits["off"].abs().max()))
+    assert compare(model, OrtModel(export_dir, ops_library=str(LIB)), prompt[0].tolist(), steps=12,
+                   tol=5e-2) < 5e-2
+
+
 def test_ort_cpu_gated_mlp_is_one_node(tmp_path):
     """Where gate and up are both 4-bit min layers (8-bit and fp16 params here) the ort-cpu graph's MLP
     is one QuantMatMulW4A8 with gated = 1 (no Split, Sigmoid or Mul of the activation); library and
@@ -466,8 +483,6 @@ def test_ort_cpu_gated_mlp_is_one_node(tmp_path):
     import onnx
 
     from shrinkrt.export import artifact
-    from shrinkrt.export.validate import compare
-    from shrinkrt.runtime.ort_model import OrtModel
     from tests.test_export import Loaded, model_with_min_layers
     from tests.test_export_ops import quant_layer
 
@@ -482,15 +497,7 @@ def test_ort_cpu_gated_mlp_is_one_node(tmp_path):
     for i in range(len(model.layers)):
         assert gated[f"layers.{i}.mlp.gate_up_proj"] == 1 and gated[f"layers.{i}.self_attn.q_proj"] == 0
     assert not [n for n in graph.node if n.op_type == "Sigmoid"]
-    prompt = torch.randint(3, 97, (1, 23), generator=torch.Generator().manual_seed(1))
-    logits = {}
-    for setting in ("off", str(LIB)):
-        m = OrtModel(tmp_path / "exp", threads=2, ops_library=setting)
-        m.setup_caches(1, 40)
-        logits[setting] = m.forward(prompt, 0)
-    assert (logits["off"] - logits[str(LIB)]).abs().max() < 1e-4 * max(1.0, float(logits["off"].abs().max()))
-    assert compare(model, OrtModel(tmp_path / "exp", ops_library=str(LIB)), prompt[0].tolist(), steps=12,
-                   tol=5e-2) < 5e-2
+    assert_library_matches_bodies_and_reference(model, tmp_path / "exp")
 
 
 def test_ort_cpu_min_layers_run_as_w4a8(tmp_path):
@@ -503,8 +510,6 @@ def test_ort_cpu_min_layers_run_as_w4a8(tmp_path):
     import onnx
 
     from shrinkrt.export import artifact
-    from shrinkrt.export.validate import compare
-    from shrinkrt.runtime.ort_model import OrtModel
     from tests.test_export import Loaded, model_with_min_layers
 
     model = model_with_min_layers()
@@ -520,12 +525,4 @@ def test_ort_cpu_min_layers_run_as_w4a8(tmp_path):
     assert inits["layers.0.mlp.gate_proj.mins"] == onnx.TensorProto.FLOAT16
     meta = json.loads((tmp_path / "exp" / "export.json").read_text())["ort_cpu"]
     assert meta["w4a8_layers"] == 2 * len(model.layers)
-    prompt = torch.randint(3, 97, (1, 23), generator=torch.Generator().manual_seed(1))
-    logits = {}
-    for setting in ("off", str(LIB)):
-        m = OrtModel(tmp_path / "exp", threads=2, ops_library=setting)
-        m.setup_caches(1, 40)
-        logits[setting] = m.forward(prompt, 0)
-    assert (logits["off"] - logits[str(LIB)]).abs().max() < 1e-4 * max(1.0, float(logits["off"].abs().max()))
-    assert compare(model, OrtModel(tmp_path / "exp", ops_library=str(LIB)), prompt[0].tolist(), steps=12,
-                   tol=5e-2) < 5e-2
+    assert_library_matches_bodies_and_reference(model, tmp_path / "exp")

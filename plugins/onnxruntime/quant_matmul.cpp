@@ -301,47 +301,7 @@ void int8RowsTile(uint8_t const* unpacked, uint16_t const* scales, uint16_t cons
 }
 #endif
 
-} // namespace
-
-namespace
-{
-void product(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel);
-} // namespace
-
-// gated: the product into per-thread scratch (grown once), then silu(gate) * up row by row into y
-void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
-{
-    if (!s.gated)
-        return product(s, io, parallel);
-    int64_t const M = s.rows, N = s.outFeatures, half = N / 2;
-    thread_local std::vector<float> full;
-    if (full.size() < static_cast<size_t>(M * N))
-        full.resize(static_cast<size_t>(M * N));
-    W4A8IO inner = io;
-    inner.y = full.data();
-    product(s, inner, parallel);
-    float const* p = full.data();
-    auto gate = [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-        {
-            float const* g = p + r * N;
-            float* y = io.y + r * half;
-#pragma omp simd
-            for (int64_t j = 0; j < half; ++j)
-                y[j] = silu(g[j]) * g[half + j];
-        }
-    };
-    if (M <= 4) // a decode step: too little to pay a pool dispatch
-        return gate(0, M);
-    constexpr int64_t kGateRows = 16;
-    parallel(static_cast<size_t>((M + kGateRows - 1) / kGateRows), [&](size_t i) {
-        int64_t const r0 = static_cast<int64_t>(i) * kGateRows;
-        gate(r0, std::min(M, r0 + kGateRows));
-    });
-}
-
-namespace
-{
+// Y = X @ W^T into io.y (rows, N)
 void product(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
 {
     int64_t const M = s.rows, N = s.outFeatures, K = s.inFeatures;
@@ -399,6 +359,38 @@ void product(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
 }
 
 } // namespace
+
+// gated: the product into per-thread scratch (grown once), then silu(gate) * up row by row into y
+void quantMatMulW4A8(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
+{
+    if (!s.gated)
+        return product(s, io, parallel);
+    int64_t const M = s.rows, N = s.outFeatures, half = N / 2;
+    thread_local std::vector<float> full;
+    if (full.size() < static_cast<size_t>(M * N))
+        full.resize(static_cast<size_t>(M * N));
+    W4A8IO inner = io;
+    inner.y = full.data();
+    product(s, inner, parallel);
+    float const* p = full.data();
+    auto gate = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+        {
+            float const* g = p + r * N;
+            float* y = io.y + r * half;
+#pragma omp simd
+            for (int64_t j = 0; j < half; ++j)
+                y[j] = silu(g[j]) * g[half + j];
+        }
+    };
+    if (M <= 4) // a decode step: too little to pay a pool dispatch
+        return gate(0, M);
+    constexpr int64_t kGateRows = 16;
+    parallel(static_cast<size_t>((M + kGateRows - 1) / kGateRows), [&](size_t i) {
+        int64_t const r0 = static_cast<int64_t>(i) * kGateRows;
+        gate(r0, std::min(M, r0 + kGateRows));
+    });
+}
 
 } // namespace SHRINKRT_ISA
 } // namespace cpu
