@@ -69,7 +69,7 @@ def model(variant: str) -> bytes:
             name, y = f"l{layer}.{j}", f"l{layer}.{j}.y"
             if variant == "QuantMatMulW4A8 (library)":
                 nodes.append(helper.make_node("QuantMatMulW4A8", [x, *_w4a8(rng, name, N, K, inits)], [y],
-                                              domain=DOMAIN, in_features=K, out_features=N))
+                                              domain=DOMAIN, in_features=K, out_features=N, quantized_sums=1))
             else:
                 bits = 8 if "8-bit" in variant else 4
                 nodes.append(helper.make_node("MatMulNBits", [x, *_nbits(rng, name, N, K, bits, inits)], [y],

@@ -127,13 +127,15 @@ def quant_matmul_function(bits: int, group_size: int, in_features: int, out_feat
 
 
 def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str = "float32",
-                               gated: bool = False) -> onnx.FunctionProto:
+                               gated: bool = False, quantized_sums: bool = True) -> onnx.FunctionProto:
     """Reference body of QuantMatMulW4A8 for one (K, N, activation dtype): the CPU library's arithmetic in
     standard ops, so body and library agree to fp32 rounding. X is quantized per block of ACT_BLOCK
     columns (zero padded to whole blocks): dx = max|x| / 127, xq = Round(x * (127 / max|x|)) (half to
-    even; 0 where the block is all zero); Y = (xq * dx) @ (q * s)^T + blocksum(x) @ m^T, the min times
-    the block's plain sum of x (the padding codes meet zero activations). gated: Y = silu(Y[..., :N/2]) *
-    Y[..., N/2:], in fp32 before the cast to the activations' type, as the library."""
+    even; 0 where the block is all zero); Y = (xq * dx) @ (q * s)^T + blocksum @ m^T (the padding codes
+    meet zero activations), blocksum the sum of the dequantized block xq * dx (quantized_sums, what new
+    exports use: Y is then exactly the dequantized weight times the dequantized activations) or of x
+    itself (the form before the attribute). gated: Y = silu(Y[..., :N/2]) * Y[..., N/2:], in fp32 before
+    the cast to the activations' type, as the library."""
     K, N, F = in_features, out_features, ONNX_DTYPE[dtype]
     G = math.ceil(K / ACT_BLOCK)
     b = Body("")
@@ -145,9 +147,9 @@ def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str =
     amax = b("ReduceMax", b("Abs", xb), b.const([-1], np.int64), keepdims=1)
     code_max = b.const(np.float32(ACT_CODE_MAX))
     inv = b("Where", b("Greater", amax, b.const(np.float32(0))), b("Div", code_max, amax), b.const(np.float32(0)))
-    xd = b("Mul", b("Round", b("Mul", xb, inv)), b("Div", amax, code_max))
+    xd = b("Mul", b("Round", b("Mul", xb, inv)), b("Div", amax, code_max))  # (B, T, G, 32)
+    sums = b("ReduceSum", xd if quantized_sums else xb, b.const([-1], np.int64), keepdims=0)  # (B, T, G)
     xd = b("Reshape", xd, b.const([0, 0, G * ACT_BLOCK], np.int64))
-    sums = b("ReduceSum", xb, b.const([-1], np.int64), keepdims=0)  # (B, T, G)
     y = b("Add", b("MatMul", xd, b("Transpose", w, perm=[1, 0])),
           b("MatMul", sums, b("Transpose", b("Cast", "mins", to=TensorProto.FLOAT), perm=[1, 0])))
     if gated:
@@ -156,7 +158,7 @@ def quant_matmul_w4a8_function(in_features: int, out_features: int, dtype: str =
     b.nodes.append(helper.make_node("Identity", [b.cast(y, F, TensorProto.FLOAT)], ["Y"], name="output"))
     fn = helper.make_function(DOMAIN, "QuantMatMulW4A8", SCHEMAS["QuantMatMulW4A8"][0], ["Y"], b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=SCHEMAS["QuantMatMulW4A8"][2])
-    fn.overload = f"k{in_features}_n{out_features}_{dtype}{'_gated' if gated else ''}"
+    fn.overload = f"k{in_features}_n{out_features}_{dtype}{'_gated' if gated else ''}{'_qsums' if quantized_sums else ''}"
     return fn
 
 

@@ -23,11 +23,13 @@ SCHEMAS = {
     # The ort-cpu graph's form of QuantMatMul for a 4-bit group-32 min layer (WEIGHT_MIN_FORMATS; the CPU
     # library): X quantized to int8 per block of 32 columns (W4A8), `mins` the fp16 group mins, no outliers
     # gated = 1 (the packed gate/up projection of a SwiGLU MLP): Y = silu(P[..., :N/2]) * P[..., N/2:] of
-    # the product P, (..., out_features / 2): one node instead of the product, a Split, a Sigmoid and two Muls
+    # the product P, (..., out_features / 2): one node instead of the product, a Split, a Sigmoid and two Muls.
+    # quantized_sums = 1: the min meets the block sum of the int8 activations (dx * sum xq), so P is the
+    # dequantized weight times the dequantized activations; 0 (absent: exports before it): the plain sum of x
     "QuantMatMulW4A8": (
         ["X", "codes", "scales", "mins"],
         ["Y"],
-        ["in_features", "out_features", "gated"]),
+        ["in_features", "out_features", "gated", "quantized_sums"]),
     "BiBranchAttention": (
         # the scales come last: a 16-bit feature branch has none, and the node simply ends earlier
         ["q", "k", "v", "c_k", "c_v", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias", "v_bias",

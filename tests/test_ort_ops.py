@@ -340,9 +340,11 @@ def test_foreign_library_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- QuantMatMulW4A8
-def w4a8_model(m, dtype: str = "float32", x_shape=None, gated: bool = False, body_gated: bool | None = None):
+def w4a8_model(m, dtype: str = "float32", x_shape=None, gated: bool = False, body_gated: bool | None = None,
+               quantized_sums: int | None = 1):
     """One QuantMatMulW4A8 node (with its body) for a 4-bit group-32 min layer m; X of x_shape (default
-    (B, T, in_features)); gated: m's rows are gate and up side by side, Y silu(gate) * up."""
+    (B, T, in_features)); gated: m's rows are gate and up side by side, Y silu(gate) * up; quantized_sums
+    the attribute (None: absent, as in the exports before it, which means 0)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -350,12 +352,15 @@ def w4a8_model(m, dtype: str = "float32", x_shape=None, gated: bool = False, bod
 
     F = ops.ONNX_DTYPE[dtype]
     body_gated = gated if body_gated is None else body_gated  # (a node the library must refuse: its body differs)
-    fn = ops.quant_matmul_w4a8_function(m.in_features, m.out_features, dtype, body_gated)
+    fn = ops.quant_matmul_w4a8_function(m.in_features, m.out_features, dtype, body_gated, bool(quantized_sums))
     inits = [numpy_helper.from_array(m.codes.numpy().astype(np.int32), "codes"),
              numpy_helper.from_array(m.group_scales().float().numpy().astype(np.float16), "scales"),
              numpy_helper.from_array(m.group_mins().float().numpy().astype(np.float16), "mins")]
     node = ops.node("QuantMatMulW4A8", ["X", "codes", "scales", "mins"], ["Y"], "w4a8", fn.overload,
-                    in_features=m.in_features, out_features=m.out_features, gated=int(gated))
+                    in_features=m.in_features, out_features=m.out_features, gated=int(gated),
+                    quantized_sums=int(quantized_sums or 0))
+    if quantized_sums is None:  # a node as written before the attribute
+        node.attribute.remove(next(a for a in node.attribute if a.name == "quantized_sums"))
     graph = helper.make_graph([node], "w4a8", [helper.make_tensor_value_info("X", F, x_shape or ["B", "T", m.in_features])],
                               [helper.make_tensor_value_info("Y", F, ["B", "T", m.out_features // (2 if body_gated else 1)])],
                               inits)
@@ -367,10 +372,10 @@ def w4a8_model(m, dtype: str = "float32", x_shape=None, gated: bool = False, bod
     return model, sess
 
 
-def int8_product(m, x: np.ndarray) -> np.ndarray:
+def int8_product(m, x: np.ndarray, quantized_sums: bool = True) -> np.ndarray:
     """The op's arithmetic in float64, written independently of the body: x quantized per block of 32
     columns (dx = max|x| / 127, codes rounded half to even), integer code sums times scale * dx, plus
-    the min times the block's plain sum of x."""
+    the min times the block's sum: of the codes times dx (quantized_sums) or of x itself."""
     from shrinkrt.runtime.packing import unpack_bits
 
     K, G = m.in_features, -(-m.in_features // 32)
@@ -384,29 +389,62 @@ def int8_product(m, x: np.ndarray) -> np.ndarray:
     xq = np.rint(xb * inv[..., None]).astype(np.float64)
     isum = np.einsum("rgi,ngi->rng", xq, q)
     y = (isum * s[None] * (amax / np.float32(127)).astype(np.float64)[:, None]).sum(-1)
-    y += (xb.sum(-1, dtype=np.float64)[:, None] * mn[None]).sum(-1)
+    sums = xq.sum(-1) * (amax / np.float32(127)).astype(np.float64) if quantized_sums else xb.sum(-1, dtype=np.float64)
+    y += (sums[:, None] * mn[None]).sum(-1)
     return y.reshape(*x.shape[:-1], -1)
 
 
 @pytest.mark.parametrize("K", [40, 200, 576, 1536])
 @pytest.mark.parametrize("param_bits", [16, 8])
-def test_w4a8_library_and_body_compute_the_int8_product(K, param_bits):
+@pytest.mark.parametrize("quantized_sums", [1, None])
+def test_w4a8_library_and_body_compute_the_int8_product(K, param_bits, quantized_sums):
     """4-bit group-32 layers with mins (fp16 or 8-bit params; K not a multiple of 32, of 64 or of 256; an
     odd N): library and body both give the int8-activation product to fp32 rounding, at 1 row (the
     decode path), 3 and 10 rows (weight rows unpacked once, tiles of 4 rows plus the rest), a row of
-    zeros among them; and they stay within int8 activation rounding of the fp32 reference."""
+    zeros among them; and they stay within int8 activation rounding of the fp32 reference. Both forms of
+    the min's block sum: the int8 block's (quantized_sums = 1) and x's own (the attribute absent)."""
     from tests.test_export_ops import quant_layer
 
     m = quant_layer(37, K, 4, 32, 0, seed=K + param_bits, mins=True, param_bits=param_bits)
-    _, sess = w4a8_model(m)
+    _, sess = w4a8_model(m, quantized_sums=quantized_sums)
     for T in (1, 3, 10):
         x = torch.randn(1, T, K, generator=torch.Generator().manual_seed(T)).numpy()
         x[0, T // 2, :32] = 0.0  # an all-zero block: dx = 0, no NaN
         lib, body = (sess[k].run(None, {"X": x})[0] for k in ("library", "body"))
-        exact, ref = int8_product(m, x), m(torch.from_numpy(x)).detach().numpy()
+        exact, ref = int8_product(m, x, bool(quantized_sums)), m(torch.from_numpy(x)).detach().numpy()
         for got in (lib, body):
             assert np.abs(got - exact).max() < 1e-5 * np.abs(exact).max(), (T, np.abs(got - exact).max())
         assert 1e-4 < np.abs(lib - ref).max() / np.abs(ref).max() < 5e-2  # int8 activations: close, not equal
+
+
+def test_w4a8_quantized_sums_are_the_dequantized_product():
+    """quantized_sums = 1 is exactly the dequantized weight times the dequantized int8 activations (float64
+    from the stored tensors; 1 row, the decode path, and 40), and over 40 rows it is ~2.4x closer to the
+    fp32 product than the plain sums (measured 2.4x on Gaussian rows, also with an outlier column per
+    block): the codes' q * s is uncentred (0..15 s), and only a min term that sees the same rounding
+    cancels its share of the error."""
+    from shrinkrt.runtime.packing import unpack_bits
+    from tests.test_export_ops import quant_layer
+
+    K = 576
+    m = quant_layer(64, K, 4, 32, 0, seed=5, mins=True)
+    q = unpack_bits(m.codes, 4, K).numpy().astype(np.float64).reshape(64, K // 32, 32)
+    s, mn = (t.float().numpy().astype(np.float64)[..., None] for t in (m.group_scales(), m.group_mins()))
+    w = (q * s + mn).reshape(64, K)  # the dequantized weight
+    sess = {qs: w4a8_model(m, quantized_sums=qs)[1]["library"] for qs in (1, None)}
+    for rows, outlier in ((1, False), (40, False), (40, True)):
+        x = torch.randn(1, rows, K, generator=torch.Generator().manual_seed(9)).numpy()
+        if outlier:  # hidden states' few large channels: one per block
+            x[..., ::32] *= 40
+        xb = x.reshape(rows, K // 32, 32)
+        amax = np.abs(xb).max(-1, keepdims=True)
+        xd = (np.rint(xb * (np.float32(127) / amax)) * (amax / np.float32(127)).astype(np.float64)).reshape(rows, K)
+        fp32 = x.reshape(rows, K).astype(np.float64) @ w.T
+        got = {qs: sess[qs].run(None, {"X": x})[0].reshape(rows, -1).astype(np.float64) for qs in sess}
+        assert np.abs(got[1] - xd @ w.T).max() < 1e-5 * np.abs(fp32).max(), rows
+        if rows > 1:
+            err = {qs: np.linalg.norm(g - fp32) / np.linalg.norm(fp32) for qs, g in got.items()}
+            assert err[1] < 0.6 * err[None], (outlier, err)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -113,6 +113,8 @@ char const* checkW4A8(W4A8Shape const& s)
         return "in_features and out_features must be >= 1";
     if (s.gated != 0 && s.gated != 1)
         return "gated must be 0 or 1";
+    if (s.quantizedSums != 0 && s.quantizedSums != 1)
+        return "quantized_sums must be 0 or 1";
     return s.gated && s.outFeatures % 2 ? "gated needs an even out_features (gate and up side by side)" : "";
 }
 

@@ -2,7 +2,7 @@
 //
 // The main job's layers are 4-bit codes with a min per group of 32 (w = q * s + m, the source GGUF's
 // Q4_1). For them a row's dot product with an activation row x is, per block b of 32 columns,
-//     s_b * dx_b * sum_i q_i * xq_i  +  m_b * sum_i x_i
+//     s_b * dx_b * sum_i q_i * xq_i  +  m_b * dx_b * sum_i xq_i   (quantized_sums = 1; 0: m_b * sum_i x_i)
 // with x quantized to int8 per block (xq = round(x / dx), dx = max|x| / 127; MatMulNBits' accuracy_level
 // 4 does the same). The integer sums are unsigned-nibble x signed-byte multiply-adds (vpmaddubsw), 64
 // columns (two blocks) per pair of instructions, and the step reads 4 + 1 bits per weight (codes, fp16
@@ -97,7 +97,10 @@ inline void round32(float const* v, float inv, int32_t* code)
 #endif
 }
 
-void quantizeRow(float const* x, int64_t K, QuantizedRows& a, int64_t r)
+// quantizedSums: a block's sum is dx * (the sum of its codes), the min then meets the dequantized
+// activations as the codes do (a Q4_1 weight's q * s is uncentred, 0..15 s: its product with the int8
+// rounding error is the larger part, which the min's term cancels only when it sees the same xq)
+void quantizeRow(float const* x, int64_t K, QuantizedRows& a, int64_t r, bool quantizedSums)
 {
     int8_t* q = a.q.data() + r * a.pairs * kPairBytes;
     float* dx = a.dx.data() + r * a.padded;
@@ -113,9 +116,17 @@ void quantizeRow(float const* x, int64_t K, QuantizedRows& a, int64_t r)
         float const amax = absMax32(v);
         float const inv = amax > 0.f ? kCodeMax / amax : 0.f;
         dx[b] = amax / kCodeMax;
-        sum[b] = sum32(v);
         int32_t code[kBlock];
         round32(v, inv, code);
+        if (quantizedSums)
+        {
+            int32_t codeSum = 0;
+            for (int i = 0; i < kBlock; ++i)
+                codeSum += code[i];
+            sum[b] = dx[b] * static_cast<float>(codeSum);
+        }
+        else
+            sum[b] = sum32(v);
         int8_t* even = q + (b / 2) * kPairBytes + (b % 2) * (kBlock / 2);
         int8_t* odd = even + kBlock;
         for (int i = 0; i < kBlock / 2; ++i)
@@ -318,7 +329,7 @@ void product(W4A8Shape const& s, W4A8IO const& io, ParallelFor const& parallel)
     int64_t const quantItems = std::min<int64_t>(M, 64);
     parallel(static_cast<size_t>(quantItems), [&](size_t item) {
         for (int64_t r = item; r < M; r += quantItems)
-            quantizeRow(io.x + r * K, K, rows, r);
+            quantizeRow(io.x + r * K, K, rows, r, s.quantizedSums != 0);
     });
     int64_t const G = a.blocks, rowBytes = G * 16;
     auto const* codes = reinterpret_cast<uint8_t const*>(io.codes);

@@ -13,10 +13,10 @@ namespace cpu
 {
 
 // The op's attributes and the call's activation rows (B*T). gated: y = silu(p[:, :N/2]) * p[:, N/2:] of
-// the product p, (rows, N/2).
+// the product p, (rows, N/2). quantizedSums: the min meets dx * sum(xq) of a block (1) or sum(x) (0).
 struct W4A8Shape
 {
-    int32_t inFeatures, outFeatures, gated;
+    int32_t inFeatures, outFeatures, gated, quantizedSums;
     int64_t rows;
 };
 

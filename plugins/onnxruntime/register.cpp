@@ -329,11 +329,12 @@ struct W4A8Kernel
     explicit W4A8Kernel(OrtKernelInfo const* info)
     {
         Ort::ConstKernelInfo ki(info);
-        int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures, &mShape.gated};
+        int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures, &mShape.gated, &mShape.quantizedSums};
         static_assert(sizeof fields / sizeof *fields == w4a8::kNbAttributes);
         for (int i = 0; i < w4a8::kNbAttributes; ++i)
         {
-            if (std::string(w4a8::kAttributes[i]) == "gated" && !hasAttribute(ki, "gated"))
+            std::string const name = w4a8::kAttributes[i];
+            if ((name == "gated" || name == "quantized_sums") && !hasAttribute(ki, name.c_str()))
                 continue; // exports from before the attribute: 0
             *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(w4a8::kAttributes[i]));
         }
