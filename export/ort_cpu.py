@@ -133,12 +133,14 @@ def quant_matmul_w4a8(g, b, x: str, mods, path: str, module_names: list[str] | N
     scales = np.concatenate([m.group_scales().float().numpy() for m in mods]).astype(np.float16)
     mins = np.concatenate([m.group_mins().float().numpy() for m in mods]).astype(np.float16)
     assert not gated or (len(mods) == 2 and mods[0].out_features == mods[1].out_features)
-    fn = ops.quant_matmul_w4a8_function(K, N, g.dtype, gated, quantized_sums=True)
+    quantized_sums = True
+    fn = ops.quant_matmul_w4a8_function(K, N, g.dtype, gated, quantized_sums)
     g.functions[f"{fn.name}/{fn.overload}"] = fn
     inputs = [g.weight(f"{path}.codes", codes), g.weight(f"{path}.scales", scales), g.weight(f"{path}.mins", mins)]
     y = f"{path}/y"
     g.nodes.append(ops.node("QuantMatMulW4A8", [x, *inputs], [y], f"{path}/QuantMatMulW4A8", fn.overload,
-                            in_features=K, out_features=N, gated=int(gated), quantized_sums=1))
+                            in_features=K, out_features=N, gated=int(gated),
+                            quantized_sums=int(quantized_sums)))
     nbytes = codes.nbytes + scales.nbytes + mins.nbytes
     for m, name in zip(mods, module_names or [path]):
         g.stats.setdefault("matmul_nbits", []).append({"name": name, "op": "QuantMatMulW4A8", "bits": m.bits,

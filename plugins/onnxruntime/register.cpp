@@ -331,11 +331,13 @@ struct W4A8Kernel
         Ort::ConstKernelInfo ki(info);
         int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures, &mShape.gated, &mShape.quantizedSums};
         static_assert(sizeof fields / sizeof *fields == w4a8::kNbAttributes);
+        // in_features and out_features came with the op; every attribute after them was added later, so an
+        // export from before it has none: 0
+        constexpr int kFirstAdded = 2;
         for (int i = 0; i < w4a8::kNbAttributes; ++i)
         {
-            std::string const name = w4a8::kAttributes[i];
-            if ((name == "gated" || name == "quantized_sums") && !hasAttribute(ki, name.c_str()))
-                continue; // exports from before the attribute: 0
+            if (i >= kFirstAdded && !hasAttribute(ki, w4a8::kAttributes[i]))
+                continue;
             *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(w4a8::kAttributes[i]));
         }
         char const* bad = cpu::checkW4A8(mShape);
