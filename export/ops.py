@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shrinkrt.runtime import kv_quant
 from shrinkrt.runtime.op_contract import DOMAIN, KEY_MODE, PLUGIN_VERSION, SCHEMAS  # noqa: F401 (re-exported)
-from shrinkrt.runtime.op_contract import ACT_BLOCK, ACT_CODE_MAX
+from shrinkrt.runtime.op_contract import (ACT_BLOCK, ACT_CODE_MAX, FEATURE_GROUP, QUERY_BITS, QUERY_BITS_MAX_TOKENS,
+                                          QUERY_CODE_MAX)
 
 OPSET = 21
 ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -214,9 +215,25 @@ def bi_branch_io(bits: int) -> tuple[list[str], list[str], list[str]]:
     return inputs, outputs, attrs
 
 
-def bi_branch_overload(num_heads, num_kv_heads, head_dim, window, rank_k, rank_v, bits, key_mode, dtype) -> str:
+def bi_branch_overload(num_heads, num_kv_heads, head_dim, window, rank_k, rank_v, bits, key_mode, dtype,
+                       query_bits: int = 0) -> str:
     return (f"h{num_heads}_g{num_kv_heads}_d{head_dim}_w{window}_rk{rank_k}_rv{rank_v}_b{bits}"
-            f"_{'post' if key_mode else 'pre'}_{dtype}")
+            f"_{'post' if key_mode else 'pre'}_{dtype}{f'_q{query_bits}' if query_bits else ''}")
+
+
+def _round_queries(b: Body, x: str, r: int) -> str:
+    """query_bits = 8: float32 (..., r) folded queries -> their int8 codes times their scales, symmetric per
+    FEATURE_GROUP ranks: round(x * QUERY_CODE_MAX / amax) * (amax / QUERY_CODE_MAX) (op_contract.QUERY_BITS)."""
+    ng = -(-r // FEATURE_GROUP)
+    pad = ng * FEATURE_GROUP - r
+    xp = x if not pad else b("Pad", x, b.const([0, 0, 0, 0, 0, 0, 0, pad], np.int64))
+    grouped = b("Reshape", xp, b.const([0, 0, 0, ng, FEATURE_GROUP], np.int64))
+    amax = b("ReduceMax", b("Abs", grouped), b.const([-1], np.int64), keepdims=1)
+    code_max = b.const(np.float32(QUERY_CODE_MAX))
+    inv = b("Where", b("Greater", amax, b.const(np.float32(0))), b("Div", code_max, amax), b.const(np.float32(0)))
+    rounded = b("Mul", b("Round", b("Mul", grouped, inv)), b("Div", amax, code_max))
+    flat = b("Reshape", rounded, b.const([0, 0, 0, ng * FEATURE_GROUP], np.int64))
+    return flat if not pad else b("Slice", flat, b.const([0], np.int64), b.const([r], np.int64), b.const([3], np.int64))
 
 
 # int4 features: a stored byte is two two's-complement nibbles, low nibble = even feature.
@@ -292,9 +309,18 @@ def _dequantize_features(b: Body, codes: str, scales: str | None, r: int, bits: 
     return b("Slice", full, b.const([0], np.int64), b.const([r], np.int64), b.const([2], np.int64))
 
 
+def _check_query_bits(query_bits: int, key_mode: int) -> None:
+    if query_bits not in QUERY_BITS:
+        raise ValueError(f"query_bits must be one of {QUERY_BITS}, got {query_bits}")
+    if query_bits and key_mode != KEY_MODE["post-rope"]:
+        raise ValueError("query_bits 8 rounds the post-RoPE folded queries: key_mode must be post-rope")
+
+
 def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
-                       bits: int, key_mode: int, dtype: str = "float32") -> onnx.FunctionProto:
-    """Reference body of BiBranchAttention for one configuration (docs/ops.md)."""
+                       bits: int, key_mode: int, dtype: str = "float32", query_bits: int = 0) -> onnx.FunctionProto:
+    """Reference body of BiBranchAttention for one configuration (docs/ops.md); query_bits: the self
+    form's attribute (BiBranchSelfAttention inlines this body), 0 for BiBranchAttention itself."""
+    _check_query_bits(query_bits, key_mode)
     H, G, D, W, F = num_heads, num_kv_heads, head_dim, window, ONNX_DTYPE[dtype]
     rep = H // G
     b = Body("")
@@ -345,7 +371,11 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
     else:
         up = b("Transpose", b("Reshape", f32("k_up"), i64(rank_k, G, D)), perm=[1, 2, 0])  # (G, D, r)
         up = b("Reshape", b("Expand", b("Unsqueeze", up, i64(1)), i64(G, rep, D, rank_k)), i64(H, D, rank_k))
-        s_comp = mm(mm(q, up), b("Unsqueeze", b("Transpose", ck, perm=[0, 2, 1]), one))
+        qf = mm(q, up)  # (B, H, T, r): the queries folded through their KV head's k_up
+        if query_bits:  # a short call dots the features with int8 queries (op_contract.QUERY_BITS)
+            short = b("LessOrEqual", T, b.const([QUERY_BITS_MAX_TOKENS], np.int64))
+            qf = b("Where", short, _round_queries(b, qf, rank_k), qf)
+        s_comp = mm(qf, b("Unsqueeze", b("Transpose", ck, perm=[0, 2, 1]), one))
     jpos = b("Range", b.const(np.int64(0)), b("Squeeze", E, zero), b.const(np.int64(1)))  # (E,)
     limit = b("Sub", b("Unsqueeze", qpos, one), b.const(np.int64(W)))  # (T, 1): p - W
     ok_comp = b("LessOrEqual", b("Unsqueeze", jpos, zero), limit)  # (T, E)
@@ -392,7 +422,7 @@ def bi_branch_function(num_heads: int, num_kv_heads: int, head_dim: int, window:
         b.nodes.append(helper.make_node("Identity", [outs[name]], [name], name=f"out_{name}"))
     fn = helper.make_function(DOMAIN, "BiBranchAttention", inputs, outputs, b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=attrs)
-    fn.overload = bi_branch_overload(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
+    fn.overload = bi_branch_overload(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype, query_bits)
     return fn
 
 
@@ -405,11 +435,11 @@ def bi_branch_self_io(bits: int) -> tuple[list[str], list[str], list[str]]:
 
 
 def bi_branch_self_function(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
-                            bits: int, key_mode: int, dtype: str = "float32") -> onnx.FunctionProto:
+                            bits: int, key_mode: int, dtype: str = "float32", query_bits: int = 0) -> onnx.FunctionProto:
     """Reference body of BiBranchSelfAttention (docs/ops.md): RoPE on q and k at positions past_length..,
     the new tokens' features (pre-RoPE c_k = x @ k_down; post-RoPE c_k = fp16(RoPE(k)) @ k_down, the key
     as the ring stores it; c_v = x @ v_down), then the BiBranchAttention node of the same configuration
-    (its body, inlined)."""
+    (its body, inlined; query_bits = 8 with int8 folded queries in calls of <= QUERY_BITS_MAX_TOKENS tokens)."""
     H, G, D, F = num_heads, num_kv_heads, head_dim, ONNX_DTYPE[dtype]
     b = Body("")
     i64 = lambda *v: b.const(list(v), np.int64)
@@ -434,7 +464,7 @@ def bi_branch_self_function(num_heads: int, num_kv_heads: int, head_dim: int, wi
     c_v = b("MatMul", "x", factor["v_down"])
     # then BiBranchAttention's own body on them, its internal names under "attention/" (ONNX Runtime does
     # not resolve a model-local function called from inside another one)
-    inner = bi_branch_function(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype)
+    inner = bi_branch_function(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype, query_bits)
     feeds = {"q": q, "k": k, "c_k": c_k, "c_v": c_v, "k_up": factor["k_up"], "v_up": factor["v_up"]}
     keep = (set(inner.input) | set(inner.output) | {""}) - set(feeds)
     rename = lambda v: v if v in keep else feeds.get(v, f"attention/{v}")  # noqa: E731
@@ -448,25 +478,34 @@ def bi_branch_self_function(num_heads: int, num_kv_heads: int, head_dim: int, wi
     inputs, outputs, attrs = bi_branch_self_io(bits)
     fn = helper.make_function(DOMAIN, "BiBranchSelfAttention", inputs, outputs, b.nodes,
                               [helper.make_opsetid("", OPSET)], attributes=attrs)
-    fn.overload = bi_branch_overload(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype)
+    fn.overload = bi_branch_overload(H, G, D, window, rank_k, rank_v, bits, key_mode, dtype, query_bits)
     return fn
 
 
 def bi_branch_model(num_heads: int, num_kv_heads: int, head_dim: int, window: int, rank_k: int, rank_v: int,
                     bits: int, key_mode: int, dtype: str = "float32", hidden: int | None = None,
-                    factor_dtype: str | None = None, down_dtype: str | None = None) -> onnx.ModelProto:
+                    factor_dtype: str | None = None, down_dtype: str | None = None,
+                    query_bits: int | None = None) -> onnx.ModelProto:
     """One BiBranchAttention node and its body as a whole model (tests, benchmarks/ort_ops.py):
     batch B, call length T and store rows S symbolic. factor_dtype / down_dtype (the self form only):
-    the type of k_up, v_up / of k_down, v_down if not the activations' (down_dtype: factor_dtype's)."""
+    the type of k_up, v_up / of k_down, v_down if not the activations' (down_dtype: factor_dtype's);
+    query_bits (the self form only): the node's attribute, None = absent (a node written before it)."""
     H, G, D, W, F = num_heads, num_kv_heads, head_dim, window, ONNX_DTYPE[dtype]
     fn = bi_branch_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype)
     functions = [fn]
     op, (ins, outs, _) = "BiBranchAttention", bi_branch_io(bits)
+    extra = {}
     if hidden is not None:  # the self-attention form: x of `hidden` features and the down projections
-        functions.append(bi_branch_self_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype))
+        fn = bi_branch_self_function(H, G, D, W, rank_k, rank_v, bits, key_mode, dtype, query_bits or 0)
+        functions.append(fn)
         op, (ins, outs, _) = "BiBranchSelfAttention", bi_branch_self_io(bits)
+        extra = {"query_bits": query_bits or 0}
+    elif query_bits is not None:
+        raise ValueError("query_bits is for the self-attention form (hidden=...)")
     n = node(op, ins, outs, "attn", fn.overload, num_heads=H, num_kv_heads=G, head_dim=D,
-             window=W, rank_k=rank_k, rank_v=rank_v, bits=bits, key_mode=key_mode)
+             window=W, rank_k=rank_k, rank_v=rank_v, bits=bits, key_mode=key_mode, **extra)
+    if hidden is not None and query_bits is None:
+        n.attribute.remove(next(a for a in n.attribute if a.name == "query_bits"))
     fdt = TensorProto.FLOAT16 if bits == 16 else TensorProto.INT8
     width = lambda r: r if bits != 4 else (r + 1) // 2
     groups = kv_quant.n_groups

@@ -37,16 +37,27 @@ SCHEMAS = {
         ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_v_new", "feat_k_scales_new", "feat_v_scales_new"],
         ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"]),
     # BiBranchAttention from the layer's own projections (the ort-cpu graph; the CPU library): q and k
-    # before RoPE and x, the normed hidden state, instead of rotated q/k and the features c_k/c_v
+    # before RoPE and x, the normed hidden state, instead of rotated q/k and the features c_k/c_v.
+    # query_bits (added later: absent = 0): 8 = post-RoPE, a call of at most QUERY_BITS_MAX_TOKENS tokens
+    # dots the feature keys with its folded queries rounded to int8 (QUERY_BITS below); 0 = fp32
     "BiBranchSelfAttention": (
         ["q", "k", "v", "x", "k_down", "v_down", "win_k", "win_v", "feat_k", "feat_v", "k_up", "v_up", "k_bias",
          "v_bias", "rope_cos", "rope_sin", "past_length", "feat_k_scales", "feat_v_scales"],
         ["y", "win_k_out", "win_v_out", "feat_k_new", "feat_v_new", "feat_k_scales_new", "feat_v_scales_new"],
-        ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode"]),
+        ["num_heads", "num_kv_heads", "head_dim", "window", "rank_k", "rank_v", "bits", "key_mode", "query_bits"]),
 }
 # inputs / outputs a 16-bit feature branch leaves off the end (the scales)
 UNSCALED_DROP = 2
 KEY_MODE = {"pre-rope": 0, "post-rope": 1}
+
+# BiBranchSelfAttention's query_bits: 0, or 8 = post-RoPE, the queries folded through k_up (one row of
+# rank_k per query head) rounded symmetrically per FEATURE_GROUP ranks, q = round(x * QUERY_CODE_MAX / amax)
+# with the scale amax / QUERY_CODE_MAX (what llama.cpp does to the query before its dot with a quantized
+# key: one int8 byte product per rank instead of an fp32 one), in calls of at most QUERY_BITS_MAX_TOKENS
+# tokens (decode steps, short chunks); longer calls (prefill) keep fp32 queries.
+QUERY_BITS = (0, 8)
+QUERY_CODE_MAX = 127
+QUERY_BITS_MAX_TOKENS = 16
 
 # Feature store (BiBranchAttention at 8/4 bits): symmetric per token, one FP16 scale per FEATURE_GROUP
 # consecutive features; int4 codes two per byte, low nibble = even feature.
@@ -111,6 +122,8 @@ def cpp_header() -> str:
            + "};",
            f"constexpr int32_t kActBlock = {ACT_BLOCK};",
            f"constexpr int32_t kActCodeMax = {ACT_CODE_MAX};",
+           f"constexpr int32_t kQueryCodeMax = {QUERY_CODE_MAX};",
+           f"constexpr int64_t kQueryBitsMaxTokens = {QUERY_BITS_MAX_TOKENS};",
            f"constexpr int64_t kRankPad = {RANK_PAD};",
            f"constexpr int64_t kSplitsPad = {SPLITS_PAD};",
            f"constexpr int64_t kMinSplit = {MIN_SPLIT};",

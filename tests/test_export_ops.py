@@ -113,10 +113,10 @@ def test_quant_matmul_attributes_are_int32_and_plugin_tagged():
     assert attrs["has_mins"] == 1 and n.domain == "shrinkrt" and n.op_type == "QuantMatMul"
 
 
-def bi_branch_model(attn, cfg, dtype="float32", hidden=None, factor_dtype=None, down_dtype=None):
+def bi_branch_model(attn, cfg, dtype="float32", hidden=None, factor_dtype=None, down_dtype=None, query_bits=None):
     model = ops.bi_branch_model(attn.n_heads, attn.n_kv_heads, attn.head_dim, cfg.window, attn.k_down.shape[1],
                                 attn.v_down.shape[1], cfg.bits, ops.KEY_MODE[cfg.key_mode], dtype, hidden,
-                                factor_dtype, down_dtype)
+                                factor_dtype, down_dtype, query_bits)
     onnx.checker.check_model(model, full_check=True)
     return model
 

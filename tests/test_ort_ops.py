@@ -88,18 +88,20 @@ def layer_for(shape: str, key_mode: str, bits: int, capacity: int, seed: int = 0
     return model, a, cfg, layer
 
 
-def run_calls(shape, key_mode, bits, chunks, capacity, self_form=False, factors=None, downs=None, profile=None):
+def run_calls(shape, key_mode, bits, chunks, capacity, self_form=False, factors=None, downs=None, profile=None,
+              query_bits=None):
     """Feeds the same layer inputs to the op (body and library sessions) and to CSKVAttention; returns
     the largest |y diff| of each implementation vs the runtime, and the stores each one built.
     self_form: the BiBranchSelfAttention node (q/k before RoPE, x and the down projections); factors /
     downs: "float16" feeds its k_up, v_up / k_down, v_down as fp16 (downs: factors' unless given);
-    profile: a path prefix for the library session's ONNX Runtime profile."""
+    profile: a path prefix for the library session's ONNX Runtime profile; query_bits: the self form's
+    attribute (None: absent)."""
     from tests.conftest import bibranch_call_inputs
 
     model, a, cfg, layer = layer_for(shape, key_mode, bits, capacity)
     layer.setup_cache(1, capacity, torch.float32, "cpu")
     proto = bi_branch_model(layer, cfg, hidden=a.q_proj.weight.shape[1] if self_form else None,
-                            factor_dtype=factors, down_dtype=downs).SerializeToString()
+                            factor_dtype=factors, down_dtype=downs, query_bits=query_bits).SerializeToString()
     opts = sessions()
     if profile:
         opts["library"].enable_profiling = True
@@ -208,6 +210,84 @@ def test_self_form_with_fp16_factors(downs, key_mode, bits, tmp_path):
     else:
         tol = 1e-3 if bits == 16 else (1e-2 if key_mode == "post-rope" else 6e-2)
         assert worst["body"] < tol and worst["library"] < tol, worst
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_int8_queries_library_matches_body(shape, bits):
+    """query_bits = 8 (the ort-cpu export's post-RoPE default): decode steps and short chunks (<= 16
+    tokens) dot the feature keys with int8 folded queries, longer calls with fp32 ones. The library (one
+    byte product per rank for int4 keys, the fp32 tiles for this call's rows and other widths) matches
+    the body call by call; the rounding is visible (y moves from the fp32 queries' by more than the
+    library-vs-body gap) but small; the stores are the fp32 form's byte for byte (queries are not stored)."""
+    W = SHAPES[shape][2]
+    chunks = [W - 2, 1, 1, 1, W + 3, 1, 17, 1, 16, 1]  # 17: fp32 queries; 16 and below: int8
+    cap = max(64, sum(chunks) + 1)
+    worst, state, cache, n = run_calls(shape, "post-rope", bits, chunks, cap, self_form=True, query_bits=8)
+    # the self form computes its features and folds its queries in its own summation order, so a value
+    # within fp32 rounding of a code boundary may land on the next code (one step; measured <= 1.1e-4)
+    assert worst["library_vs_body"] < 5e-4, worst
+    fp32, state32, _, _ = run_calls(shape, "post-rope", bits, chunks, cap, self_form=True, query_bits=0)
+    assert fp32["library_vs_body"] < 5e-4, fp32
+    assert worst["body"] > 10 * worst["library_vs_body"] and worst["body"] > fp32["body"], (worst, fp32)
+    assert worst["body"] < 3e-2 and worst["library"] < 3e-2, worst  # vs the runtime's fp32 queries
+    for key in state["library"]:
+        assert np.array_equal(state["library"][key], state32["library"][key]), key
+
+
+def test_int8_queries_are_rounded_per_group_of_ranks():
+    """The body's rounding (export/ops.py) is the contract's: per FEATURE_GROUP ranks (the last group
+    partial), codes round(x * 127 / amax) (ties to even) times amax / 127; an all-zero group stays 0."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from shrinkrt.export import ops
+    from shrinkrt.runtime.op_contract import FEATURE_GROUP, QUERY_CODE_MAX
+
+    r = 2 * FEATURE_GROUP + 8
+    b = ops.Body("")
+    out = ops._round_queries(b, "x", r)
+    b.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    graph = helper.make_graph(b.nodes, "round", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, r])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, r])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET)])
+    model.ir_version = 10
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, r)).astype(np.float32)
+    x[0, 1, 2, :FEATURE_GROUP] = 0
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for g0 in range(0, r, FEATURE_GROUP):
+        v = x[..., g0:g0 + FEATURE_GROUP]
+        amax = np.abs(v).max(-1, keepdims=True)
+        inv = np.where(amax > 0, np.float32(QUERY_CODE_MAX) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        want = np.round(v * inv) * (amax / np.float32(QUERY_CODE_MAX))
+        np.testing.assert_array_equal(y[..., g0:g0 + FEATURE_GROUP], want.astype(np.float32))
+        assert np.all(np.abs(y[..., g0:g0 + FEATURE_GROUP] - v) <= amax / (2 * QUERY_CODE_MAX) * 1.0001)
+    assert np.all(y[0, 1, 2, :FEATURE_GROUP] == 0)
+
+
+def test_bad_query_bits_are_one_line():
+    """The library refuses a query_bits it does not implement, and int8 queries with pre-RoPE keys
+    (there is no folded query to round), in one line at session creation."""
+    import onnx
+
+    model, a, cfg, layer = layer_for("smollm2", "post-rope", 4, 64)
+    for key_mode, value, msg in (("post-rope", 5, "query_bits must be 0 or 8"),
+                                 ("pre-rope", 8, "query_bits 8 needs key_mode 1")):
+        proto = bi_branch_model(layer, cfg, hidden=a.q_proj.weight.shape[1], query_bits=0)
+        node = proto.graph.node[0]
+        for at in node.attribute:
+            if at.name == "query_bits":
+                at.i = value
+            if at.name == "key_mode":
+                at.i = ops_key_mode(key_mode)
+        with pytest.raises(Exception, match=f"shrinkrt::BiBranchSelfAttention: {msg}"):
+            ort.InferenceSession(proto.SerializeToString(), sessions()["library"], providers=["CPUExecutionProvider"])
+
+
+def ops_key_mode(name: str) -> int:
+    from shrinkrt.export import ops
+
+    return ops.KEY_MODE[name]
 
 
 def assert_stores_close(state, cache, n, bits):

@@ -464,14 +464,36 @@ constexpr int kMaxIntGroups = 32; // ranks <= 1024 (more: the fp32 path)
 struct IntQueries
 {
     int groups = 0; // ceil(r_k / kGroup); a group is 4 chunks (the last one's padding: q = 0)
+    int nDigits = 3; // 3: q to 22 bits (the op's fp32 product); 1: q is the int8 query itself (query_bits = 8)
     std::vector<int32_t> digits; // (rows, 4 * groups, 6): per chunk the bytes h, m, l of the even ranks, then the odd
     std::vector<float> scales; // (rows, groups)
     std::vector<int32_t> excess; // (rows, groups): 8 * sum(q)
 };
 
-void quantizeQueries(float const* qf, int64_t rows, int RK, IntQueries& out)
+// query_bits = 8: each row of r folded query values rounded in place to its int8 codes times their
+// scale, per group of kGroup ranks (the contract's form: what the fp32 tiles dot and what
+// quantizeQueries' one digit reproduces exactly)
+void roundQueries(float* qf, int64_t rows, int r)
+{
+    for (int64_t x = 0; x < rows; ++x)
+        for (int g0 = 0; g0 < r; g0 += kGroup)
+        {
+            float* v = qf + x * r + g0;
+            int const n = std::min(kGroup, r - g0);
+            float amax = 0.f;
+            for (int i = 0; i < n; ++i)
+                amax = std::max(amax, std::fabs(v[i]));
+            float const codeMax = static_cast<float>(contract::kQueryCodeMax);
+            float const inv = amax > 0.f ? codeMax / amax : 0.f, scale = amax / codeMax;
+            for (int i = 0; i < n; ++i)
+                v[i] = std::nearbyint(v[i] * inv) * scale;
+        }
+}
+
+void quantizeQueries(float const* qf, int64_t rows, int RK, int queryBits, IntQueries& out)
 {
     int const groups = out.groups = static_cast<int>(nGroups(RK));
+    out.nDigits = queryBits == 8 ? 1 : 3;
     out.digits.assign(static_cast<size_t>(rows) * groups * 24, 0);
     out.scales.resize(static_cast<size_t>(rows) * groups);
     out.excess.resize(static_cast<size_t>(rows) * groups);
@@ -483,7 +505,8 @@ void quantizeQueries(float const* qf, int64_t rows, int RK, IntQueries& out)
             float amax = 0.f;
             for (int i = 0; i < n; ++i)
                 amax = std::max(amax, std::fabs(v[i]));
-            constexpr float kQMax = 2097151.f; // 2^21 - 1
+            // one digit: the contract's int8 query (contract::kQueryCodeMax, as the body rounds it); three: 2^21 - 1
+            float const kQMax = out.nDigits == 1 ? static_cast<float>(contract::kQueryCodeMax) : 2097151.f;
             float const inv = amax > 0.f ? kQMax / amax : 0.f;
             int32_t q[kGroup] = {}, sum = 0;
             for (int i = 0; i < n; ++i)
@@ -496,8 +519,9 @@ void quantizeQueries(float const* qf, int64_t rows, int RK, IntQueries& out)
                     for (int odd = 0; odd < 2; ++odd)
                     {
                         int32_t const e = q[8 * c + 2 * k + odd];
-                        uint32_t const digit[3] = {static_cast<uint8_t>(e >> 14), static_cast<uint32_t>((e >> 7) & 127),
-                            static_cast<uint32_t>(e & 127)};
+                        uint32_t const digit[3] = {static_cast<uint8_t>(out.nDigits == 1 ? e : e >> 14),
+                            out.nDigits == 1 ? 0u : static_cast<uint32_t>((e >> 7) & 127),
+                            out.nDigits == 1 ? 0u : static_cast<uint32_t>(e & 127)};
                         for (int i = 0; i < 3; ++i)
                             d[6 * c + 3 * odd + i] |= static_cast<int32_t>(digit[i] << (8 * k));
                     }
@@ -567,6 +591,34 @@ void intKeyScores(int8_t const* codes, int64_t ck, uint16_t const* scales, int64
                 odd[c] = (u >> 4) & 0x0F0F0F0F; // (arithmetic shift: the top byte's sign bits masked off)
             }
             Vec const rs = loadVec(rowScales + g * kLanes);
+            if (q.nDigits == 1) // the int8 query: 8 dot products a row; 3 rows at a time, even and odd ranks in
+            {                    // their own chains (6 chains of 4 hide the instruction's latency), the excess
+                constexpr int XR1 = 3; // taken off at the start
+                for (int64_t x = x0; x < x0 + nx; x += XR1)
+                {
+                    int const xr = static_cast<int>(std::min<int64_t>(XR1, x0 + nx - x));
+                    IVec acc[XR1][2];
+                    for (int r = 0; r < XR1; ++r)
+                    {
+                        int64_t const row = x + (r < xr ? r : 0);
+                        int32_t const* d = q.digits.data() + (row * groups + g) * 24;
+                        acc[r][0] = IVec{} - q.excess[row * groups + g];
+                        acc[r][1] = IVec{};
+                        for (int c = 0; c < 4; ++c)
+                        {
+                            acc[r][0] = dotBytes(acc[r][0], even[c], d[6 * c]);
+                            acc[r][1] = dotBytes(acc[r][1], odd[c], d[6 * c + 3]);
+                        }
+                    }
+                    for (int r = 0; r < xr; ++r)
+                    {
+                        Vec const part = __builtin_convertvector(acc[r][0] + acc[r][1], Vec) * (rs * q.scales[(x + r) * groups + g]);
+                        float* out = sc + (x + r - x0) * ldsc;
+                        storeVec(out, g == 0 ? part : loadVec(out) + part);
+                    }
+                }
+                continue;
+            }
             // XR query rows at a time, each digit's even and odd products in their own accumulators: 6 * XR
             // independent chains of 4 dot products hide the instruction's latency
             constexpr int XR = kLanes == 16 ? 2 : 1;
@@ -754,6 +806,10 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
             fold(0, B * T * H, r0, std::min<int64_t>(RK, r0 + kRanks));
         });
     }
+    // query_bits = 8 in a short call: the folded queries as their int8 codes times their scales
+    bool const int8Queries = qf && s.queryBits == 8 && T <= contract::kQueryBitsMaxTokens;
+    if (int8Queries)
+        roundQueries(qf, B * T * H, RK);
     float const* qFeat = qf ? qf : qd;
 
     // 4. attention: items (b, query block, split), each over every head: a feature row is shared by
@@ -946,7 +1002,7 @@ void biBranchAttention(BiBranchShape const& s, BiBranchIO const& io, ParallelFor
         }
         thread_local IntQueries intQ;
         if (intKeys)
-            quantizeQueries(qgf, static_cast<int64_t>(nh), RK, intQ);
+            quantizeQueries(qgf, static_cast<int64_t>(nh), RK, int8Queries ? 8 : 0, intQ);
         // feature rows of this split that the block's last query attends
         int64_t const blockRows = std::max<int64_t>(0, P + t1 - W);
         int64_t const lo = split * splitLen, hi = std::min(blockRows, lo + splitLen);

@@ -15,6 +15,7 @@ namespace cpu
 struct BiBranchShape
 {
     int32_t heads, kvHeads, headDim, window, rankK, rankV, bits, keyMode;
+    int32_t queryBits = 0; // BiBranchSelfAttention's query_bits (0 or 8; BiBranchAttention has no such attribute)
     int64_t batch, tokens, capacity; // B, T, S (rows of the feature stores)
 };
 

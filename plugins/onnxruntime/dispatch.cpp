@@ -93,6 +93,10 @@ char const* checkBiBranch(BiBranchShape const& s)
         return "bits must be 16, 8 or 4";
     if (s.keyMode != contract::kKeyModePreRope && s.keyMode != contract::kKeyModePostRope)
         return "key_mode must be 0 (pre-RoPE) or 1 (post-RoPE)";
+    if (s.queryBits != 0 && s.queryBits != 8)
+        return "query_bits must be 0 or 8";
+    if (s.queryBits == 8 && s.keyMode != contract::kKeyModePostRope)
+        return "query_bits 8 needs key_mode 1 (it rounds the post-RoPE folded queries)";
     return "";
 }
 

@@ -37,15 +37,15 @@ struct Ports
 {
     char const* name;
     int q, k, v, cK, cV, x, kDown, vDown, winK, winV, featK, featV, kUp, vUp, kBias, vBias, ropeCos, ropeSin,
-        pastLength, featKScales, featVScales, nbInputs;
+        pastLength, featKScales, featVScales, nbInputs, nbAttributes;
 };
 constexpr Ports kV1{"BiBranchAttention", v1::kQ, v1::kK, v1::kV, v1::kCK, v1::kCV, -1, -1, -1, v1::kWinK, v1::kWinV,
     v1::kFeatK, v1::kFeatV, v1::kKUp, v1::kVUp, v1::kKBias, v1::kVBias, v1::kRopeCos, v1::kRopeSin, v1::kPastLength,
-    v1::kFeatKScales, v1::kFeatVScales, v1::kNbInputs};
+    v1::kFeatKScales, v1::kFeatVScales, v1::kNbInputs, v1::kNbAttributes};
 constexpr Ports kSelf{"BiBranchSelfAttention", self::kQ, self::kK, self::kV, -1, -1, self::kX, self::kKDown,
     self::kVDown, self::kWinK, self::kWinV, self::kFeatK, self::kFeatV, self::kKUp, self::kVUp, self::kKBias,
     self::kVBias, self::kRopeCos, self::kRopeSin, self::kPastLength, self::kFeatKScales, self::kFeatVScales,
-    self::kNbInputs};
+    self::kNbInputs, self::kNbAttributes};
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr auto kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
@@ -138,6 +138,20 @@ cpu::ParallelFor pool(Ort::KernelContext& ctx)
     };
 }
 
+// Whether the node carries this (int) attribute: ones added to an op later are optional
+bool hasAttribute(Ort::ConstKernelInfo const& ki, char const* name)
+{
+    try
+    {
+        ki.GetAttribute<int64_t>(name);
+        return true;
+    }
+    catch (Ort::Exception const&)
+    {
+        return false;
+    }
+}
+
 template <Ports const& P>
 struct BiBranchKernel
 {
@@ -145,9 +159,14 @@ struct BiBranchKernel
     {
         Ort::ConstKernelInfo ki(info);
         int32_t* fields[] = {&mShape.heads, &mShape.kvHeads, &mShape.headDim, &mShape.window, &mShape.rankK,
-            &mShape.rankV, &mShape.bits, &mShape.keyMode};
-        for (int i = 0; i < kNbAttributes; ++i)
-            *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(kAttributes[i]));
+            &mShape.rankV, &mShape.bits, &mShape.keyMode, &mShape.queryBits};
+        static_assert(sizeof fields / sizeof *fields == self::kNbAttributes);
+        // BiBranchAttention's attributes came with both ops; the self form's later ones (query_bits) are 0 when absent
+        for (int i = 0; i < P.nbAttributes; ++i)
+            if (i >= kNbAttributes && !hasAttribute(ki, self::kAttributes[i]))
+                *fields[i] = 0;
+            else
+                *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(self::kAttributes[i]));
         char const* bad = cpu::checkBiBranch(mShape);
         if (*bad)
             fail(P.name, bad);
@@ -309,18 +328,6 @@ BiBranchOp<kSelf> gBiBranchSelf[] = {{kF32, kI8}, {kF32, kF16}, {kF16, kI8}, {kF
 
 namespace w4a8 = shrinkrt::contract::QuantMatMulW4A8;
 
-bool hasAttribute(Ort::ConstKernelInfo const& ki, char const* name)
-{
-    try
-    {
-        ki.GetAttribute<int64_t>(name);
-        return true;
-    }
-    catch (Ort::Exception const&)
-    {
-        return false;
-    }
-}
 constexpr char const* kW4A8Name = "QuantMatMulW4A8";
 constexpr auto kI32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
 
