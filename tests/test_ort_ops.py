@@ -51,7 +51,7 @@ def test_every_isa_copy(isa):
     if isa == "avx512" and not all(_cpu_has(f) for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq")):
         pytest.skip("this CPU has no AVX-512 (F, VL, BW, DQ)")
     sel = ("test_library_is_built or (test_library_matches_body_and_runtime and (smollm2-w80-wide or "
-           "(qwen and not BiBranchSelfAttention))) or test_long_store or test_w4a8")
+           "(qwen and not BiBranchSelfAttention))) or test_long_store or test_w4a8 or test_int8_queries_library")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
                        env={**os.environ, "SHRINKRT_ORT_ISA": isa}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
