@@ -163,8 +163,9 @@ def parser() -> argparse.ArgumentParser:
                    help="activation/weight dtype of the artifact: float32 for ONNX Runtime on CPU, float16 for GPUs")
     x.add_argument("--ort-accuracy", type=int, default=None, choices=[0, 4],
                    help="ort-cpu: MatMulNBits accuracy level; 4 = int8 activations inside the kernel, and 4-bit "
-                        "min layers as shrinkrt::QuantMatMulW4A8 (the CPU ops library, int8 activations too; the default: "
-                        "perplexity -0.02%% of level 0 over 8000 tokens of the main job's model, docs/results/ort_accuracy_8k.md; validation then "
+                        "min layers as shrinkrt::QuantMatMulW4A8 (the CPU ops library, int8 activations too), and int8 decode queries in "
+                        "the post-RoPE attention (query_bits 8); the default: perplexity -0.50%% of level 0 over 2048 tokens of "
+                        "the main job's model, docs/results/ort_accuracy.md; validation then "
                         "gates on the next-token distribution's KL), 0 = fp32 (the reference to summation order)")
     x.add_argument("--lm-head-bits", type=int, default=None, choices=[0, 4, 8],
                    help="ort-cpu: the LM head as MatMulNBits (ONNX Runtime's block quantizer, 32 columns per block): "
