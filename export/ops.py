@@ -222,7 +222,7 @@ def bi_branch_overload(num_heads, num_kv_heads, head_dim, window, rank_k, rank_v
 
 
 def _round_queries(b: Body, x: str, r: int) -> str:
-    """query_bits = 8: float32 (..., r) folded queries -> their int8 codes times their scales, symmetric per
+    """query_bits = 8: float32 (B, H, T, r) folded queries -> their int8 codes times their scales, symmetric per
     FEATURE_GROUP ranks: round(x * QUERY_CODE_MAX / amax) * (amax / QUERY_CODE_MAX) (op_contract.QUERY_BITS)."""
     ng = -(-r // FEATURE_GROUP)
     pad = ng * FEATURE_GROUP - r

@@ -519,9 +519,9 @@ void quantizeQueries(float const* qf, int64_t rows, int RK, int queryBits, IntQu
                     for (int odd = 0; odd < 2; ++odd)
                     {
                         int32_t const e = q[8 * c + 2 * k + odd];
-                        uint32_t const digit[3] = {static_cast<uint8_t>(out.nDigits == 1 ? e : e >> 14),
-                            out.nDigits == 1 ? 0u : static_cast<uint32_t>((e >> 7) & 127),
-                            out.nDigits == 1 ? 0u : static_cast<uint32_t>(e & 127)};
+                        bool const one = out.nDigits == 1; // the code itself in the first digit's place
+                        uint32_t const digit[3] = {static_cast<uint8_t>(one ? e : e >> 14),
+                            one ? 0u : static_cast<uint32_t>((e >> 7) & 127), one ? 0u : static_cast<uint32_t>(e & 127)};
                         for (int i = 0; i < 3; ++i)
                             d[6 * c + 3 * odd + i] |= static_cast<int32_t>(digit[i] << (8 * k));
                     }

@@ -152,6 +152,15 @@ bool hasAttribute(Ort::ConstKernelInfo const& ki, char const* name)
     }
 }
 
+// The first n of an op's int attributes (`names`, contract order) into `fields`; those from index
+// `firstAdded` on were added to the op later, so an export from before them has none: 0
+void readAttributes(Ort::ConstKernelInfo const& ki, char const* const* names, int n, int firstAdded, int32_t* const* fields)
+{
+    for (int i = 0; i < n; ++i)
+        *fields[i] = i >= firstAdded && !hasAttribute(ki, names[i]) ? 0
+                                                                     : static_cast<int32_t>(ki.GetAttribute<int64_t>(names[i]));
+}
+
 template <Ports const& P>
 struct BiBranchKernel
 {
@@ -161,12 +170,8 @@ struct BiBranchKernel
         int32_t* fields[] = {&mShape.heads, &mShape.kvHeads, &mShape.headDim, &mShape.window, &mShape.rankK,
             &mShape.rankV, &mShape.bits, &mShape.keyMode, &mShape.queryBits};
         static_assert(sizeof fields / sizeof *fields == self::kNbAttributes);
-        // BiBranchAttention's attributes came with both ops; the self form's later ones (query_bits) are 0 when absent
-        for (int i = 0; i < P.nbAttributes; ++i)
-            if (i >= kNbAttributes && !hasAttribute(ki, self::kAttributes[i]))
-                *fields[i] = 0;
-            else
-                *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(self::kAttributes[i]));
+        // BiBranchAttention's attributes (both ops have them, first, in the same order) and the self form's later ones
+        readAttributes(ki, self::kAttributes, P.nbAttributes, kNbAttributes, fields);
         char const* bad = cpu::checkBiBranch(mShape);
         if (*bad)
             fail(P.name, bad);
@@ -338,15 +343,8 @@ struct W4A8Kernel
         Ort::ConstKernelInfo ki(info);
         int32_t* fields[] = {&mShape.inFeatures, &mShape.outFeatures, &mShape.gated, &mShape.quantizedSums};
         static_assert(sizeof fields / sizeof *fields == w4a8::kNbAttributes);
-        // in_features and out_features came with the op; every attribute after them was added later, so an
-        // export from before it has none: 0
-        constexpr int kFirstAdded = 2;
-        for (int i = 0; i < w4a8::kNbAttributes; ++i)
-        {
-            if (i >= kFirstAdded && !hasAttribute(ki, w4a8::kAttributes[i]))
-                continue;
-            *fields[i] = static_cast<int32_t>(ki.GetAttribute<int64_t>(w4a8::kAttributes[i]));
-        }
+        // in_features and out_features came with the op; every attribute after them was added later
+        readAttributes(ki, w4a8::kAttributes, w4a8::kNbAttributes, 2, fields);
         char const* bad = cpu::checkW4A8(mShape);
         if (*bad)
             fail(kW4A8Name, bad);
